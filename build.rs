@@ -1,0 +1,51 @@
+//! Compiles the control-plane proto. `protoc` comes from `protoc-bin-vendored` so a fresh machine
+//! needs no system protobuf compiler; `PROTOC` still wins for packagers who bring their own.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = match std::env::var_os("PROTOC") {
+        Some(p) => PathBuf::from(p),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    println!("cargo:rerun-if-changed=proto");
+    if std::path::Path::new(".git/HEAD").exists() {
+        println!("cargo:rerun-if-changed=.git/HEAD");
+    }
+    println!("cargo:rustc-env=OFFLOADD_GIT_SHA={}", git_sha());
+    println!(
+        "cargo:rustc-env=OFFLOADD_TARGET={}",
+        std::env::var("TARGET")?
+    );
+    println!(
+        "cargo:rustc-env=OFFLOADD_PROFILE={}",
+        std::env::var("PROFILE")?
+    );
+    println!("cargo:rerun-if-env-changed=PROTOC");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("offloadd_descriptor.bin"))
+        .compile_with_config(
+            {
+                let mut c = tonic_prost_build::Config::new();
+                c.protoc_executable(protoc);
+                c
+            },
+            &["proto/offloadd/v1/offloadd.proto"],
+            &["proto"],
+        )?;
+    Ok(())
+}
+
+/// Build provenance for GetInfo; a source tarball without git still builds.
+fn git_sha() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}

@@ -1,0 +1,199 @@
+//! Typed configuration. Every struct rejects unknown keys so a typo in a ConfigMap fails loudly
+//! at startup instead of silently falling back to a default.
+
+mod load;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigSources, load, parse_override};
+pub use validate::validate;
+
+/// The whole daemon configuration (`offloadd config print` shows it as TOML).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub pools: PoolsConfig,
+    pub pin: PinConfig,
+    pub models: ModelsConfig,
+    pub leases: LeasesConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+/// Where the control plane listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Unix socket path; the parent directory is created if missing.
+    pub uds_path: PathBuf,
+    /// Optional TCP listener. Off by default; prefer a loopback address.
+    pub tcp_addr: Option<SocketAddr>,
+    /// How long SIGTERM waits for in-flight calls before closing anyway.
+    pub drain_timeout_ms: u64,
+}
+
+/// The default socket lives under /tmp so `offloadd serve` works for any user on a development
+/// machine; Kubernetes manifests point it at a shared emptyDir instead.
+pub const DEFAULT_UDS_PATH: &str = "/tmp/offloadd/offloadd.sock";
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            uds_path: PathBuf::from(DEFAULT_UDS_PATH),
+            tcp_addr: None,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Host weight pools.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolsConfig {
+    /// Directory holding the pool files; must be on a memory-backed filesystem.
+    pub dir: PathBuf,
+    /// Cap on all pools together. Unset: `DEFAULT_BUDGET_FRACTION` of MemAvailable at startup.
+    pub max_host_bytes: Option<u64>,
+    /// Evict idle models (no attached workers), least recently used first, when a pool is full.
+    pub evict_idle: bool,
+    /// Threads that pre-fault a new pool; 0 picks the number of CPUs.
+    pub prefault_threads: usize,
+    /// Pools created at startup.
+    pub create: Vec<PoolSpec>,
+}
+
+/// Fraction of MemAvailable that pools may take when `pools.max_host_bytes` is unset; the rest
+/// stays for the inference server, page cache and the kernel.
+pub const DEFAULT_BUDGET_FRACTION: f64 = 0.5;
+
+impl Default for PoolsConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/dev/shm/offloadd"),
+            max_host_bytes: None,
+            evict_idle: false,
+            prefault_threads: 0,
+            create: Vec::new(),
+        }
+    }
+}
+
+/// A pool declared in the config file (`[[pools.create]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    pub name: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub size_bytes: u64,
+}
+
+fn default_device() -> String {
+    "cpu".to_string()
+}
+
+/// Inputs to the shared pin policy that come from configuration rather than the environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PinConfig {
+    /// On coherent platforms (GH200/GB200) pinned host memory is carved out of GPU memory and buys
+    /// little, so decline to pin there.
+    pub avoid_on_coherent: bool,
+}
+
+impl Default for PinConfig {
+    fn default() -> Self {
+        Self {
+            avoid_on_coherent: true,
+        }
+    }
+}
+
+/// Checkpoint sources and loading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Directories that checkpoints may be read from; anything else is refused.
+    pub roots: Vec<PathBuf>,
+    /// Parallel readers per load; 0 picks the number of CPUs.
+    pub load_threads: usize,
+    /// Bytes per `pread`; also the largest intermediate buffer a load may use.
+    pub chunk_bytes: u64,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            roots: Vec::new(),
+            load_threads: 0,
+            chunk_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Worker leases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeasesConfig {
+    /// Lease time-to-live used when a worker asks for 0.
+    pub default_ttl_ms: u64,
+}
+
+impl Default for LeasesConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl_ms: 10_000,
+        }
+    }
+}
+
+/// Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` for the HTTP metrics endpoint; off when unset.
+    pub addr: Option<SocketAddr>,
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// tracing `EnvFilter` directives; `OFFLOADD_LOG` or `RUST_LOG` override it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Problems with the configuration; all are reported before the daemon binds anything.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Source(#[from] ::config::ConfigError),
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("--set {0}: expected KEY=VALUE, e.g. --set server.tcp_addr=127.0.0.1:50051")]
+    BadOverride(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}

@@ -1,0 +1,71 @@
+//! The one place that decides whether a configuration is acceptable.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::{Config, ConfigError};
+
+/// Names of pools and models end up in file names and metric labels, so keep them tame.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.')
+}
+
+/// Checks every rule that serde's types cannot express. Returns the first problem found.
+pub fn validate(c: &Config) -> Result<(), ConfigError> {
+    let invalid = |m: String| Err(ConfigError::Invalid(m));
+    require_absolute("server.uds_path", &c.server.uds_path)?;
+    require_absolute("pools.dir", &c.pools.dir)?;
+    if c.pools.max_host_bytes == Some(0) {
+        return invalid("pools.max_host_bytes must be > 0; leave it unset for the default".into());
+    }
+    let mut names = HashSet::new();
+    for p in &c.pools.create {
+        if !is_valid_name(&p.name) {
+            return invalid(format!(
+                "pools.create: pool name {:?} must be 1-64 characters of [A-Za-z0-9._-], not starting with '.'",
+                p.name
+            ));
+        }
+        if !names.insert(p.name.as_str()) {
+            return invalid(format!("pools.create: pool {:?} is declared twice", p.name));
+        }
+        if p.size_bytes == 0 {
+            return invalid(format!(
+                "pools.create: pool {:?} needs size_bytes > 0",
+                p.name
+            ));
+        }
+    }
+    for root in &c.models.roots {
+        require_absolute("models.roots", root)?;
+    }
+    if c.models.chunk_bytes < 4096 {
+        return invalid(format!(
+            "models.chunk_bytes = {} is too small; use at least 4096 (default 16 MiB)",
+            c.models.chunk_bytes
+        ));
+    }
+    if c.leases.default_ttl_ms == 0 {
+        return invalid("leases.default_ttl_ms must be > 0".into());
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.filter) {
+        return invalid(format!("log.filter {:?}: {e}", c.log.filter));
+    }
+    Ok(())
+}
+
+fn require_absolute(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{key} = {:?} must be an absolute path",
+            path.display().to_string()
+        )))
+    }
+}

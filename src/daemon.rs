@@ -1,0 +1,127 @@
+//! Wires configuration, devices, core and server into a running daemon.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::config::{Config, DEFAULT_BUDGET_FRACTION};
+use crate::core::{Node, NodeParams};
+use crate::device::{cpu, cuda};
+use crate::grpc::{OffloadService, listen, server};
+use crate::vllm_env::VllmEnv;
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Listen(#[from] listen::ListenError),
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then drains and cleans up.
+pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
+    let probe = tokio::task::spawn_blocking(cuda::probe)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    match &probe.absent_reason {
+        Some(reason) => tracing::info!(%reason, "CUDA not available; serving the cpu device"),
+        None => {
+            for d in &probe.devices {
+                tracing::info!(id = %d.id, name = %d.name, total_memory_bytes = d.total_memory_bytes, numa_node = ?d.numa_node, "found CUDA device");
+            }
+        }
+    }
+    let mut devices = vec![cpu::info()];
+    devices.extend(probe.devices);
+
+    let uds_path = config.server.uds_path.clone();
+    let uds = listen::bind_uds(&uds_path)?;
+    let socket = SocketFile::new(uds_path.clone())?;
+    let tcp = match config.server.tcp_addr {
+        Some(addr) => Some(listen::bind_tcp(addr).await?),
+        None => None,
+    };
+    let tcp_bound = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+    let max_host_bytes = config.pools.max_host_bytes.unwrap_or_else(default_budget);
+    let drain_timeout = Duration::from_millis(config.server.drain_timeout_ms);
+
+    let node = Arc::new(Node::new(NodeParams {
+        config,
+        vllm_env,
+        devices,
+        cuda_absent_reason: probe.absent_reason,
+        tcp_bound,
+        max_host_bytes,
+    }));
+    tracing::info!(uds = %uds_path.display(), tcp = ?tcp_bound, "offloadd serving");
+    announce_ready(&uds_path, tcp_bound);
+
+    let listeners = server::Listeners { uds, tcp };
+    server::serve(
+        OffloadService::new(node),
+        listeners,
+        shutdown_signal(),
+        drain_timeout,
+    )
+    .await?;
+    drop(socket);
+    tracing::info!("offloadd stopped");
+    Ok(())
+}
+
+/// One JSON line on stdout once every listener is bound, so supervisors and tests can wait for
+/// readiness (and learn an ephemeral TCP port) without polling.
+fn announce_ready(uds: &Path, tcp: Option<std::net::SocketAddr>) {
+    use std::io::Write;
+    let line = serde_json::json!({
+        "event": "ready",
+        "uds": uds.display().to_string(),
+        "tcp": tcp.map(|a| a.to_string()),
+        "pid": std::process::id(),
+    });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn default_budget() -> u64 {
+    let available = cpu::meminfo_bytes("MemAvailable").unwrap_or(0);
+    (available as f64 * DEFAULT_BUDGET_FRACTION) as u64
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutdown requested");
+}
+
+/// Removes the socket file on exit, unless another process has since put its own there.
+struct SocketFile {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn new(path: PathBuf) -> std::io::Result<Self> {
+        let ino = std::fs::symlink_metadata(&path)?.ino();
+        Ok(Self { path, ino })
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

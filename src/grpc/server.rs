@@ -1,0 +1,121 @@
+//! Serves the router on every listener and runs the shutdown sequence: health goes
+//! NOT_SERVING, listeners stop accepting, in-flight calls drain up to a deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use super::OffloadService;
+use super::trace::RpcTraceLayer;
+use crate::proto::{self, offload_server::OffloadServer};
+
+/// The name health checks use for the whole daemon, besides the per-service name.
+const OVERALL: &str = "";
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The sockets to serve on, bound before serving so that bind errors stop startup.
+pub struct Listeners {
+    pub uds: UnixListener,
+    pub tcp: Option<TcpListener>,
+}
+
+/// Serves until `shutdown` resolves, then drains for at most `drain_timeout`.
+pub async fn serve(
+    service: OffloadService,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) -> Result<(), ServerError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<OffloadServer<OffloadService>>()
+        .await;
+    health_reporter
+        .set_service_status(OVERALL, ServingStatus::Serving)
+        .await;
+
+    // grpcurl 1.8 and Python's reflection client only speak v1alpha; newer tools prefer v1.
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let router = Server::builder()
+        .layer(RpcTraceLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(OffloadServer::new(service));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(router.clone().serve_with_incoming_shutdown(
+        UnixListenerStream::new(listeners.uds),
+        stopped(stop_rx.clone()),
+    ));
+    if let Some(tcp) = listeners.tcp {
+        servers.spawn(
+            router.serve_with_incoming_shutdown(
+                TcpListenerStream::new(tcp),
+                stopped(stop_rx.clone()),
+            ),
+        );
+    }
+
+    tokio::select! {
+        () = shutdown => {}
+        // A server that ends on its own has failed; surface that instead of hanging.
+        Some(res) = servers.join_next() => {
+            return match res {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(join) => std::panic::resume_unwind(join.into_panic()),
+            };
+        }
+    }
+
+    tracing::info!(
+        drain_timeout_ms = drain_timeout.as_millis() as u64,
+        "shutting down: health NOT_SERVING, draining in-flight calls"
+    );
+    health_reporter
+        .set_not_serving::<OffloadServer<OffloadService>>()
+        .await;
+    health_reporter
+        .set_service_status(OVERALL, ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+
+    let drain = async {
+        while let Some(res) = servers.join_next().await {
+            if let Ok(Err(e)) = res {
+                tracing::warn!(error = %e, "listener ended with an error while draining");
+            }
+        }
+    };
+    if tokio::time::timeout(drain_timeout, drain).await.is_err() {
+        tracing::warn!("drain timeout passed with calls still open; closing them");
+        servers.abort_all();
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! The one place where errors become gRPC statuses.

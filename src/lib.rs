@@ -1,0 +1,14 @@
+//! offloadd: a node-local daemon that keeps model weights in host pools under one shared pin
+//! policy and serves them to inference workers in other processes.
+//!
+//! Layers point one way: [`grpc`] → [`core`] → [`device`].
+
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod daemon;
+pub mod device;
+pub mod grpc;
+pub mod proto;
+pub mod telemetry;
+pub mod vllm_env;

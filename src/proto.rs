@@ -1,0 +1,16 @@
+//! Generated protobuf and gRPC code for `offloadd.v1`.
+
+#![allow(missing_docs)]
+#![allow(clippy::all, clippy::pedantic)]
+
+tonic::include_proto!("offloadd.v1");
+
+/// Descriptor set for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("offloadd_descriptor");
+
+/// Build provenance captured by build.rs.
+pub mod build_info {
+    pub const GIT_SHA: &str = env!("OFFLOADD_GIT_SHA");
+    pub const TARGET: &str = env!("OFFLOADD_TARGET");
+    pub const PROFILE: &str = env!("OFFLOADD_PROFILE");
+}
