@@ -8,8 +8,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::{Config, DEFAULT_BUDGET_FRACTION};
-use crate::core::{Node, NodeParams};
-use crate::device::{cpu, cuda};
+use crate::core::pools::{NewPool, PoolError, Pools, PoolsParams};
+use crate::core::{Core, Node, NodeParams};
+use crate::device::{Device, Devices, cpu, cuda};
 use crate::grpc::{OffloadService, listen, server};
 use crate::vllm_env::VllmEnv;
 
@@ -21,6 +22,10 @@ pub enum DaemonError {
     Server(#[from] server::ServerError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Pools(#[from] PoolError),
+    #[error("pools.create: {0}")]
+    StartupPool(PoolError),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains and cleans up.
@@ -36,8 +41,10 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
             }
         }
     }
-    let mut devices = vec![cpu::info()];
-    devices.extend(probe.devices);
+    let mut devices: Vec<Arc<dyn Device>> = vec![Arc::new(cpu::CpuDevice::new())];
+    for (ordinal, info) in probe.devices.into_iter().enumerate() {
+        devices.push(Arc::new(cuda::CudaDevice::new(info, ordinal as i32)?));
+    }
 
     let uds_path = config.server.uds_path.clone();
     let uds = listen::bind_uds(&uds_path)?;
@@ -50,20 +57,32 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     let max_host_bytes = config.pools.max_host_bytes.unwrap_or_else(default_budget);
     let drain_timeout = Duration::from_millis(config.server.drain_timeout_ms);
 
-    let node = Arc::new(Node::new(NodeParams {
-        config,
-        vllm_env,
-        devices,
-        cuda_absent_reason: probe.absent_reason,
-        tcp_bound,
-        max_host_bytes,
-    }));
+    let pools = Pools::open(PoolsParams {
+        dir: config.pools.dir.clone(),
+        budget: max_host_bytes,
+        devices: Devices::new(devices),
+        env: vllm_env,
+        pin: config.pin.clone(),
+        prefault_threads: config.pools.prefault_threads,
+    })?;
+    let startup_pools = config.pools.create.clone();
+    let core = Arc::new(Core {
+        node: Node::new(NodeParams {
+            config,
+            vllm_env,
+            cuda_absent_reason: probe.absent_reason,
+            tcp_bound,
+            max_host_bytes,
+        }),
+        pools,
+    });
+    create_startup_pools(&core, startup_pools).await?;
     tracing::info!(uds = %uds_path.display(), tcp = ?tcp_bound, "offloadd serving");
     announce_ready(&uds_path, tcp_bound);
 
     let listeners = server::Listeners { uds, tcp };
     server::serve(
-        OffloadService::new(node),
+        OffloadService::new(core),
         listeners,
         shutdown_signal(),
         drain_timeout,
@@ -71,6 +90,27 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     .await?;
     drop(socket);
     tracing::info!("offloadd stopped");
+    Ok(())
+}
+
+/// Pools declared in the config (`[[pools.create]]`); any failure stops startup, since the
+/// operator asked for exactly these pools.
+async fn create_startup_pools(
+    core: &Arc<Core>,
+    specs: Vec<crate::config::PoolSpec>,
+) -> Result<(), DaemonError> {
+    for spec in specs {
+        let core = Arc::clone(core);
+        let req = NewPool {
+            name: spec.name,
+            device: spec.device,
+            size_bytes: spec.size_bytes,
+        };
+        tokio::task::spawn_blocking(move || core.pools.create(&req))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            .map_err(DaemonError::StartupPool)?;
+    }
     Ok(())
 }
 

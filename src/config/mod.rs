@@ -2,7 +2,7 @@
 //! at startup instead of silently falling back to a default.
 
 mod load;
-mod validate;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

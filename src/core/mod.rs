@@ -1,6 +1,17 @@
 //! The daemon's domain logic: what it knows about the node, its pools, models and leases.
 //! It speaks in domain types; `grpc` translates them to protobuf.
 
+pub mod alloc;
 mod node;
+pub mod pin_policy;
+pub mod pool;
+pub mod pools;
 
 pub use node::{Node, NodeParams};
+
+/// Everything the service needs, shared by all connections.
+#[derive(Debug)]
+pub struct Core {
+    pub node: Node,
+    pub pools: pools::Pools,
+}

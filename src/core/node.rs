@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::device::DeviceInfo;
 use crate::vllm_env::VllmEnv;
 
 /// Inputs discovered at startup, before the server is built.
@@ -12,7 +11,6 @@ use crate::vllm_env::VllmEnv;
 pub struct NodeParams {
     pub config: Config,
     pub vllm_env: VllmEnv,
-    pub devices: Vec<DeviceInfo>,
     pub cuda_absent_reason: Option<String>,
     /// The TCP address actually bound, which differs from the configured one for port 0.
     pub tcp_bound: Option<SocketAddr>,

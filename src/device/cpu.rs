@@ -1,8 +1,120 @@
-//! The `cpu` device: host memory described from /proc and /sys.
+//! The `cpu` device: host memory stands in for device memory and pinning is `mlock`.
 
-use super::{CudaAttributes, DeviceInfo, DeviceKind};
+use std::sync::Arc;
+
+use super::host::HostRegion;
+use super::{Capabilities, CudaAttributes, Device, DeviceError, DeviceInfo, DeviceKind, PinGuard};
 
 pub const CPU_DEVICE_ID: &str = "cpu";
+
+/// CAP_IPC_LOCK's bit in the capability sets.
+const CAP_IPC_LOCK: u32 = 14;
+
+#[derive(Debug)]
+pub struct CpuDevice {
+    info: DeviceInfo,
+}
+
+impl CpuDevice {
+    pub fn new() -> Self {
+        Self { info: info() }
+    }
+}
+
+impl Default for CpuDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Device for CpuDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn capabilities(&self, bytes: u64) -> Capabilities {
+        let max = max_lockable_bytes();
+        let pin = if bytes <= max.bytes {
+            Ok(())
+        } else {
+            Err(format!(
+                "mlock of {bytes} bytes exceeds what this process may lock ({}); grant CAP_IPC_LOCK or raise RLIMIT_MEMLOCK (ulimit -l)",
+                max.why
+            ))
+        };
+        Capabilities {
+            pin,
+            coherent: false,
+            max_pinnable_bytes: max.bytes,
+            free_memory_bytes: meminfo_bytes("MemAvailable"),
+        }
+    }
+
+    fn pin(&self, region: &Arc<HostRegion>) -> Result<Box<dyn PinGuard>, DeviceError> {
+        // SAFETY: the range is our live mapping; `MlockGuard` keeps the region alive until it
+        // has unlocked it.
+        unsafe { rustix::mm::mlock(region.as_ptr().cast(), region.len()) }.map_err(|e| {
+            DeviceError::Mlock {
+                bytes: region.len() as u64,
+                source: e.into(),
+            }
+        })?;
+        Ok(Box::new(MlockGuard {
+            region: Arc::clone(region),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct MlockGuard {
+    region: Arc<HostRegion>,
+}
+
+impl PinGuard for MlockGuard {}
+
+impl Drop for MlockGuard {
+    fn drop(&mut self) {
+        // SAFETY: unlocking the range we locked; the region is still mapped (we hold it).
+        let _ = unsafe { rustix::mm::munlock(self.region.as_ptr().cast(), self.region.len()) };
+    }
+}
+
+struct Lockable {
+    bytes: u64,
+    why: String,
+}
+
+/// With CAP_IPC_LOCK the limit does not apply; otherwise RLIMIT_MEMLOCK minus what this process
+/// has locked already (VmLck).
+fn max_lockable_bytes() -> Lockable {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if has_capability(&status, CAP_IPC_LOCK) {
+        return Lockable {
+            bytes: u64::MAX,
+            why: "CAP_IPC_LOCK".into(),
+        };
+    }
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
+    let Some(limit) = limit else {
+        return Lockable {
+            bytes: u64::MAX,
+            why: "RLIMIT_MEMLOCK unlimited".into(),
+        };
+    };
+    let locked = parse_kib_field(&status, "VmLck").unwrap_or(0);
+    Lockable {
+        bytes: limit.saturating_sub(locked),
+        why: format!("RLIMIT_MEMLOCK {limit} bytes, {locked} already locked, no CAP_IPC_LOCK"),
+    }
+}
+
+fn has_capability(status: &str, bit: u32) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
 
 /// Describes the host. Memory comes from /proc/meminfo; the NUMA node is left open because host
 /// memory for `cpu` pools may come from any node.
@@ -28,10 +140,11 @@ fn cpu_model() -> Option<String> {
 /// Reads one `/proc/meminfo` field in bytes.
 pub fn meminfo_bytes(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_meminfo(&text, field)
+    parse_kib_field(&text, field)
 }
 
-fn parse_meminfo(text: &str, field: &str) -> Option<u64> {
+/// Parses `Name:   1234 kB` lines as found in /proc/meminfo and /proc/<pid>/status.
+pub fn parse_kib_field(text: &str, field: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let (name, rest) = line.split_once(':')?;
         if name != field {
@@ -44,17 +157,20 @@ fn parse_meminfo(text: &str, field: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn parses_meminfo_fields_in_bytes() {
+    fn parses_kib_fields_in_bytes() {
         let text = "MemTotal:       24576000 kB\nMemAvailable:    1024 kB\n";
-        assert_eq!(
-            super::parse_meminfo(text, "MemTotal"),
-            Some(24_576_000 * 1024)
-        );
-        assert_eq!(
-            super::parse_meminfo(text, "MemAvailable"),
-            Some(1024 * 1024)
-        );
-        assert_eq!(super::parse_meminfo(text, "Mem"), None);
+        assert_eq!(parse_kib_field(text, "MemTotal"), Some(24_576_000 * 1024));
+        assert_eq!(parse_kib_field(text, "MemAvailable"), Some(1024 * 1024));
+        assert_eq!(parse_kib_field(text, "Mem"), None);
+    }
+
+    #[test]
+    fn reads_cap_ipc_lock_from_capeff() {
+        assert!(has_capability("CapEff:\t000001fffeffffff\n", CAP_IPC_LOCK));
+        assert!(!has_capability("CapEff:\t0000000000000000\n", CAP_IPC_LOCK));
+        assert!(!has_capability("CapEff:\t000001fffeffbfff\n", CAP_IPC_LOCK));
     }
 }

@@ -4,8 +4,14 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod host;
 
 use std::fmt;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use host::HostRegion;
 
 /// Which implementation backs a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +43,70 @@ pub struct CudaAttributes {
     pub pageable_memory_access_uses_host_page_tables: bool,
     pub integrated: bool,
     pub unified_addressing: bool,
+}
+
+/// What a device can do with host memory right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `Err` carries why pinning is impossible, in words an operator can act on.
+    pub pin: Result<(), String>,
+    /// The device reads pageable host memory through the host page tables (GH200/GB200).
+    pub coherent: bool,
+    /// The most bytes that could be pinned now; `u64::MAX` when unlimited.
+    pub max_pinnable_bytes: u64,
+    pub free_memory_bytes: Option<u64>,
+}
+
+/// Keeps memory pinned; unpins when dropped.
+pub trait PinGuard: Send + Sync + fmt::Debug {}
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("mlock of {bytes} bytes failed: {source}")]
+    Mlock { bytes: u64, source: std::io::Error },
+    #[error("{device}: {call} failed: {name}")]
+    Cuda {
+        device: String,
+        call: &'static str,
+        /// The driver's error name, e.g. CUDA_ERROR_OUT_OF_MEMORY.
+        name: String,
+    },
+    #[error("{0} is unavailable: its driver thread has stopped")]
+    Gone(String),
+}
+
+/// One device behind the shared policy. Implementations must be cheap to query: capabilities are
+/// read on every pool creation and every GetInfo.
+pub trait Device: Send + Sync + fmt::Debug {
+    fn info(&self) -> &DeviceInfo;
+    /// Capabilities for pinning `bytes` more bytes.
+    fn capabilities(&self, bytes: u64) -> Capabilities;
+    /// Pins exactly the region (never rounded up). Called only when the policy said pin.
+    fn pin(&self, region: &Arc<HostRegion>) -> Result<Box<dyn PinGuard>, DeviceError>;
+}
+
+/// The devices of this node, `cpu` first.
+#[derive(Debug, Clone)]
+pub struct Devices {
+    devices: Vec<Arc<dyn Device>>,
+}
+
+impl Devices {
+    pub fn new(devices: Vec<Arc<dyn Device>>) -> Self {
+        Self { devices }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<dyn Device>> {
+        self.devices.iter().find(|d| d.info().id == id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Device>> {
+        self.devices.iter()
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.devices.iter().map(|d| d.info().id.clone()).collect()
+    }
 }
 
 impl fmt::Display for DeviceKind {

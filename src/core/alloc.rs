@@ -1,0 +1,249 @@
+//! Range allocator inside a pool: aligned first-fit over a free list that coalesces on free.
+//! Pools hold a few thousand tensors at most, so a BTreeMap of free ranges is plenty.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+/// Every range starts on this boundary at least: what GPU copies and vector loads want.
+pub const MIN_ALIGN: u64 = 256;
+
+/// A range handed out by the allocator. `len` is what was asked for; the block behind it is
+/// rounded up to `MIN_ALIGN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Range {
+    fn block(&self) -> u64 {
+        block_len(self.len)
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AllocError {
+    #[error("no free range of {len} bytes (free {free} bytes, largest free range {largest} bytes)")]
+    Exhausted { len: u64, free: u64, largest: u64 },
+    #[error("alignment {0} is not a power of two")]
+    BadAlign(u64),
+    #[error("the pool is being deleted")]
+    Retired,
+    #[error("range {offset}+{len} was not allocated")]
+    NotAllocated { offset: u64, len: u64 },
+}
+
+fn block_len(len: u64) -> u64 {
+    len.max(1).div_ceil(MIN_ALIGN) * MIN_ALIGN
+}
+
+#[derive(Debug)]
+pub struct RangeAllocator {
+    size: u64,
+    /// offset -> length of each free range; never two adjacent ones.
+    free: BTreeMap<u64, u64>,
+    used: u64,
+}
+
+impl RangeAllocator {
+    pub fn new(size: u64) -> Self {
+        let mut free = BTreeMap::new();
+        if size > 0 {
+            free.insert(0, size);
+        }
+        Self {
+            size,
+            free,
+            used: 0,
+        }
+    }
+
+    /// Bytes in allocated blocks (including alignment padding inside blocks).
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn largest_free(&self) -> u64 {
+        self.free.values().copied().max().unwrap_or(0)
+    }
+
+    /// Allocates `len` bytes aligned to `align` (at least `MIN_ALIGN`).
+    pub fn alloc(&mut self, len: u64, align: u64) -> Result<Range, AllocError> {
+        if !align.is_power_of_two() {
+            return Err(AllocError::BadAlign(align));
+        }
+        let align = align.max(MIN_ALIGN);
+        let need = block_len(len);
+        let found = self.free.iter().find_map(|(&start, &flen)| {
+            let aligned = start.checked_next_multiple_of(align)?;
+            let pad = aligned - start;
+            (flen >= pad.checked_add(need)?).then_some((start, flen, aligned))
+        });
+        let Some((start, flen, aligned)) = found else {
+            return Err(AllocError::Exhausted {
+                len,
+                free: self.size - self.used,
+                largest: self.largest_free(),
+            });
+        };
+        self.free.remove(&start);
+        if aligned > start {
+            self.free.insert(start, aligned - start);
+        }
+        let end = aligned + need;
+        if end < start + flen {
+            self.free.insert(end, start + flen - end);
+        }
+        self.used += need;
+        Ok(Range {
+            offset: aligned,
+            len,
+        })
+    }
+
+    /// Returns a range, merging it with free neighbours.
+    pub fn free(&mut self, r: Range) -> Result<(), AllocError> {
+        let not_allocated = AllocError::NotAllocated {
+            offset: r.offset,
+            len: r.len,
+        };
+        let (mut start, mut len) = (r.offset, r.block());
+        if start + len > self.size {
+            return Err(not_allocated);
+        }
+        // Reject a range that overlaps anything already free (double free).
+        if let Some((&ps, &pl)) = self.free.range(..=start).next_back() {
+            if ps + pl > start {
+                return Err(not_allocated);
+            }
+        }
+        if let Some((&ns, _)) = self.free.range(start..).next() {
+            if ns < start + len {
+                return Err(not_allocated);
+            }
+        }
+        self.used -= len;
+        if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
+            if ps + pl == start {
+                self.free.remove(&ps);
+                start = ps;
+                len += pl;
+            }
+        }
+        if let Some(nl) = self.free.remove(&(start + len)) {
+            len += nl;
+        }
+        self.free.insert(start, len);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_aligned_and_disjoint() {
+        let mut a = RangeAllocator::new(1 << 20);
+        let mut got = Vec::new();
+        for len in [1, 255, 256, 257, 1000, 4096, 0] {
+            let r = a.alloc(len, 1).unwrap();
+            assert_eq!(r.offset % MIN_ALIGN, 0);
+            assert_eq!(r.len, len);
+            got.push(r);
+        }
+        let big = a.alloc(10, 4096).unwrap();
+        assert_eq!(big.offset % 4096, 0);
+        got.push(big);
+        got.sort_by_key(|r| r.offset);
+        for w in got.windows(2) {
+            assert!(w[0].offset + w[0].block() <= w[1].offset, "{w:?} overlap");
+        }
+    }
+
+    #[test]
+    fn free_coalesces_back_to_one_range() {
+        let mut a = RangeAllocator::new(4096);
+        let rs: Vec<_> = (0..16).map(|_| a.alloc(256, 256).unwrap()).collect();
+        assert_eq!(a.used(), 4096);
+        // Free in an order that exercises merging with the left, the right and both sides.
+        for i in [1, 3, 2, 0, 15, 13, 14, 4, 6, 5, 8, 7, 10, 9, 12, 11] {
+            a.free(rs[i]).unwrap();
+        }
+        assert_eq!(a.used(), 0);
+        assert_eq!(a.free.len(), 1);
+        assert_eq!(a.largest_free(), 4096);
+    }
+
+    #[test]
+    fn fragmentation_is_reported_and_healed() {
+        let mut a = RangeAllocator::new(8 * 256);
+        let rs: Vec<_> = (0..8).map(|_| a.alloc(256, 1).unwrap()).collect();
+        for r in rs.iter().step_by(2) {
+            a.free(*r).unwrap();
+        }
+        // Half the pool is free, but no two free blocks touch.
+        let err = a.alloc(512, 1).unwrap_err();
+        assert_eq!(
+            err,
+            AllocError::Exhausted {
+                len: 512,
+                free: 1024,
+                largest: 256
+            }
+        );
+        a.free(rs[1]).unwrap();
+        let r = a.alloc(512, 1).unwrap();
+        assert_eq!(r.offset, 0);
+    }
+
+    #[test]
+    fn exhaustion_and_exact_fit() {
+        let mut a = RangeAllocator::new(1024);
+        let r = a.alloc(1024, 1).unwrap();
+        assert!(matches!(
+            a.alloc(1, 1),
+            Err(AllocError::Exhausted { free: 0, .. })
+        ));
+        a.free(r).unwrap();
+        assert!(a.alloc(1025, 1).is_err());
+        assert!(a.alloc(1024, 1).is_ok());
+    }
+
+    #[test]
+    fn alignment_padding_is_returned_to_the_free_list() {
+        let mut a = RangeAllocator::new(8192);
+        let first = a.alloc(256, 1).unwrap();
+        let aligned = a.alloc(256, 4096).unwrap();
+        assert_eq!(aligned.offset, 4096);
+        // The gap between 256 and 4096 is still usable.
+        let gap = a.alloc(3840, 1).unwrap();
+        assert_eq!(gap.offset, 256);
+        a.free(first).unwrap();
+        a.free(aligned).unwrap();
+        a.free(gap).unwrap();
+        assert_eq!(a.largest_free(), 8192);
+    }
+
+    #[test]
+    fn double_free_and_foreign_ranges_are_rejected() {
+        let mut a = RangeAllocator::new(4096);
+        let r = a.alloc(256, 1).unwrap();
+        a.free(r).unwrap();
+        assert!(a.free(r).is_err());
+        assert!(
+            a.free(Range {
+                offset: 4096,
+                len: 256
+            })
+            .is_err()
+        );
+        assert!(matches!(a.alloc(1, 3), Err(AllocError::BadAlign(3))));
+        assert_eq!(a.used(), 0);
+    }
+}

@@ -1,0 +1,131 @@
+//! One host weight pool: an exact-size shared-memory file, its pin decision and its ranges.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::alloc::{AllocError, Range, RangeAllocator};
+use super::pin_policy::PinDecision;
+use crate::device::host::HostRegion;
+use crate::device::{Device, PinGuard};
+
+/// A pool. Dropping it unpins (the guard goes first) and unmaps; the file is unlinked by the
+/// registry when the pool is deleted.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub device: Arc<dyn Device>,
+    pub size_bytes: u64,
+    /// The decision applied at creation, including a failed attempt to pin.
+    pub decision: PinDecision,
+    pub numa_node: Option<u32>,
+    /// Declared before `region` so it is dropped (unpinned) before the mapping goes away.
+    pin: Option<Box<dyn PinGuard>>,
+    region: Arc<HostRegion>,
+    alloc: Mutex<AllocState>,
+}
+
+#[derive(Debug)]
+struct AllocState {
+    ranges: RangeAllocator,
+    /// Set when the pool is deleted, under the same lock as allocation, so a model can never
+    /// place weights in a pool that is going away.
+    retired: bool,
+}
+
+/// What `Pool::new` is built from.
+pub struct PoolParts {
+    pub name: String,
+    pub device: Arc<dyn Device>,
+    pub decision: PinDecision,
+    pub numa_node: Option<u32>,
+    pub pin: Option<Box<dyn PinGuard>>,
+    pub region: Arc<HostRegion>,
+}
+
+impl Pool {
+    pub fn new(p: PoolParts) -> Self {
+        let size = p.region.len() as u64;
+        Self {
+            name: p.name,
+            device: p.device,
+            size_bytes: size,
+            decision: p.decision,
+            numa_node: p.numa_node,
+            pin: p.pin,
+            region: p.region,
+            alloc: Mutex::new(AllocState {
+                ranges: RangeAllocator::new(size),
+                retired: false,
+            }),
+        }
+    }
+
+    pub fn pinned(&self) -> bool {
+        self.pin.is_some()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.region.path()
+    }
+
+    pub fn region(&self) -> &Arc<HostRegion> {
+        &self.region
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.state().ranges.used()
+    }
+
+    /// Bytes of the largest range that could be allocated now.
+    pub fn largest_free(&self) -> u64 {
+        self.state().ranges.largest_free()
+    }
+
+    /// Allocates ranges for `lens` all at once, or none of them.
+    pub fn alloc_all(&self, lens: &[u64], align: u64) -> Result<Vec<Range>, AllocError> {
+        let mut st = self.state();
+        if st.retired {
+            return Err(AllocError::Retired);
+        }
+        let mut out = Vec::with_capacity(lens.len());
+        for &len in lens {
+            match st.ranges.alloc(len, align) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    for r in out {
+                        st.ranges.free(r).expect("just allocated");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Returns ranges allocated by `alloc_all`.
+    pub fn free_all(&self, ranges: &[Range]) {
+        let mut st = self.state();
+        for r in ranges {
+            if let Err(e) = st.ranges.free(*r) {
+                tracing::error!(pool = %self.name, error = %e, "freeing a range twice; this is a bug");
+            }
+        }
+    }
+
+    /// Marks the pool as going away if nothing is allocated in it; returns the used bytes if
+    /// something is.
+    pub fn retire(&self) -> Result<(), u64> {
+        let mut st = self.state();
+        match st.ranges.used() {
+            0 => {
+                st.retired = true;
+                Ok(())
+            }
+            used => Err(used),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, AllocState> {
+        self.alloc.lock().expect("pool allocator lock")
+    }
+}

@@ -1,0 +1,319 @@
+//! The pool registry: creates pools under the shared pin policy and the host-memory budget,
+//! and owns the pool directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use super::pin_policy::{self, PinDecision, PinInputs};
+use super::pool::{Pool, PoolParts};
+use crate::config::{PinConfig, validate::is_valid_name};
+use crate::device::host::{HostMemError, HostRegion};
+use crate::device::{Device, Devices};
+use crate::vllm_env::VllmEnv;
+
+/// Pool files carry this prefix; startup sweeps only files that have it.
+pub const POOL_FILE_PREFIX: &str = "offloadd-pool-";
+/// Held (flock) for the daemon's life so two daemons never share a pool directory.
+const LOCK_FILE: &str = ".offloadd.lock";
+
+#[derive(Debug, Error)]
+pub enum PoolError {
+    #[error(
+        "pool name {0:?} is invalid: use 1-64 characters of [A-Za-z0-9._-], not starting with '.'"
+    )]
+    InvalidName(String),
+    #[error("pool {0:?} already exists; delete it first or pick another name")]
+    AlreadyExists(String),
+    #[error("unknown device {device:?}; this node has {known:?} (see GetInfo)")]
+    UnknownDevice { device: String, known: Vec<String> },
+    #[error("size_bytes must be greater than 0")]
+    ZeroSize,
+    #[error(
+        "pool {name:?} needs {requested} bytes but only {available} of the {budget}-byte host budget are free ({committed} committed to other pools); delete a pool or raise pools.max_host_bytes"
+    )]
+    OverBudget {
+        name: String,
+        requested: u64,
+        committed: u64,
+        available: u64,
+        budget: u64,
+    },
+    #[error("pool {0:?} not found; ListPools shows the pools")]
+    NotFound(String),
+    #[error(
+        "pool {name:?} is in use ({used_bytes} bytes hold model weights); unregister its models first"
+    )]
+    InUse { name: String, used_bytes: u64 },
+    #[error("pool {name:?}: {source}")]
+    HostMem { name: String, source: HostMemError },
+    #[error("pools.dir {dir}: {message}")]
+    Dir { dir: PathBuf, message: String },
+}
+
+/// How the registry is set up.
+pub struct PoolsParams {
+    pub dir: PathBuf,
+    pub budget: u64,
+    pub devices: Devices,
+    pub env: VllmEnv,
+    pub pin: PinConfig,
+    pub prefault_threads: usize,
+}
+
+/// A request to create a pool.
+#[derive(Debug, Clone)]
+pub struct NewPool {
+    pub name: String,
+    pub device: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    pools: BTreeMap<String, Arc<Pool>>,
+    /// Names and sizes of pools being created, so concurrent creations see each other.
+    creating: HashMap<String, u64>,
+}
+
+impl Inner {
+    fn committed(&self) -> u64 {
+        self.pools.values().map(|p| p.size_bytes).sum::<u64>() + self.creating.values().sum::<u64>()
+    }
+}
+
+pub struct Pools {
+    params: PoolsParams,
+    inner: Mutex<Inner>,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pools")
+            .field("dir", &self.params.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pools {
+    /// Takes ownership of the pool directory: locks it and removes pool files left by a run that
+    /// crashed. Other files in the directory are never touched.
+    pub fn open(params: PoolsParams) -> Result<Self, PoolError> {
+        let dir = params.dir.clone();
+        let fail = |message: String| PoolError::Dir {
+            dir: dir.clone(),
+            message,
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| fail(format!("cannot create: {e}")))?;
+        let lock = File::create(dir.join(LOCK_FILE))
+            .map_err(|e| fail(format!("cannot create lock file: {e}")))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| {
+                fail(
+                    "another offloadd is using this directory; give each daemon its own pools.dir"
+                        .into(),
+                )
+            },
+        )?;
+        for stale in stale_pool_files(&dir).map_err(|e| fail(format!("cannot list: {e}")))? {
+            match std::fs::remove_file(&stale) {
+                Ok(()) => {
+                    tracing::warn!(path = %stale.display(), "removed pool file left by an earlier run")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %stale.display(), error = %e, "cannot remove stale pool file")
+                }
+            }
+        }
+        Ok(Self {
+            params,
+            inner: Mutex::new(Inner::default()),
+            _lock: lock,
+        })
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.params.budget
+    }
+
+    pub fn devices(&self) -> &Devices {
+        &self.params.devices
+    }
+
+    /// The decision a new pool of `bytes` on `device` would get now.
+    pub fn decision_for(&self, device: &dyn Device, bytes: u64) -> PinDecision {
+        let caps = device.capabilities(bytes);
+        pin_policy::decide(PinInputs {
+            capabilities: &caps,
+            env: &self.params.env,
+            config: &self.params.pin,
+        })
+    }
+
+    /// Creates, pre-faults, NUMA-binds and (per the policy) pins a pool. Blocking: run it off the
+    /// async runtime.
+    pub fn create(&self, req: &NewPool) -> Result<Arc<Pool>, PoolError> {
+        if !is_valid_name(&req.name) {
+            return Err(PoolError::InvalidName(req.name.clone()));
+        }
+        if req.size_bytes == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        let device = self
+            .params
+            .devices
+            .get(&req.device)
+            .cloned()
+            .ok_or_else(|| PoolError::UnknownDevice {
+                device: req.device.clone(),
+                known: self.params.devices.ids(),
+            })?;
+        {
+            let mut inner = self.inner.lock().expect("pools lock");
+            if inner.pools.contains_key(&req.name) || inner.creating.contains_key(&req.name) {
+                return Err(PoolError::AlreadyExists(req.name.clone()));
+            }
+            let committed = inner.committed();
+            let available = self.params.budget.saturating_sub(committed);
+            if req.size_bytes > available {
+                return Err(PoolError::OverBudget {
+                    name: req.name.clone(),
+                    requested: req.size_bytes,
+                    committed,
+                    available,
+                    budget: self.params.budget,
+                });
+            }
+            inner.creating.insert(req.name.clone(), req.size_bytes);
+        }
+        let built = self.build(req, device);
+        let mut inner = self.inner.lock().expect("pools lock");
+        inner.creating.remove(&req.name);
+        let pool = Arc::new(built?);
+        inner.pools.insert(req.name.clone(), Arc::clone(&pool));
+        Ok(pool)
+    }
+
+    fn build(&self, req: &NewPool, device: Arc<dyn Device>) -> Result<Pool, PoolError> {
+        let host = |source| PoolError::HostMem {
+            name: req.name.clone(),
+            source,
+        };
+        let path = self
+            .params
+            .dir
+            .join(format!("{POOL_FILE_PREFIX}{}", req.name));
+        let region = Arc::new(HostRegion::create(&path, req.size_bytes).map_err(host)?);
+        let numa_node = device.info().numa_node;
+        if let Some(node) = numa_node {
+            if let Err(e) = region.bind_numa(node) {
+                tracing::warn!(pool = %req.name, node, error = %e, "cannot bind pool to its device's NUMA node");
+            }
+        }
+        let threads = match self.params.prefault_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        if let Err(e) = region.prefault(threads) {
+            let _ = region.unlink();
+            return Err(host(HostMemError::Io {
+                path,
+                op: "pre-fault",
+                source: e,
+            }));
+        }
+        let mut decision = self.decision_for(device.as_ref(), req.size_bytes);
+        let mut pin = None;
+        if decision.pin {
+            match device.pin(&region) {
+                Ok(guard) => pin = Some(guard),
+                Err(e) => {
+                    tracing::warn!(pool = %req.name, error = %e, "pinning failed; creating the pool unpinned");
+                    decision = PinDecision::failed(e);
+                }
+            }
+        }
+        tracing::info!(
+            pool = %req.name,
+            device = %req.device,
+            size_bytes = req.size_bytes,
+            pinned = decision.pin,
+            pin_reason = %decision.reason,
+            numa_node = ?numa_node,
+            "pool created"
+        );
+        Ok(Pool::new(PoolParts {
+            name: req.name.clone(),
+            device,
+            decision,
+            numa_node,
+            pin,
+            region,
+        }))
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Pool>, PoolError> {
+        let inner = self.inner.lock().expect("pools lock");
+        inner
+            .pools
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PoolError::NotFound(name.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Pool>> {
+        self.inner
+            .lock()
+            .expect("pools lock")
+            .pools
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Bytes promised to pools (existing and being created).
+    pub fn committed(&self) -> u64 {
+        self.inner.lock().expect("pools lock").committed()
+    }
+
+    /// Removes an unused pool and its file. The memory is released when the last reference to
+    /// the pool (e.g. an RPC still reading it) goes away.
+    pub fn delete(&self, name: &str) -> Result<Arc<Pool>, PoolError> {
+        let mut inner = self.inner.lock().expect("pools lock");
+        let pool = inner
+            .pools
+            .get(name)
+            .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
+        if let Err(used_bytes) = pool.retire() {
+            return Err(PoolError::InUse {
+                name: name.to_string(),
+                used_bytes,
+            });
+        }
+        let pool = inner.pools.remove(name).expect("checked above");
+        if let Err(e) = pool.region().unlink() {
+            tracing::warn!(pool = name, error = %e, "cannot remove pool file");
+        }
+        tracing::info!(pool = name, "pool deleted");
+        Ok(pool)
+    }
+}
+
+fn stale_pool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(POOL_FILE_PREFIX)
+        {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
+}

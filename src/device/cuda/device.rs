@@ -1,0 +1,115 @@
+//! A CUDA device behind the `Device` trait: pinning is `cuMemHostRegister` of exactly the pool.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+
+use super::driver::DriverThread;
+use crate::device::host::HostRegion;
+use crate::device::{Capabilities, Device, DeviceError, DeviceInfo, PinGuard};
+
+/// cuMemHostRegister flags: visible to every context (PORTABLE) and mapped into the device
+/// address space (DEVICEMAP) so uva workers can get a device pointer.
+const REGISTER_FLAGS: u32 = 0x01 | 0x02;
+
+#[derive(Debug)]
+pub struct CudaDevice {
+    info: DeviceInfo,
+    driver: Arc<DriverThread>,
+    wsl: bool,
+}
+
+impl CudaDevice {
+    pub fn new(info: DeviceInfo, ordinal: i32) -> std::io::Result<Self> {
+        Ok(Self {
+            info,
+            driver: Arc::new(DriverThread::spawn(ordinal)?),
+            wsl: is_wsl(),
+        })
+    }
+
+    pub fn driver(&self) -> &Arc<DriverThread> {
+        &self.driver
+    }
+}
+
+/// vLLM's `is_pin_memory_available()` is false under WSL, where pinned memory is unreliable.
+fn is_wsl() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.to_lowercase().contains("microsoft"))
+        .unwrap_or(false)
+}
+
+impl Device for CudaDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn capabilities(&self, _bytes: u64) -> Capabilities {
+        let pin = if self.wsl {
+            Err("running under WSL, where vLLM does not pin host memory".to_string())
+        } else if !self.info.attributes.host_register_supported {
+            Err(format!(
+                "{} does not support cuMemHostRegister (CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED = 0)",
+                self.info.id
+            ))
+        } else {
+            Ok(())
+        };
+        Capabilities {
+            max_pinnable_bytes: if pin.is_ok() { u64::MAX } else { 0 },
+            pin,
+            coherent: self
+                .info
+                .attributes
+                .pageable_memory_access_uses_host_page_tables,
+            // Free memory needs a context; GetInfo must not create one on an unused GPU.
+            free_memory_bytes: None,
+        }
+    }
+
+    fn pin(&self, region: &Arc<HostRegion>) -> Result<Box<dyn PinGuard>, DeviceError> {
+        let addr = region.as_ptr() as usize;
+        let len = region.len();
+        let id = self.info.id.clone();
+        self.driver.run(move |st| {
+            st.context()?;
+            // SAFETY: registers exactly our live mapping; `CudaPin` keeps it mapped until it
+            // has been unregistered.
+            let rc = unsafe { sys::cuMemHostRegister_v2(addr as *mut _, len, REGISTER_FLAGS) };
+            match rc.result() {
+                Ok(()) => Ok(()),
+                Err(e) => Err(DeviceError::Cuda {
+                    device: id,
+                    call: "cuMemHostRegister",
+                    name: super::error_name(e),
+                }),
+            }
+        })??;
+        Ok(Box::new(CudaPin {
+            region: Arc::clone(region),
+            driver: Arc::clone(&self.driver),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct CudaPin {
+    region: Arc<HostRegion>,
+    driver: Arc<DriverThread>,
+}
+
+impl PinGuard for CudaPin {}
+
+impl Drop for CudaPin {
+    fn drop(&mut self) {
+        let addr = self.region.as_ptr() as usize;
+        let res = self.driver.run(move |_| {
+            // SAFETY: unregisters the pointer registered in `pin`; still mapped (we hold it).
+            unsafe { sys::cuMemHostUnregister(addr as *mut _) }.result()
+        });
+        if !matches!(res, Ok(Ok(()))) {
+            tracing::warn!(path = %self.region.path().display(), "cuMemHostUnregister failed");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Host memory regions backed by shared-memory files: the storage of pools and of cpu static
+//! buffers. Workers in other processes map the same file by path.
+//!
+//! This is one of the few modules with `unsafe`: it owns a raw mapping.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use rustix::mm::{MapFlags, ProtFlags};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum HostMemError {
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("a region needs at least one byte")]
+    Empty,
+}
+
+fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> HostMemError {
+    let path = path.to_path_buf();
+    move |source| HostMemError::Io { path, op, source }
+}
+
+/// Page size used to pre-fault and to describe locked memory.
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// A shared, writable mapping of an exact-size file. Unmapped on drop; the file itself is
+/// removed only by [`HostRegion::unlink`], so a crash leaves it for the next start to sweep.
+#[derive(Debug)]
+pub struct HostRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+    path: PathBuf,
+    _file: File,
+}
+
+// SAFETY: the mapping is plain shared memory; concurrent access is coordinated by the owners of
+// the ranges inside it (the allocator hands out disjoint ranges).
+unsafe impl Send for HostRegion {}
+// SAFETY: as above; `&HostRegion` only exposes raw pointers and copies into disjoint ranges.
+unsafe impl Sync for HostRegion {}
+
+impl HostRegion {
+    /// Creates `path` (which must not exist) with exactly `len` bytes and maps it shared.
+    pub fn create(path: &Path, len: u64) -> Result<Self, HostMemError> {
+        if len == 0 {
+            return Err(HostMemError::Empty);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o660)
+            .open(path)
+            .map_err(io(path, "create"))?;
+        let region = (|| {
+            file.set_len(len).map_err(io(path, "ftruncate"))?;
+            Self::map(file, path, len as usize)
+        })();
+        if region.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        region
+    }
+
+    fn map(file: File, path: &Path, len: usize) -> Result<Self, HostMemError> {
+        // SAFETY: mapping a file we own, for its whole length, with no fixed address; the result
+        // is checked and kept alive together with the file.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &file,
+                0,
+            )
+        }
+        .map_err(|e| io(path, "mmap")(e.into()))?;
+        Ok(Self {
+            ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
+            len,
+            path: path.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Prefers the given NUMA node for the pages not yet faulted in. Best effort: a failure is
+    /// returned for logging, never fatal.
+    pub fn bind_numa(&self, node: u32) -> std::io::Result<()> {
+        const MPOL_PREFERRED: libc::c_long = 1;
+        let mut mask = [0u64; 16];
+        let bits = 64 * mask.len();
+        if node as usize >= bits {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        mask[node as usize / 64] |= 1 << (node % 64);
+        // SAFETY: mbind only changes the policy of our own mapping; the mask outlives the call
+        // and `bits` matches its size.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mbind,
+                self.ptr.as_ptr(),
+                self.len,
+                MPOL_PREFERRED,
+                mask.as_ptr(),
+                bits as libc::c_ulong + 1,
+                0 as libc::c_uint,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Faults every page in, split across `threads`, so the first copy into the pool does not
+    /// pay for page faults and the memory is really there before we report success.
+    pub fn prefault(&self, threads: usize) -> std::io::Result<()> {
+        let page = page_size();
+        let pages = self.len.div_ceil(page);
+        let threads = threads.clamp(1, pages.max(1));
+        let per = pages.div_ceil(threads) * page;
+        let base = self.ptr.as_ptr() as usize;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|i| {
+                    let start = i * per;
+                    let len = per.min(self.len.saturating_sub(start));
+                    s.spawn(move || populate(base + start, len, page))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("prefault thread panicked"))
+        })
+    }
+
+    /// Copies `src` into the region at `offset`.
+    pub fn write_at(&self, offset: usize, src: &[u8]) {
+        assert!(
+            offset
+                .checked_add(src.len())
+                .is_some_and(|end| end <= self.len),
+            "write out of bounds"
+        );
+        // SAFETY: bounds checked above; the source is a separate allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        }
+    }
+
+    /// A read-only view of `len` bytes at `offset`. The caller must not let another thread write
+    /// the same range while the view lives; ranges come from the pool's allocator.
+    pub fn slice(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "read out of bounds"
+        );
+        // SAFETY: in bounds; the mapping lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) }
+    }
+
+    /// Removes the file. Processes that mapped it keep their mapping until they unmap.
+    pub fn unlink(&self) -> std::io::Result<()> {
+        std::fs::remove_file(&self.path)
+    }
+
+    /// Bytes of the file actually backed by memory (tmpfs allocates on first touch).
+    pub fn resident_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata(&self.path)?.blocks() * 512)
+    }
+}
+
+/// MADV_POPULATE_WRITE (Linux 5.14) faults a range in one call; older kernels get a write to each
+/// page, which on a fresh file writes zeros over zeros.
+fn populate(addr: usize, len: usize, page: usize) -> std::io::Result<()> {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: the range lies inside our live shared mapping.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, MADV_POPULATE_WRITE) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) {
+        return Err(err);
+    }
+    let mut off = 0;
+    while off < len {
+        // SAFETY: in bounds of the mapping; the file is new, so every byte is zero already.
+        unsafe { std::ptr::write_volatile((addr + off) as *mut u8, 0) };
+        off += page;
+    }
+    Ok(())
+}
+
+impl Drop for HostRegion {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped; no reference into it outlives `self`.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
