@@ -8,6 +8,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::{Config, DEFAULT_BUDGET_FRACTION};
+use crate::core::backend::{BackendConfig, PrefetchConfig, UvaConfig};
+use crate::core::models::{Models, ModelsParams, RegisterRequest};
 use crate::core::pools::{NewPool, PoolError, Pools, PoolsParams};
 use crate::core::{Core, Node, NodeParams};
 use crate::device::{Device, Devices, cpu, cuda};
@@ -26,6 +28,8 @@ pub enum DaemonError {
     Pools(#[from] PoolError),
     #[error("pools.create: {0}")]
     StartupPool(PoolError),
+    #[error("models.register: model {name:?}: {message}")]
+    StartupModel { name: String, message: String },
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains and cleans up.
@@ -66,6 +70,15 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         prefault_threads: config.pools.prefault_threads,
     })?;
     let startup_pools = config.pools.create.clone();
+    let startup_models = config.models.register.clone();
+    let models = Models::new(ModelsParams {
+        roots: config.models.roots.clone(),
+        layer_patterns: config.models.layer_patterns.clone(),
+        load_threads: config.models.load_threads,
+        chunk_bytes: config.models.chunk_bytes,
+        max_load_bytes_per_sec: config.models.max_load_bytes_per_sec,
+        evict_idle: config.pools.evict_idle,
+    });
     let core = Arc::new(Core {
         node: Node::new(NodeParams {
             config,
@@ -75,19 +88,22 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
             max_host_bytes,
         }),
         pools,
+        models,
     });
     create_startup_pools(&core, startup_pools).await?;
+    register_startup_models(&core, startup_models).await?;
     tracing::info!(uds = %uds_path.display(), tcp = ?tcp_bound, "offloadd serving");
     announce_ready(&uds_path, tcp_bound);
 
     let listeners = server::Listeners { uds, tcp };
     server::serve(
-        OffloadService::new(core),
+        OffloadService::new(Arc::clone(&core)),
         listeners,
         shutdown_signal(),
         drain_timeout,
     )
     .await?;
+    core.models.cancel_all();
     drop(socket);
     tracing::info!("offloadd stopped");
     Ok(())
@@ -110,6 +126,43 @@ async fn create_startup_pools(
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
             .map_err(DaemonError::StartupPool)?;
+    }
+    Ok(())
+}
+
+/// Models declared in the config (`[[models.register]]`): validated and allocated before the
+/// daemon reports ready (a bad entry stops startup); the bytes load in the background, visible
+/// through WatchModel.
+async fn register_startup_models(
+    core: &Arc<Core>,
+    specs: Vec<crate::config::ModelSpec>,
+) -> Result<(), DaemonError> {
+    for spec in specs {
+        let backend = match (spec.uva, spec.prefetch) {
+            (Some(u), _) => Some(BackendConfig::Uva(UvaConfig {
+                cpu_offload_bytes: u.cpu_offload_bytes,
+                params: u.params,
+            })),
+            (None, Some(p)) => Some(BackendConfig::Prefetch(PrefetchConfig {
+                group_size: p.group_size,
+                num_in_group: p.num_in_group,
+                prefetch_step: p.prefetch_step,
+                params: p.params,
+            })),
+            (None, None) => None,
+        };
+        let req = RegisterRequest {
+            name: spec.name.clone(),
+            pool: spec.pool,
+            path: spec.path,
+            backend,
+        };
+        crate::grpc::start_load(core, req)
+            .await
+            .map_err(|status| DaemonError::StartupModel {
+                name: spec.name,
+                message: status.message().to_string(),
+            })?;
     }
     Ok(())
 }

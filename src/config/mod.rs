@@ -124,6 +124,44 @@ pub struct ModelsConfig {
     pub load_threads: usize,
     /// Bytes per `pread`; also the largest intermediate buffer a load may use.
     pub chunk_bytes: u64,
+    /// Cap on the read rate of each load, so a large registration does not starve a co-located
+    /// inference server of I/O; 0 means unlimited.
+    pub max_load_bytes_per_sec: u64,
+    /// Dotted prefixes followed by the layer number, tried in order.
+    pub layer_patterns: Vec<String>,
+    /// Models registered at startup.
+    pub register: Vec<ModelSpec>,
+}
+
+/// A model declared in the config file (`[[models.register]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub name: String,
+    pub pool: String,
+    pub path: PathBuf,
+    pub uva: Option<UvaSpec>,
+    pub prefetch: Option<PrefetchSpec>,
+}
+
+/// `uva` backend settings (see the backends section of the README).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UvaSpec {
+    pub cpu_offload_bytes: u64,
+    #[serde(default)]
+    pub params: Vec<String>,
+}
+
+/// `prefetch` backend settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSpec {
+    pub group_size: u32,
+    pub num_in_group: u32,
+    pub prefetch_step: u32,
+    #[serde(default)]
+    pub params: Vec<String>,
 }
 
 impl Default for ModelsConfig {
@@ -132,6 +170,12 @@ impl Default for ModelsConfig {
             roots: Vec::new(),
             load_threads: 0,
             chunk_bytes: 16 << 20,
+            max_load_bytes_per_sec: 0,
+            layer_patterns: crate::core::models::layers::DEFAULT_LAYER_PATTERNS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            register: Vec::new(),
         }
     }
 }

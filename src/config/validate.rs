@@ -50,6 +50,38 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
             c.models.chunk_bytes
         ));
     }
+    if c.models
+        .layer_patterns
+        .iter()
+        .any(|p| p.is_empty() || !p.ends_with('.'))
+    {
+        return invalid(format!(
+            "models.layer_patterns {:?}: each pattern is a dotted prefix ending in '.', e.g. \"model.layers.\"",
+            c.models.layer_patterns
+        ));
+    }
+    let mut models = HashSet::new();
+    for m in &c.models.register {
+        if !is_valid_name(&m.name) {
+            return invalid(format!(
+                "models.register: model name {:?} must be 1-64 characters of [A-Za-z0-9._-]",
+                m.name
+            ));
+        }
+        if !models.insert(m.name.as_str()) {
+            return invalid(format!(
+                "models.register: model {:?} is declared twice",
+                m.name
+            ));
+        }
+        if m.uva.is_some() && m.prefetch.is_some() {
+            return invalid(format!(
+                "models.register: model {:?} sets both uva and prefetch; choose one",
+                m.name
+            ));
+        }
+        require_absolute("models.register.path", &m.path)?;
+    }
     if c.leases.default_ttl_ms == 0 {
         return invalid("leases.default_ttl_ms must be > 0".into());
     }

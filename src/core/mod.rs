@@ -2,6 +2,8 @@
 //! It speaks in domain types; `grpc` translates them to protobuf.
 
 pub mod alloc;
+pub mod backend;
+pub mod models;
 mod node;
 pub mod pin_policy;
 pub mod pool;
@@ -14,4 +16,5 @@ pub use node::{Node, NodeParams};
 pub struct Core {
     pub node: Node,
     pub pools: pools::Pools,
+    pub models: models::Models,
 }

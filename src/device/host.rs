@@ -176,6 +176,41 @@ impl HostRegion {
         }
     }
 
+    /// Reads `len` bytes of `file` at `file_offset` straight into the region at `offset` with
+    /// `pread`, looping over short reads. Hitting end-of-file early is an error.
+    pub fn pread_from(
+        &self,
+        file: &File,
+        file_offset: u64,
+        offset: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "read into out of bounds"
+        );
+        let mut done = 0;
+        while done < len {
+            // SAFETY: the destination is inside our mapping (checked above) and the caller owns
+            // this range exclusively while loading it.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset + done), len - done)
+            };
+            match rustix::io::pread(file, dst, file_offset + done as u64) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("file ended {} bytes early", len - done),
+                    ));
+                }
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// A read-only view of `len` bytes at `offset`. The caller must not let another thread write
     /// the same range while the view lives; ranges come from the pool's allocator.
     pub fn slice(&self, offset: usize, len: usize) -> &[u8] {

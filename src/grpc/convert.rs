@@ -1,6 +1,9 @@
 //! Domain types to protobuf. Only this module knows both.
 
 use crate::core::Core;
+use crate::core::backend::plan::dtype_name;
+use crate::core::backend::{BackendConfig, PrefetchConfig, UvaConfig};
+use crate::core::models::model::{Model, ModelSource, ModelState, Progress, TensorEntry};
 use crate::core::pin_policy::PinDecision;
 use crate::core::pool::Pool;
 use crate::device::Device;
@@ -93,5 +96,114 @@ pub fn info(core: &Core) -> proto::GetInfoResponse {
                 .collect(),
             metrics_addr: c.metrics.addr.map(|a| a.to_string()).unwrap_or_default(),
         }),
+    }
+}
+
+/// The three request oneofs and the reported `Backend` carry the same two messages.
+macro_rules! backend_from {
+    ($($oneof:path),*) => {$(
+        impl From<$oneof> for BackendConfig {
+            fn from(b: $oneof) -> Self {
+                use $oneof as B;
+                match b {
+                    B::Uva(u) => BackendConfig::Uva(uva(u)),
+                    B::Prefetch(p) => BackendConfig::Prefetch(prefetch(p)),
+                }
+            }
+        }
+    )*};
+}
+
+backend_from!(
+    proto::register_model_request::Backend,
+    proto::create_model_request::Backend,
+    proto::set_backend_request::Backend
+);
+
+fn uva(u: proto::UvaConfig) -> UvaConfig {
+    UvaConfig {
+        cpu_offload_bytes: u.cpu_offload_bytes,
+        params: u.params,
+    }
+}
+
+fn prefetch(p: proto::PrefetchConfig) -> PrefetchConfig {
+    PrefetchConfig {
+        group_size: p.group_size,
+        num_in_group: p.num_in_group,
+        prefetch_step: p.prefetch_step,
+        params: p.params,
+    }
+}
+
+pub fn backend(b: &BackendConfig) -> proto::Backend {
+    let kind = match b.clone() {
+        BackendConfig::Uva(u) => proto::backend::Kind::Uva(proto::UvaConfig {
+            cpu_offload_bytes: u.cpu_offload_bytes,
+            params: u.params,
+        }),
+        BackendConfig::Prefetch(p) => proto::backend::Kind::Prefetch(proto::PrefetchConfig {
+            group_size: p.group_size,
+            num_in_group: p.num_in_group,
+            prefetch_step: p.prefetch_step,
+            params: p.params,
+        }),
+    };
+    proto::Backend { kind: Some(kind) }
+}
+
+pub fn model_state(s: ModelState) -> proto::ModelState {
+    match s {
+        ModelState::Loading => proto::ModelState::Loading,
+        ModelState::Ready => proto::ModelState::Ready,
+        ModelState::Failed => proto::ModelState::Failed,
+        ModelState::AwaitingSeal => proto::ModelState::AwaitingSeal,
+    }
+}
+
+pub fn progress(p: &Progress) -> proto::ModelProgress {
+    proto::ModelProgress {
+        state: model_state(p.state) as i32,
+        bytes_done: p.loaded_bytes,
+        bytes_total: p.total_bytes,
+        error: p.error.clone().unwrap_or_default(),
+    }
+}
+
+pub fn tensor(t: &TensorEntry) -> proto::TensorInfo {
+    proto::TensorInfo {
+        name: t.name.clone(),
+        dtype: dtype_name(t.dtype),
+        shape: t.shape.iter().map(|&d| d as u64).collect(),
+        strides: t.strides.iter().map(|&d| d as u64).collect(),
+        offset: t.offset,
+        length: t.len,
+        layer: t.layer.map_or(-1, |l| l as i32),
+        crc32c: t.crc32c.unwrap_or(0),
+    }
+}
+
+pub fn model(m: &Model, include_tensors: bool) -> proto::Model {
+    let p = m.progress();
+    let tensors = m.tensors.lock().expect("tensors lock");
+    proto::Model {
+        name: m.name.clone(),
+        pool: m.pool().name.clone(),
+        path: match &m.source {
+            ModelSource::Checkpoint(p) => p.display().to_string(),
+            ModelSource::Published => String::new(),
+        },
+        state: model_state(p.state) as i32,
+        bytes: m.bytes,
+        tensor_count: tensors.len() as u64,
+        loaded_bytes: p.loaded_bytes,
+        backend: m.backend().as_ref().map(backend),
+        attached_workers: m.attached_workers() as u32,
+        error: p.error.unwrap_or_default(),
+        tensors: if include_tensors {
+            tensors.iter().map(tensor).collect()
+        } else {
+            Vec::new()
+        },
     }
 }

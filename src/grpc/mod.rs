@@ -3,9 +3,11 @@
 
 mod convert;
 pub mod listen;
+mod models;
 pub mod server;
 mod service;
 mod status;
 mod trace;
 
+pub use models::start_load;
 pub use service::OffloadService;

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use super::models::{self, ProgressStream};
 use super::status::join_error;
 use crate::core::Core;
+use crate::core::backend::BackendConfig;
 use crate::core::pools::NewPool;
 use crate::device::cpu::CPU_DEVICE_ID;
 use crate::proto::{self, offload_server::Offload};
@@ -98,5 +100,90 @@ impl Offload for OffloadService {
             })
             .await?;
         Ok(Response::new(reply))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name, pool = %request.get_ref().pool))]
+    async fn register_model(
+        &self,
+        request: Request<proto::RegisterModelRequest>,
+    ) -> Reply<proto::Model> {
+        Ok(Response::new(
+            models::register(&self.core, request.into_inner()).await?,
+        ))
+    }
+
+    type WatchModelStream = ProgressStream;
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
+    async fn watch_model(
+        &self,
+        request: Request<proto::WatchModelRequest>,
+    ) -> Reply<Self::WatchModelStream> {
+        Ok(Response::new(models::watch(
+            &self.core,
+            &request.get_ref().name,
+        )?))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
+    async fn get_model(&self, request: Request<proto::GetModelRequest>) -> Reply<proto::Model> {
+        let r = request.get_ref();
+        let model = self.core.models.get(&r.name)?;
+        Ok(Response::new(convert::model(&model, r.include_tensors)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_models(
+        &self,
+        _request: Request<proto::ListModelsRequest>,
+    ) -> Reply<proto::ListModelsResponse> {
+        let models = self
+            .core
+            .models
+            .list()
+            .iter()
+            .map(|m| convert::model(m, false))
+            .collect();
+        Ok(Response::new(proto::ListModelsResponse { models }))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
+    async fn unregister_model(
+        &self,
+        request: Request<proto::UnregisterModelRequest>,
+    ) -> Reply<proto::Model> {
+        let model = self.core.models.unregister(&request.get_ref().name).await?;
+        let reply = convert::model(&model, false);
+        // The last reference frees the pool ranges; dropping it is cheap (no driver calls).
+        drop(model);
+        Ok(Response::new(reply))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name, pool = %request.get_ref().pool))]
+    async fn create_model(
+        &self,
+        request: Request<proto::CreateModelRequest>,
+    ) -> Reply<proto::Model> {
+        Ok(Response::new(
+            models::create(&self.core, request.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
+    async fn seal_model(&self, request: Request<proto::SealModelRequest>) -> Reply<proto::Model> {
+        Ok(Response::new(
+            models::seal(&self.core, request.into_inner().name).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn set_backend(&self, request: Request<proto::SetBackendRequest>) -> Reply<proto::Model> {
+        let r = request.into_inner();
+        let backend = r
+            .backend
+            .map(BackendConfig::from)
+            .ok_or_else(|| Status::invalid_argument("set uva or prefetch"))?;
+        let model = self.core.models.set_backend(&r.model, backend)?;
+        Ok(Response::new(convert::model(&model, false)))
     }
 }

@@ -4,6 +4,7 @@
 use tonic::{Code, Status};
 
 use crate::core::alloc::AllocError;
+use crate::core::models::ModelError;
 use crate::core::pools::PoolError;
 use crate::device::host::HostMemError;
 
@@ -42,6 +43,38 @@ impl From<AllocError> for Status {
             AllocError::Retired => Code::FailedPrecondition,
             AllocError::BadAlign(_) => Code::InvalidArgument,
             AllocError::NotAllocated { .. } => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<ModelError> for Status {
+    fn from(e: ModelError) -> Self {
+        use ModelError as E;
+        let code = match &e {
+            E::InvalidName(_)
+            | E::RelativePath(_)
+            | E::NoWeights(_)
+            | E::BadIndex { .. }
+            | E::TensorNotInShard { .. }
+            | E::DuplicateTensor { .. }
+            | E::BadFile { .. }
+            | E::BadTensorSpec { .. }
+            | E::Backend(_) => Code::InvalidArgument,
+            E::AlreadyExists(_) => Code::AlreadyExists,
+            E::NotFound(_) | E::PoolNotFound(_) | E::PathNotFound(_) | E::MissingShard { .. } => {
+                Code::NotFound
+            }
+            E::OutsideRoots { .. } | E::NoRoots => Code::PermissionDenied,
+            E::PoolFull { .. } => Code::ResourceExhausted,
+            E::InUse { .. } | E::WrongState { .. } => Code::FailedPrecondition,
+            E::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => Code::NotFound,
+                _ => io_code(source),
+            },
+            E::LoadFailed { .. } => Code::Internal,
+            E::Cancelled(_) => Code::Aborted,
+            E::Alloc(a) => return Status::from(a.clone()),
         };
         Status::new(code, e.to_string())
     }

@@ -16,6 +16,8 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
+pub mod ckpt;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_offloadd");
 
 /// Upper bound for anything a test waits on; a hang fails the test instead of wedging CI.
@@ -45,6 +47,12 @@ impl Scratch {
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+    /// A directory for checkpoints, to be used as a model root.
+    pub fn models(&self) -> PathBuf {
+        let p = self.dir.path().join("models");
+        std::fs::create_dir_all(&p).unwrap();
+        p
     }
 }
 
@@ -78,6 +86,16 @@ impl<'a> DaemonBuilder<'a> {
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.into());
         self
+    }
+    /// Sets `models.roots`.
+    pub fn roots(self, roots: &[&Path]) -> Self {
+        let joined: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        self.arg("--set")
+            .arg(&format!("models.roots={}", joined.join(",")))
+    }
+    /// Any `--set KEY=VALUE`.
+    pub fn set(self, kv: &str) -> Self {
+        self.arg("--set").arg(kv)
     }
     pub fn tcp(mut self) -> Self {
         self.tcp = true;

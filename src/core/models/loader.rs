@@ -1,0 +1,188 @@
+//! Loads tensor bytes straight into pool memory with parallel, chunked `pread`. There is no
+//! intermediate buffer: each chunk is read from the page cache directly into its pool range,
+//! and its CRC32C is computed while the bytes are still in cache.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::device::host::HostRegion;
+
+/// One piece of one tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk {
+    pub file: usize,
+    pub file_offset: u64,
+    pub pool_offset: u64,
+    pub len: u64,
+}
+
+/// A load: files, and the chunks of each tensor in order.
+pub struct LoadJob<'a> {
+    pub files: &'a [File],
+    pub region: &'a HostRegion,
+    /// `tensors[i]` is the chunks of tensor i, in byte order.
+    pub tensors: Vec<Vec<Chunk>>,
+    pub threads: usize,
+    pub cancel: &'a AtomicBool,
+    /// Called after each chunk with its length.
+    pub on_progress: &'a (dyn Fn(u64) + Sync),
+    /// Read-rate cap for the whole load; 0 means unlimited.
+    pub max_bytes_per_sec: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("reading {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// Splits a tensor into chunks of at most `chunk` bytes.
+pub fn chunks(file: usize, file_offset: u64, pool_offset: u64, len: u64, chunk: u64) -> Vec<Chunk> {
+    if len == 0 {
+        return Vec::new();
+    }
+    (0..len.div_ceil(chunk))
+        .map(|i| {
+            let off = i * chunk;
+            Chunk {
+                file,
+                file_offset: file_offset + off,
+                pool_offset: pool_offset + off,
+                len: chunk.min(len - off),
+            }
+        })
+        .collect()
+}
+
+/// Runs the load; returns each tensor's CRC32C.
+pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
+    let flat: Vec<(usize, usize, Chunk)> = job
+        .tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(t, cs)| cs.iter().enumerate().map(move |(i, c)| (t, i, *c)))
+        .collect();
+    let crcs: Vec<Vec<std::sync::Mutex<u32>>> = job
+        .tensors
+        .iter()
+        .map(|cs| cs.iter().map(|_| std::sync::Mutex::new(0)).collect())
+        .collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let read = std::sync::atomic::AtomicU64::new(0);
+    let threads = job.threads.clamp(1, flat.len().max(1));
+    let result: Result<(), LoadError> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<(), LoadError> {
+                    loop {
+                        if job.cancel.load(Ordering::Relaxed) {
+                            return Err(LoadError::Cancelled);
+                        }
+                        if failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(t, ci, c)) = flat.get(i) else {
+                            return Ok(());
+                        };
+                        let file = &job.files[c.file];
+                        let r = job.region.pread_from(
+                            file,
+                            c.file_offset,
+                            c.pool_offset as usize,
+                            c.len as usize,
+                        );
+                        if let Err(source) = r {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(LoadError::Io {
+                                what: format!("{} bytes at offset {}", c.len, c.file_offset),
+                                source,
+                            });
+                        }
+                        let crc = crc32c::crc32c(
+                            job.region.slice(c.pool_offset as usize, c.len as usize),
+                        );
+                        *crcs[t][ci].lock().expect("crc slot") = crc;
+                        (job.on_progress)(c.len);
+                        let total = read.fetch_add(c.len, Ordering::Relaxed) + c.len;
+                        throttle(job.max_bytes_per_sec, total, started, job.cancel);
+                    }
+                })
+            })
+            .collect();
+        // Report an I/O error in preference to a cancellation, and the first one found.
+        let mut outcome = Ok(());
+        for w in workers {
+            match w.join().expect("loader thread panicked") {
+                Err(e @ LoadError::Io { .. }) if !matches!(outcome, Err(LoadError::Io { .. })) => {
+                    outcome = Err(e)
+                }
+                Err(LoadError::Cancelled) if outcome.is_ok() => outcome = Err(LoadError::Cancelled),
+                _ => {}
+            }
+        }
+        outcome
+    });
+    result?;
+    Ok(job
+        .tensors
+        .iter()
+        .zip(crcs)
+        .map(|(cs, parts)| {
+            cs.iter().zip(parts).fold(0u32, |acc, (c, crc)| {
+                crc32c::crc32c_combine(acc, crc.into_inner().expect("crc slot"), c.len as usize)
+            })
+        })
+        .collect())
+}
+
+/// Sleeps while the load is ahead of its allowed rate, in short naps so a cancellation is seen
+/// promptly.
+fn throttle(max_bytes_per_sec: u64, total: u64, started: std::time::Instant, cancel: &AtomicBool) {
+    if max_bytes_per_sec == 0 {
+        return;
+    }
+    let due = std::time::Duration::from_secs_f64(total as f64 / max_bytes_per_sec as f64);
+    while let Some(ahead) = due.checked_sub(started.elapsed()) {
+        if cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        std::thread::sleep(ahead.min(std::time::Duration::from_millis(20)));
+    }
+}
+
+/// CRC32C of a range, for sealed (published) tensors.
+pub fn checksum(region: &HostRegion, offset: u64, len: u64) -> u32 {
+    crc32c::crc32c(region.slice(offset as usize, len as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_tensor_exactly() {
+        let cs = chunks(0, 100, 4096, 10, 4);
+        assert_eq!(cs.iter().map(|c| c.len).collect::<Vec<_>>(), vec![4, 4, 2]);
+        assert_eq!(cs[2].file_offset, 108);
+        assert_eq!(cs[2].pool_offset, 4104);
+        assert!(chunks(0, 0, 0, 0, 4).is_empty());
+    }
+
+    #[test]
+    fn combined_chunk_crcs_equal_the_whole() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let whole = crc32c::crc32c(&data);
+        let combined = data.chunks(4096).fold(0u32, |acc, c| {
+            crc32c::crc32c_combine(acc, crc32c::crc32c(c), c.len())
+        });
+        assert_eq!(whole, combined);
+    }
+}

@@ -1,0 +1,145 @@
+//! A registered model: its tensor table, where its bytes live in the pool, and its state.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use safetensors::Dtype;
+use tokio::sync::watch;
+
+use crate::core::alloc::Range;
+use crate::core::backend::BackendConfig;
+use crate::core::pool::Pool;
+
+/// Lifecycle of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelState {
+    Loading,
+    Ready,
+    Failed,
+    /// Published by an engine (CreateModel); waiting for SealModel.
+    AwaitingSeal,
+}
+
+/// What WatchModel streams and GetModel reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub state: ModelState,
+    pub loaded_bytes: u64,
+    pub total_bytes: u64,
+    pub error: Option<String>,
+}
+
+impl Progress {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.state, ModelState::Ready | ModelState::Failed)
+    }
+}
+
+/// One tensor of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Row-major strides in elements.
+    pub strides: Vec<usize>,
+    /// Offset of the bytes inside the pool file (256-byte aligned).
+    pub offset: u64,
+    pub len: u64,
+    /// Layer index parsed from the name; None outside the layer stack.
+    pub layer: Option<u32>,
+    /// CRC32C of the bytes, once loaded or sealed.
+    pub crc32c: Option<u32>,
+}
+
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// Ranges owned in a pool; given back when the last holder drops them, so a model's bytes can
+/// never leak, whichever path removes it.
+#[derive(Debug)]
+pub struct Allocation {
+    pub pool: Arc<Pool>,
+    pub ranges: Vec<Range>,
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.pool.free_all(&self.ranges);
+    }
+}
+
+/// Where the weights came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Checkpoint(PathBuf),
+    Published,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub source: ModelSource,
+    pub alloc: Allocation,
+    /// Filled in as loading or sealing computes checksums.
+    pub tensors: Mutex<Vec<TensorEntry>>,
+    pub bytes: u64,
+    pub progress: watch::Sender<Progress>,
+    pub cancel: AtomicBool,
+    pub backend: Mutex<Option<BackendConfig>>,
+    pub attached: AtomicUsize,
+    pub last_used: Mutex<Instant>,
+    /// Becomes true once no loader thread holds the model (immediately for published models).
+    pub load_done: watch::Receiver<bool>,
+}
+
+impl Model {
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.alloc.pool
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    pub fn state(&self) -> ModelState {
+        self.progress.borrow().state
+    }
+
+    pub fn attached_workers(&self) -> usize {
+        self.attached.load(Ordering::Acquire)
+    }
+
+    pub fn touch(&self) {
+        *self.last_used.lock().expect("last_used lock") = Instant::now();
+    }
+
+    pub fn last_used(&self) -> Instant {
+        *self.last_used.lock().expect("last_used lock")
+    }
+
+    pub fn tensors(&self) -> Vec<TensorEntry> {
+        self.tensors.lock().expect("tensors lock").clone()
+    }
+
+    pub fn backend(&self) -> Option<BackendConfig> {
+        self.backend.lock().expect("backend lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn strides_are_row_major() {
+        assert_eq!(super::contiguous_strides(&[4, 3, 2]), vec![6, 2, 1]);
+        assert_eq!(super::contiguous_strides(&[5]), vec![1]);
+        assert!(super::contiguous_strides(&[]).is_empty());
+    }
+}

@@ -1,0 +1,527 @@
+//! The model registry: registration (validate → allocate → load), publication by engines,
+//! removal, and eviction of idle models.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use safetensors::Dtype;
+use tokio::sync::watch;
+
+use super::loader::{self, Chunk, LoadError, LoadJob};
+use super::model::{
+    Allocation, Model, ModelSource, ModelState, Progress, TensorEntry, contiguous_strides,
+};
+use super::{ModelError, layers, source};
+use crate::config::validate::is_valid_name;
+use crate::core::alloc::{AllocError, MIN_ALIGN};
+use crate::core::backend::BackendConfig;
+use crate::core::pool::Pool;
+use crate::core::pools::Pools;
+
+/// Settings from `[models]` and `[pools]`.
+#[derive(Debug, Clone)]
+pub struct ModelsParams {
+    pub roots: Vec<PathBuf>,
+    pub layer_patterns: Vec<String>,
+    pub load_threads: usize,
+    pub chunk_bytes: u64,
+    pub max_load_bytes_per_sec: u64,
+    pub evict_idle: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegisterRequest {
+    pub name: String,
+    pub pool: String,
+    pub path: PathBuf,
+    pub backend: Option<BackendConfig>,
+}
+
+/// A tensor an engine will write itself.
+#[derive(Debug, Clone)]
+pub struct PublishedTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPublished {
+    pub name: String,
+    pub pool: String,
+    pub tensors: Vec<PublishedTensor>,
+    pub backend: Option<BackendConfig>,
+}
+
+#[derive(Debug)]
+pub struct Models {
+    params: ModelsParams,
+    inner: Mutex<BTreeMap<String, Arc<Model>>>,
+}
+
+/// Work handed to a blocking thread after registration was accepted.
+pub struct PendingLoad {
+    model: Arc<Model>,
+    files: Vec<std::fs::File>,
+    chunks: Vec<Vec<Chunk>>,
+    done: watch::Sender<bool>,
+}
+
+impl PendingLoad {
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+}
+
+impl Models {
+    pub fn new(params: ModelsParams) -> Self {
+        Self {
+            params,
+            inner: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Model>, ModelError> {
+        self.lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ModelError::NotFound(name.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Model>> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Model>>> {
+        self.inner.lock().expect("models lock")
+    }
+
+    /// Validates the checkpoint and allocates its ranges; the model is visible as LOADING once
+    /// this returns. Reads headers only. Blocking.
+    pub fn prepare(&self, pools: &Pools, req: &RegisterRequest) -> Result<PendingLoad, ModelError> {
+        check_name(&req.name)?;
+        let warning = req
+            .backend
+            .as_ref()
+            .map(BackendConfig::validate)
+            .transpose()?
+            .flatten();
+        if let Some(w) = warning {
+            tracing::warn!(model = %req.name, "{w}");
+        }
+        self.check_free(&req.name)?;
+        let pool = pools
+            .get(&req.pool)
+            .map_err(|_| ModelError::PoolNotFound(req.pool.clone()))?;
+        let ckpt = source::open(&req.path, &self.params.roots)?;
+        let mut tensors = Vec::new();
+        let mut spans = Vec::new();
+        for (fi, shard) in ckpt.shards.iter().enumerate() {
+            for t in &shard.tensors {
+                spans.push((fi, t.file_offset));
+                tensors.push(TensorEntry {
+                    layer: layers::layer_of(&t.name, &self.params.layer_patterns),
+                    strides: contiguous_strides(&t.shape),
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    offset: 0,
+                    len: t.len,
+                    crc32c: None,
+                });
+            }
+        }
+        let alloc = self.allocate(&pool, &req.name, &tensors)?;
+        let mut chunks = Vec::with_capacity(tensors.len());
+        for ((t, range), (fi, file_offset)) in tensors.iter_mut().zip(&alloc.ranges).zip(spans) {
+            t.offset = range.offset;
+            chunks.push(loader::chunks(
+                fi,
+                file_offset,
+                range.offset,
+                t.len,
+                self.params.chunk_bytes,
+            ));
+        }
+        let bytes = tensors.iter().map(|t| t.len).sum();
+        let (done, load_done) = watch::channel(false);
+        let model = Arc::new(new_model(NewModel {
+            name: req.name.clone(),
+            source: ModelSource::Checkpoint(ckpt.path.clone()),
+            alloc,
+            tensors,
+            bytes,
+            state: ModelState::Loading,
+            backend: req.backend.clone(),
+            load_done,
+        }));
+        self.insert(&model)?;
+        tracing::info!(model = %req.name, pool = %req.pool, path = %ckpt.path.display(), bytes, shards = ckpt.shards.len(), "registering model");
+        Ok(PendingLoad {
+            model,
+            files: ckpt.shards.into_iter().map(|s| s.file).collect(),
+            chunks,
+            done,
+        })
+    }
+
+    /// Loads the bytes. Blocking; runs on its own thread. On failure the model is removed, so
+    /// nothing stays half-registered.
+    pub fn load(&self, job: PendingLoad) {
+        let PendingLoad {
+            model,
+            files,
+            chunks,
+            done,
+        } = job;
+        let threads = match self.params.load_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let start = Instant::now();
+        let progress = |n: u64| model.progress.send_modify(|p| p.loaded_bytes += n);
+        let result = loader::run(&LoadJob {
+            files: &files,
+            region: model.pool().region(),
+            tensors: chunks,
+            threads,
+            cancel: &model.cancel,
+            on_progress: &progress,
+            max_bytes_per_sec: self.params.max_load_bytes_per_sec,
+        });
+        match result {
+            Ok(crcs) => {
+                for (t, crc) in model
+                    .tensors
+                    .lock()
+                    .expect("tensors lock")
+                    .iter_mut()
+                    .zip(crcs)
+                {
+                    t.crc32c = Some(crc);
+                }
+                let secs = start.elapsed().as_secs_f64();
+                tracing::info!(model = %model.name, bytes = model.bytes, secs, gbps = model.bytes as f64 / secs / 1e9, "model ready");
+                model.progress.send_modify(|p| p.state = ModelState::Ready);
+            }
+            Err(e) => {
+                let why = match &e {
+                    LoadError::Cancelled => "cancelled: the model was unregistered".to_string(),
+                    LoadError::Io { .. } => e.to_string(),
+                };
+                tracing::warn!(model = %model.name, error = %why, "model load failed; removing it");
+                self.remove_if_same(&model);
+                model.progress.send_modify(|p| {
+                    p.state = ModelState::Failed;
+                    p.error = Some(why);
+                });
+            }
+        }
+        drop(model);
+        let _ = done.send(true);
+    }
+
+    /// Removes a model. Refused while workers are attached. A load in progress is cancelled and
+    /// waited for, so the pool's bytes are back when this returns.
+    pub async fn unregister(&self, name: &str) -> Result<Arc<Model>, ModelError> {
+        let model = {
+            let mut map = self.lock();
+            let model = map
+                .get(name)
+                .ok_or_else(|| ModelError::NotFound(name.to_string()))?;
+            let workers = model.attached_workers();
+            if workers > 0 {
+                return Err(ModelError::InUse {
+                    name: name.to_string(),
+                    workers,
+                });
+            }
+            map.remove(name).expect("checked above")
+        };
+        model.cancel.store(true, Ordering::Relaxed);
+        wait_loaded(&model).await;
+        tracing::info!(model = name, "model unregistered");
+        Ok(model)
+    }
+
+    /// Allocates ranges for an engine to fill through the shared pool file.
+    pub fn create_published(
+        &self,
+        pools: &Pools,
+        req: &NewPublished,
+    ) -> Result<Arc<Model>, ModelError> {
+        check_name(&req.name)?;
+        req.backend
+            .as_ref()
+            .map(BackendConfig::validate)
+            .transpose()?;
+        self.check_free(&req.name)?;
+        let pool = pools
+            .get(&req.pool)
+            .map_err(|_| ModelError::PoolNotFound(req.pool.clone()))?;
+        let mut tensors = Vec::with_capacity(req.tensors.len());
+        let mut seen = std::collections::HashSet::new();
+        for t in &req.tensors {
+            if !seen.insert(t.name.as_str()) {
+                return Err(ModelError::BadTensorSpec {
+                    tensor: t.name.clone(),
+                    why: "listed twice".into(),
+                });
+            }
+            let (dtype, len) = tensor_bytes(t)?;
+            tensors.push(TensorEntry {
+                layer: layers::layer_of(&t.name, &self.params.layer_patterns),
+                strides: contiguous_strides(&t.shape),
+                name: t.name.clone(),
+                dtype,
+                shape: t.shape.clone(),
+                offset: 0,
+                len,
+                crc32c: None,
+            });
+        }
+        let alloc = self.allocate(&pool, &req.name, &tensors)?;
+        for (t, r) in tensors.iter_mut().zip(&alloc.ranges) {
+            t.offset = r.offset;
+        }
+        let (_, load_done) = watch::channel(true);
+        let bytes = tensors.iter().map(|t| t.len).sum();
+        let model = Arc::new(new_model(NewModel {
+            name: req.name.clone(),
+            source: ModelSource::Published,
+            alloc,
+            tensors,
+            bytes,
+            state: ModelState::AwaitingSeal,
+            backend: req.backend.clone(),
+            load_done,
+        }));
+        self.insert(&model)?;
+        tracing::info!(model = %req.name, pool = %req.pool, bytes, "model created for publication");
+        Ok(model)
+    }
+
+    /// Checksums the published bytes and marks the model READY. Blocking.
+    pub fn seal(&self, name: &str) -> Result<Arc<Model>, ModelError> {
+        let model = self.get(name)?;
+        if model.state() != ModelState::AwaitingSeal {
+            return Err(ModelError::WrongState {
+                name: name.to_string(),
+                state: state_name(model.state()),
+                what: "only a model made by CreateModel can be sealed, once",
+            });
+        }
+        let region = model.pool().region();
+        for t in model.tensors.lock().expect("tensors lock").iter_mut() {
+            t.crc32c = Some(loader::checksum(region, t.offset, t.len));
+        }
+        model.progress.send_modify(|p| {
+            p.state = ModelState::Ready;
+            p.loaded_bytes = p.total_bytes;
+        });
+        tracing::info!(model = name, "model sealed");
+        Ok(model)
+    }
+
+    /// Replaces a model's backend; refused while workers are attached.
+    pub fn set_backend(
+        &self,
+        name: &str,
+        backend: BackendConfig,
+    ) -> Result<Arc<Model>, ModelError> {
+        if let Some(w) = backend.validate()? {
+            tracing::warn!(model = name, "{w}");
+        }
+        let model = self.get(name)?;
+        let workers = model.attached_workers();
+        if workers > 0 {
+            return Err(ModelError::InUse {
+                name: name.to_string(),
+                workers,
+            });
+        }
+        *model.backend.lock().expect("backend lock") = Some(backend);
+        Ok(model)
+    }
+
+    /// Asks every load in progress to stop (daemon shutdown).
+    pub fn cancel_all(&self) {
+        for m in self.lock().values() {
+            m.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn check_free(&self, name: &str) -> Result<(), ModelError> {
+        if self.lock().contains_key(name) {
+            return Err(ModelError::AlreadyExists(name.to_string()));
+        }
+        Ok(())
+    }
+
+    fn insert(&self, model: &Arc<Model>) -> Result<(), ModelError> {
+        let mut map = self.lock();
+        if map.contains_key(&model.name) {
+            // Lost a race with a concurrent registration of the same name; our allocation is
+            // released when `model` drops.
+            return Err(ModelError::AlreadyExists(model.name.clone()));
+        }
+        map.insert(model.name.clone(), Arc::clone(model));
+        Ok(())
+    }
+
+    fn remove_if_same(&self, model: &Arc<Model>) {
+        let mut map = self.lock();
+        if map.get(&model.name).is_some_and(|m| Arc::ptr_eq(m, model)) {
+            map.remove(&model.name);
+        }
+    }
+
+    /// Allocates every tensor's range, all or nothing; evicts idle models of the same pool, least
+    /// recently used first, when allowed and needed.
+    fn allocate(
+        &self,
+        pool: &Arc<Pool>,
+        model: &str,
+        tensors: &[TensorEntry],
+    ) -> Result<Allocation, ModelError> {
+        let lens: Vec<u64> = tensors.iter().map(|t| t.len).collect();
+        loop {
+            match pool.alloc_all(&lens, MIN_ALIGN) {
+                Ok(ranges) => {
+                    return Ok(Allocation {
+                        pool: Arc::clone(pool),
+                        ranges,
+                    });
+                }
+                Err(AllocError::Exhausted { free, largest, .. }) => {
+                    if self.params.evict_idle && self.evict_one(pool) {
+                        continue;
+                    }
+                    let needed = lens
+                        .iter()
+                        .map(|&l| l.max(1).div_ceil(MIN_ALIGN) * MIN_ALIGN)
+                        .sum();
+                    return Err(ModelError::PoolFull {
+                        pool: pool.name.clone(),
+                        model: model.to_string(),
+                        needed,
+                        free,
+                        largest,
+                        size: pool.size_bytes,
+                    });
+                }
+                Err(e) => return Err(ModelError::Alloc(e)),
+            }
+        }
+    }
+
+    /// Evicts the least recently used idle READY model in `pool`. Returns false if none.
+    fn evict_one(&self, pool: &Arc<Pool>) -> bool {
+        let victim = {
+            let mut map = self.lock();
+            let victim = map
+                .values()
+                .filter(|m| {
+                    Arc::ptr_eq(m.pool(), pool)
+                        && m.state() == ModelState::Ready
+                        && m.attached_workers() == 0
+                })
+                .min_by_key(|m| m.last_used())
+                .map(|m| m.name.clone());
+            victim.and_then(|name| map.remove(&name))
+        };
+        match victim {
+            Some(m) => {
+                tracing::info!(model = %m.name, pool = %pool.name, bytes = m.bytes, "evicted idle model to make room");
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Waits until no loader thread holds the model any more.
+pub async fn wait_loaded(model: &Model) {
+    let mut rx = model.load_done.clone();
+    let _ = rx.wait_for(|done| *done).await;
+}
+
+fn check_name(name: &str) -> Result<(), ModelError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(ModelError::InvalidName(name.to_string()))
+    }
+}
+
+fn tensor_bytes(t: &PublishedTensor) -> Result<(Dtype, u64), ModelError> {
+    let bad = |why: String| ModelError::BadTensorSpec {
+        tensor: t.name.clone(),
+        why,
+    };
+    if t.name.is_empty() {
+        return Err(bad("name is empty".into()));
+    }
+    let dtype: Dtype =
+        serde_json::from_value(serde_json::Value::String(t.dtype.clone())).map_err(|_| {
+            bad(format!(
+                "unknown dtype {:?}; use a safetensors dtype such as BF16, F16, F8_E4M3",
+                t.dtype
+            ))
+        })?;
+    let bits = t
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_mul(dtype.bitsize()))
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    if bits % 8 != 0 {
+        return Err(bad("shape × dtype is not a whole number of bytes".into()));
+    }
+    Ok((dtype, (bits / 8) as u64))
+}
+
+pub fn state_name(s: ModelState) -> &'static str {
+    match s {
+        ModelState::Loading => "LOADING",
+        ModelState::Ready => "READY",
+        ModelState::Failed => "FAILED",
+        ModelState::AwaitingSeal => "AWAITING_SEAL",
+    }
+}
+
+struct NewModel {
+    name: String,
+    source: ModelSource,
+    alloc: Allocation,
+    tensors: Vec<TensorEntry>,
+    bytes: u64,
+    state: ModelState,
+    backend: Option<BackendConfig>,
+    load_done: watch::Receiver<bool>,
+}
+
+fn new_model(m: NewModel) -> Model {
+    let (progress, _) = watch::channel(Progress {
+        state: m.state,
+        loaded_bytes: 0,
+        total_bytes: m.bytes,
+        error: None,
+    });
+    Model {
+        name: m.name,
+        source: m.source,
+        alloc: m.alloc,
+        tensors: Mutex::new(m.tensors),
+        bytes: m.bytes,
+        progress,
+        cancel: AtomicBool::new(false),
+        backend: Mutex::new(m.backend),
+        attached: AtomicUsize::new(0),
+        last_used: Mutex::new(Instant::now()),
+        load_done: m.load_done,
+    }
+}

@@ -1,0 +1,134 @@
+//! Where a checkpoint lives: a `.safetensors` file, a directory with
+//! `model.safetensors.index.json` (sharded), or a directory holding `model.safetensors`.
+//! Every path, shards included, must resolve (symlinks followed) inside `models.roots`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::ModelError;
+use super::header::{Shard, read_shard};
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// The shards of a checkpoint, validated, in a stable order.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The canonical path the operator named.
+    pub path: PathBuf,
+    pub shards: Vec<Shard>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// Confines `path` to the roots: both sides canonicalized, so `..` and symlinks that leave the
+/// roots are refused.
+pub fn confine(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, ModelError> {
+    if roots.is_empty() {
+        return Err(ModelError::NoRoots);
+    }
+    let canonical = match path.canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ModelError::PathNotFound(path.to_path_buf()));
+        }
+        Err(e) => return Err(ModelError::io(path, e)),
+    };
+    let inside = roots
+        .iter()
+        .filter_map(|r| r.canonicalize().ok())
+        .any(|root| canonical.starts_with(&root));
+    if inside {
+        Ok(canonical)
+    } else {
+        Err(ModelError::OutsideRoots {
+            path: path.to_path_buf(),
+            resolved: canonical,
+            roots: roots.to_vec(),
+        })
+    }
+}
+
+/// Resolves and validates a checkpoint. Reads headers only.
+pub fn open(path: &Path, roots: &[PathBuf]) -> Result<Checkpoint, ModelError> {
+    if !path.is_absolute() {
+        return Err(ModelError::RelativePath(path.to_path_buf()));
+    }
+    let path = confine(path, roots)?;
+    let shards = if path.is_dir() {
+        let index = path.join(INDEX_FILE);
+        let single = path.join(SINGLE_FILE);
+        if index.exists() {
+            open_sharded(&confine(&index, roots)?, roots)?
+        } else if single.exists() {
+            vec![read_shard(&confine(&single, roots)?)?]
+        } else {
+            return Err(ModelError::NoWeights(path));
+        }
+    } else {
+        vec![read_shard(&path)?]
+    };
+    let mut seen: HashMap<&str, &Path> = HashMap::new();
+    for shard in &shards {
+        for t in &shard.tensors {
+            if let Some(first) = seen.insert(&t.name, &shard.path) {
+                return Err(ModelError::DuplicateTensor {
+                    tensor: t.name.clone(),
+                    first: first.to_path_buf(),
+                    second: shard.path.clone(),
+                });
+            }
+        }
+    }
+    Ok(Checkpoint { path, shards })
+}
+
+fn open_sharded(index_path: &Path, roots: &[PathBuf]) -> Result<Vec<Shard>, ModelError> {
+    let text = std::fs::read(index_path).map_err(|e| ModelError::io(index_path, e))?;
+    let index: Index = serde_json::from_slice(&text).map_err(|e| ModelError::BadIndex {
+        path: index_path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    let dir = index_path.parent().expect("index lives in a directory");
+    // shard file -> tensors the index says it holds
+    let mut by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (tensor, shard) in &index.weight_map {
+        by_shard.entry(shard.as_str()).or_default().push(tensor);
+    }
+    if by_shard.is_empty() {
+        return Err(ModelError::BadIndex {
+            path: index_path.to_path_buf(),
+            why: "weight_map is empty".into(),
+        });
+    }
+    let mut shards = Vec::with_capacity(by_shard.len());
+    for (file, tensors) in by_shard {
+        let shard_path = dir.join(file);
+        let shard_path = match confine(&shard_path, roots) {
+            Err(ModelError::PathNotFound(_)) => {
+                return Err(ModelError::MissingShard {
+                    index: index_path.to_path_buf(),
+                    shard: shard_path,
+                });
+            }
+            other => other?,
+        };
+        let shard = read_shard(&shard_path)?;
+        for t in tensors {
+            if !shard.tensors.iter().any(|st| st.name == t) {
+                return Err(ModelError::TensorNotInShard {
+                    tensor: t.to_string(),
+                    shard: shard_path,
+                    index: index_path.to_path_buf(),
+                });
+            }
+        }
+        shards.push(shard);
+    }
+    Ok(shards)
+}

@@ -1,0 +1,495 @@
+//! Model registration through the real daemon: good checkpoints land byte-exact in the pool,
+//! bad ones are refused precisely and leave nothing behind.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use common::ckpt::{self, Tensor};
+use common::{DaemonBuilder, Scratch};
+use offloadd::proto::offload_client::OffloadClient;
+use offloadd::proto::{
+    CreateModelRequest, CreatePoolRequest, DeletePoolRequest, GetInfoRequest, GetModelRequest,
+    GetPoolRequest, ListModelsRequest, ModelState, RegisterModelRequest, SealModelRequest,
+    TensorSpec, UnregisterModelRequest, WatchModelRequest,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1 << 20;
+
+async fn pool(c: &mut OffloadClient<Channel>, name: &str, size: u64) {
+    c.create_pool(CreatePoolRequest {
+        name: name.into(),
+        device: "cpu".into(),
+        size_bytes: size,
+    })
+    .await
+    .unwrap();
+}
+
+fn register(name: &str, pool: &str, path: &Path, wait: bool) -> RegisterModelRequest {
+    RegisterModelRequest {
+        name: name.into(),
+        pool: pool.into(),
+        path: path.display().to_string(),
+        wait,
+        backend: None,
+    }
+}
+
+async fn used(c: &mut OffloadClient<Channel>, pool: &str) -> u64 {
+    c.get_pool(GetPoolRequest { name: pool.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .used_bytes
+}
+
+/// Every tensor's bytes in the pool file equal the checkpoint's, with the right metadata.
+async fn verify_in_pool(c: &mut OffloadClient<Channel>, model: &str, tensors: &[Tensor]) {
+    let m = c
+        .get_model(GetModelRequest {
+            name: model.into(),
+            include_tensors: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.state(), ModelState::Ready);
+    assert_eq!(m.tensor_count as usize, tensors.len());
+    assert_eq!(m.loaded_bytes, m.bytes);
+    let p = c
+        .get_pool(GetPoolRequest {
+            name: m.pool.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let file = std::fs::File::open(&p.path).unwrap();
+    for want in tensors {
+        let got = m
+            .tensors
+            .iter()
+            .find(|t| t.name == want.name)
+            .unwrap_or_else(|| panic!("{} missing", want.name));
+        assert_eq!(got.offset % 256, 0, "{} aligned", got.name);
+        assert_eq!(got.length as usize, want.data.len());
+        assert_eq!(got.dtype, format!("{:?}", want.dtype));
+        assert_eq!(
+            got.shape,
+            want.shape.iter().map(|&d| d as u64).collect::<Vec<_>>()
+        );
+        let mut buf = vec![0u8; want.data.len()];
+        file.read_exact_at(&mut buf, got.offset).unwrap();
+        assert!(buf == want.data, "bytes of {} differ", got.name);
+        assert_eq!(
+            got.crc32c,
+            crc32c::crc32c(&want.data),
+            "checksum of {}",
+            got.name
+        );
+        let layer = offloadd::core::models::layers::layer_of(
+            &want.name,
+            &offloadd::core::models::layers::DEFAULT_LAYER_PATTERNS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(got.layer, layer.map_or(-1, |l| l as i32));
+    }
+}
+
+#[tokio::test]
+async fn registers_single_file_sharded_and_directory_checkpoints() {
+    let s = Scratch::new();
+    let root = s.models();
+    let tensors = ckpt::llama(4, 64, 128);
+    ckpt::write_file(&root.join("single.safetensors"), &tensors);
+    ckpt::write_sharded(&root.join("sharded"), &tensors, 3);
+    std::fs::create_dir_all(root.join("dir")).unwrap();
+    ckpt::write_file(&root.join("dir/model.safetensors"), &tensors);
+
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .set("models.chunk_bytes=4096")
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    pool(&mut c, "p", 16 * MIB).await;
+    for (name, path) in [
+        ("single", root.join("single.safetensors")),
+        ("sharded", root.join("sharded")),
+        ("dir", root.join("dir")),
+    ] {
+        let m = c
+            .register_model(register(name, "p", &path, true))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(m.state(), ModelState::Ready, "{name}");
+        assert_eq!(m.path, path.canonicalize().unwrap().display().to_string());
+        verify_in_pool(&mut c, name, &tensors).await;
+    }
+    let list = c
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        ["dir", "sharded", "single"]
+    );
+    assert!(
+        list.models.iter().all(|m| m.tensors.is_empty()),
+        "ListModels omits tensor tables"
+    );
+
+    // The pool holds three copies, each tensor rounded up to 256 bytes, and no more.
+    let per_model: u64 = tensors
+        .iter()
+        .map(|t| (t.data.len() as u64).max(1).div_ceil(256) * 256)
+        .sum();
+    assert_eq!(used(&mut c, "p").await, 3 * per_model);
+    for name in ["dir", "sharded", "single"] {
+        c.unregister_model(UnregisterModelRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
+    assert_eq!(used(&mut c, "p").await, 0, "unregister frees every range");
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn no_wait_answers_loading_and_watch_streams_progress_to_ready() {
+    let s = Scratch::new();
+    let root = s.models();
+    let tensors = ckpt::llama(8, 256, 512);
+    ckpt::write_file(&root.join("m.safetensors"), &tensors);
+    // Throttled so the load is observably in progress.
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .set("models.chunk_bytes=65536")
+        .set("models.max_load_bytes_per_sec=8388608")
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    pool(&mut c, "p", 32 * MIB).await;
+    let m = c
+        .register_model(register("m", "p", &root.join("m.safetensors"), false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.state(), ModelState::Loading);
+    assert_eq!(m.loaded_bytes, 0);
+    let mut stream = c
+        .watch_model(WatchModelRequest { name: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = 0;
+    let mut updates = 0;
+    let mut final_state = ModelState::Loading;
+    while let Some(p) = stream.message().await.unwrap() {
+        assert!(p.bytes_done >= last, "progress never goes back");
+        assert_eq!(p.bytes_total, m.bytes);
+        last = p.bytes_done;
+        updates += 1;
+        final_state = p.state();
+    }
+    assert_eq!(final_state, ModelState::Ready);
+    assert_eq!(last, m.bytes);
+    assert!(updates > 2, "saw intermediate progress ({updates} updates)");
+    verify_in_pool(&mut c, "m", &tensors).await;
+    assert!(d.logs().contains("model ready"));
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn unregister_during_a_load_cancels_it_and_frees_its_ranges() {
+    let s = Scratch::new();
+    let root = s.models();
+    ckpt::write_file(&root.join("m.safetensors"), &ckpt::llama(8, 512, 1024));
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .set("models.chunk_bytes=65536")
+        .set("models.max_load_bytes_per_sec=1048576")
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    pool(&mut c, "p", 64 * MIB).await;
+    // wait: true, in the background: it must end with ABORTED once unregistered.
+    let mut c2 = c.clone();
+    let path = root.join("m.safetensors");
+    let waiter =
+        tokio::spawn(async move { c2.register_model(register("m", "p", &path, true)).await });
+    let mut stream = loop {
+        // The model appears once its ranges are allocated.
+        if let Ok(s) = c.watch_model(WatchModelRequest { name: "m".into() }).await {
+            break s.into_inner();
+        }
+        tokio::task::yield_now().await;
+    };
+    // Wait until bytes are actually flowing.
+    loop {
+        let p = stream.message().await.unwrap().unwrap();
+        assert_eq!(p.state(), ModelState::Loading);
+        if p.bytes_done > 0 {
+            break;
+        }
+    }
+    assert!(used(&mut c, "p").await > 0);
+    c.unregister_model(UnregisterModelRequest { name: "m".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        used(&mut c, "p").await,
+        0,
+        "ranges freed when UnregisterModel returns"
+    );
+    let err = waiter.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    let err = c
+        .get_model(GetModelRequest {
+            name: "m".into(),
+            include_tensors: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn deleting_a_pool_with_a_model_is_refused() {
+    let s = Scratch::new();
+    let root = s.models();
+    ckpt::write_file(&root.join("m.safetensors"), &ckpt::llama(2, 64, 64));
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    pool(&mut c, "p", 4 * MIB).await;
+    c.register_model(register("m", "p", &root.join("m.safetensors"), true))
+        .await
+        .unwrap();
+    let err = c
+        .delete_pool(DeletePoolRequest { name: "p".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("unregister"), "{}", err.message());
+    c.unregister_model(UnregisterModelRequest { name: "m".into() })
+        .await
+        .unwrap();
+    c.delete_pool(DeletePoolRequest { name: "p".into() })
+        .await
+        .unwrap();
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn published_tensors_are_sealed_with_checksums() {
+    let s = Scratch::new();
+    let d = DaemonBuilder::new(&s).start().await.unwrap();
+    let mut c = d.client().await;
+    pool(&mut c, "p", 4 * MIB).await;
+    let specs = vec![
+        TensorSpec {
+            name: "model.layers.0.mlp.w".into(),
+            dtype: "F8_E4M3".into(),
+            shape: vec![64, 32],
+        },
+        TensorSpec {
+            name: "model.layers.1.mlp.w".into(),
+            dtype: "BF16".into(),
+            shape: vec![10],
+        },
+    ];
+    let m = c
+        .create_model(CreateModelRequest {
+            name: "pub".into(),
+            pool: "p".into(),
+            tensors: specs,
+            backend: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.state(), ModelState::AwaitingSeal);
+    assert_eq!(m.tensors.len(), 2);
+    assert_eq!(m.tensors[0].length, 2048);
+    assert_eq!(m.tensors[1].length, 20);
+    // The engine writes through the shared pool file.
+    let p = c
+        .get_pool(GetPoolRequest { name: "p".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p.path)
+        .unwrap();
+    let data: Vec<Vec<u8>> = m
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ckpt::bytes(t.length as usize, i as u64 + 7))
+        .collect();
+    for (t, bytes) in m.tensors.iter().zip(&data) {
+        file.write_all_at(bytes, t.offset).unwrap();
+    }
+    let sealed = c
+        .seal_model(SealModelRequest { name: "pub".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sealed.state(), ModelState::Ready);
+    let m = c
+        .get_model(GetModelRequest {
+            name: "pub".into(),
+            include_tensors: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (t, bytes) in m.tensors.iter().zip(&data) {
+        assert_eq!(t.crc32c, crc32c::crc32c(bytes));
+    }
+    let err = c
+        .seal_model(SealModelRequest { name: "pub".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .create_model(CreateModelRequest {
+            name: "bad".into(),
+            pool: "p".into(),
+            tensors: vec![TensorSpec {
+                name: "x".into(),
+                dtype: "F128".into(),
+                shape: vec![1],
+            }],
+            backend: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("F128"));
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn full_pool_evicts_idle_models_only_when_allowed() {
+    let s = Scratch::new();
+    let root = s.models();
+    let tensors = ckpt::llama(2, 256, 256);
+    ckpt::write_file(&root.join("m.safetensors"), &tensors);
+    let size: u64 = tensors
+        .iter()
+        .map(|t| (t.data.len() as u64).div_ceil(256) * 256)
+        .sum();
+    let path = root.join("m.safetensors");
+
+    for evict in [false, true] {
+        let s2 = Scratch::new();
+        let d = DaemonBuilder::new(&s2)
+            .roots(&[&root])
+            .set(&format!("pools.evict_idle={evict}"))
+            .start()
+            .await
+            .unwrap();
+        let mut c = d.client().await;
+        // Room for exactly one copy.
+        pool(&mut c, "p", size + 1024).await;
+        c.register_model(register("a", "p", &path, true))
+            .await
+            .unwrap();
+        c.register_model(register("b", "p", &path, true))
+            .await
+            .map(|_| ())
+            .unwrap_or_else(|e| {
+                assert!(!evict, "eviction was allowed: {e:?}");
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                assert!(
+                    e.message().contains(&size.to_string()) && e.message().contains("evict_idle"),
+                    "{}",
+                    e.message()
+                );
+            });
+        let names: Vec<String> = c
+            .list_models(ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .models
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(names, if evict { vec!["b"] } else { vec!["a"] });
+        if evict {
+            assert!(d.logs().contains("evicted idle model"));
+        }
+        assert!(d.terminate().await.success());
+    }
+}
+
+#[tokio::test]
+async fn models_declared_in_toml_register_at_startup() {
+    let s = Scratch::new();
+    let root = s.models();
+    let tensors = ckpt::llama(2, 64, 64);
+    ckpt::write_file(&root.join("m.safetensors"), &tensors);
+    let cfg = s.path("offloadd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[models]\nroots = [\"{root}\"]\n[[pools.create]]\nname = \"p\"\nsize_bytes = 4194304\n[[models.register]]\nname = \"boot\"\npool = \"p\"\npath = \"{root}/m.safetensors\"\n[models.register.prefetch]\ngroup_size = 2\nnum_in_group = 1\nprefetch_step = 1\n",
+            root = root.display()
+        ),
+    )
+    .unwrap();
+    let d = DaemonBuilder::new(&s)
+        .arg("--config")
+        .arg(cfg.to_str().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    let mut stream = c
+        .watch_model(WatchModelRequest {
+            name: "boot".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(p) = stream.message().await.unwrap() {
+        last = Some(p.state());
+    }
+    assert_eq!(last, Some(ModelState::Ready));
+    verify_in_pool(&mut c, "boot", &tensors).await;
+    let m = c
+        .get_model(GetModelRequest {
+            name: "boot".into(),
+            include_tensors: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        m.backend.unwrap().kind,
+        Some(offloadd::proto::backend::Kind::Prefetch(_))
+    ));
+    c.get_info(GetInfoRequest {}).await.unwrap();
+    assert!(d.terminate().await.success());
+}
