@@ -34,6 +34,9 @@ pub enum DaemonError {
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains and cleans up.
 pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
+    // Installed before anything is announced, so a SIGTERM right after the ready line drains
+    // instead of killing the process.
+    let shutdown = shutdown_signal()?;
     let probe = tokio::task::spawn_blocking(cuda::probe)
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -99,7 +102,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     server::serve(
         OffloadService::new(Arc::clone(&core)),
         listeners,
-        shutdown_signal(),
+        shutdown,
         drain_timeout,
     )
     .await?;
@@ -187,15 +190,17 @@ fn default_budget() -> u64 {
     (available as f64 * DEFAULT_BUDGET_FRACTION) as u64
 }
 
-async fn shutdown_signal() {
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutdown requested");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+    })
 }
 
 /// Removes the socket file on exit, unless another process has since put its own there.

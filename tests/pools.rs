@@ -298,8 +298,10 @@ async fn pool_files_do_not_survive_a_crash_and_restart() {
         "restart sweeps it"
     );
     assert!(foreign.exists(), "files without our prefix are untouched");
-    assert!(d.logs().contains("left by an earlier run"));
-    assert!(d.terminate().await.success());
+    assert!(d.logs().contains("left by an earlier run"), "{}", d.logs());
+    let logs = d.logs();
+    let st = d.terminate().await;
+    assert!(st.success(), "{st} {logs}");
 }
 
 #[tokio::test]
