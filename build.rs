@@ -13,13 +13,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::path::Path::new(".git/HEAD").exists() {
         println!("cargo:rerun-if-changed=.git/HEAD");
     }
-    println!("cargo:rustc-env=OFFLOADD_GIT_SHA={}", git_sha());
+    println!("cargo:rustc-env=BUILD_INFO_GIT_SHA={}", git_sha());
     println!(
-        "cargo:rustc-env=OFFLOADD_TARGET={}",
+        "cargo:rustc-env=BUILD_INFO_TARGET={}",
         std::env::var("TARGET")?
     );
     println!(
-        "cargo:rustc-env=OFFLOADD_PROFILE={}",
+        "cargo:rustc-env=BUILD_INFO_PROFILE={}",
         std::env::var("PROFILE")?
     );
     println!("cargo:rerun-if-env-changed=PROTOC");

@@ -10,7 +10,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("offl
 
 /// Build provenance captured by build.rs.
 pub mod build_info {
-    pub const GIT_SHA: &str = env!("OFFLOADD_GIT_SHA");
-    pub const TARGET: &str = env!("OFFLOADD_TARGET");
-    pub const PROFILE: &str = env!("OFFLOADD_PROFILE");
+    pub const GIT_SHA: &str = env!("BUILD_INFO_GIT_SHA");
+    pub const TARGET: &str = env!("BUILD_INFO_TARGET");
+    pub const PROFILE: &str = env!("BUILD_INFO_PROFILE");
 }

@@ -4,15 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bin=${OFFLOADD_BIN:-target/debug/offloadd}
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 commands=$(sed -n '/<!-- operator-session:begin/,/<!-- operator-session:end/p' README.md | grep '^grpcurl ')
 [ "$(printf '%s\n' "$commands" | wc -l)" -ge 7 ] || { echo "operator session not found in README.md" >&2; exit 1; }
 
-# The README's commands use the default socket path and 127.0.0.1:50051.
-"$bin" serve --tcp-addr 127.0.0.1:50051 >"$work/stdout" 2>"$work/stderr" &
+# The README's commands use the default socket path and 127.0.0.1:50051. Start through
+# `cargo run`, as the README does, so whatever cargo adds to the environment is exercised too.
+cargo run --quiet --bin offloadd -- serve --tcp-addr 127.0.0.1:50051 >"$work/stdout" 2>"$work/stderr" &
 pid=$!
 # Wait for the readiness line rather than for time.
 for _ in $(seq 1 600); do
@@ -21,6 +21,8 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 grep -q '"event":"ready"' "$work/stdout" || { echo "daemon not ready" >&2; exit 1; }
+# Signal the daemon itself, not cargo.
+pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$work/stdout" | head -n 1)
 
 n=0
 while IFS= read -r cmd; do
@@ -38,6 +40,9 @@ while IFS= read -r cmd; do
 done <<<"$commands"
 
 kill -TERM "$pid"
-wait "$pid"
+# Wait for the daemon (not our child: it runs under cargo) to exit.
+for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+! kill -0 "$pid" 2>/dev/null || { echo "daemon still running after SIGTERM" >&2; exit 1; }
+wait || true
 [ ! -e /tmp/offloadd/offloadd.sock ] || { echo "socket left behind after SIGTERM" >&2; exit 1; }
 echo "operator session: $n passed, 0 failed"

@@ -2,6 +2,8 @@
 //! intermediate buffer: each chunk is read from the page cache directly into its pool range,
 //! and its CRC32C is computed while the bytes are still in cache.
 
+use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
+
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -92,24 +94,16 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
                         let Some(&(t, ci, c)) = flat.get(i) else {
                             return Ok(());
                         };
-                        let file = &job.files[c.file];
-                        let r = job.region.pread_from(
-                            file,
-                            c.file_offset,
-                            c.pool_offset as usize,
-                            c.len as usize,
-                        );
-                        if let Err(source) = r {
-                            failed.store(true, Ordering::Relaxed);
-                            return Err(LoadError::Io {
-                                what: format!("{} bytes at offset {}", c.len, c.file_offset),
-                                source,
-                            });
+                        match read_chunk(job, c) {
+                            Ok(crc) => *crcs[t][ci].lock().expect("crc slot") = crc,
+                            Err(source) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(LoadError::Io {
+                                    what: format!("{} bytes at offset {}", c.len, c.file_offset),
+                                    source,
+                                });
+                            }
                         }
-                        let crc = crc32c::crc32c(
-                            job.region.slice(c.pool_offset as usize, c.len as usize),
-                        );
-                        *crcs[t][ci].lock().expect("crc slot") = crc;
                         (job.on_progress)(c.len);
                         let total = read.fetch_add(c.len, Ordering::Relaxed) + c.len;
                         throttle(job.max_bytes_per_sec, total, started, job.cancel);
@@ -137,10 +131,36 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
         .zip(crcs)
         .map(|(cs, parts)| {
             cs.iter().zip(parts).fold(0u32, |acc, (c, crc)| {
-                crc32c::crc32c_combine(acc, crc.into_inner().expect("crc slot"), c.len as usize)
+                combine(acc, crc.into_inner().expect("crc slot"), c.len)
             })
         })
         .collect())
+}
+
+/// Checksummed in pieces small enough to still be in cache when the CRC reads them back, so the
+/// checksum costs no extra trip to memory. 256 KiB measured best on the benchmark machine
+/// (0.84-0.92 of the pread bound, against 0.66 for whole 16 MiB chunks).
+const CRC_PIECE: u64 = 1 << 18;
+
+/// Reads one chunk into the pool and returns its CRC32C.
+fn read_chunk(job: &LoadJob<'_>, c: Chunk) -> std::io::Result<u32> {
+    let file = &job.files[c.file];
+    let mut digest = Digest::new(Crc32Iscsi);
+    let mut done = 0;
+    while done < c.len {
+        let n = CRC_PIECE.min(c.len - done);
+        let dst = (c.pool_offset + done) as usize;
+        job.region
+            .pread_from(file, c.file_offset + done, dst, n as usize)?;
+        digest.update(job.region.slice(dst, n as usize));
+        done += n;
+    }
+    Ok(digest.finalize() as u32)
+}
+
+/// CRC32C of `a ++ b` from the CRCs of `a` and `b`.
+fn combine(a: u32, b: u32, b_len: u64) -> u32 {
+    crc_fast::checksum_combine(Crc32Iscsi, a.into(), b.into(), b_len) as u32
 }
 
 /// Sleeps while the load is ahead of its allowed rate, in short naps so a cancellation is seen
@@ -160,7 +180,7 @@ fn throttle(max_bytes_per_sec: u64, total: u64, started: std::time::Instant, can
 
 /// CRC32C of a range, for sealed (published) tensors.
 pub fn checksum(region: &HostRegion, offset: u64, len: u64) -> u32 {
-    crc32c::crc32c(region.slice(offset as usize, len as usize))
+    crc_fast::checksum(Crc32Iscsi, region.slice(offset as usize, len as usize)) as u32
 }
 
 #[cfg(test)]

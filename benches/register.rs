@@ -1,0 +1,260 @@
+//! RegisterModel throughput from the page cache, through the real daemon over its Unix socket,
+//! against the bound measured in the same run: parallel chunked `pread` of the same shards into
+//! pre-faulted shared memory with the same number of threads. Also times Python's safetensors
+//! loader on the same files when `python3 -c "import safetensors.numpy"` works.
+//!
+//! `cargo bench --bench register` (OFFLOADD_BENCH_MODEL_MIB sets the size, default 1600).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use offloadd::device::host::HostRegion;
+use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use tokio::io::AsyncBufReadExt;
+
+const ROUNDS: usize = 3;
+const CHUNK: u64 = 16 << 20;
+
+/// Writes a Llama-shaped checkpoint (hidden 2048, F16 so numpy can load it too) of about `mib` MiB in 4 shards.
+fn write_checkpoint(dir: &Path, mib: u64) -> u64 {
+    let hidden = 2048usize;
+    let per_layer = [
+        ("input_layernorm.weight", vec![hidden]),
+        ("self_attn.q_proj.weight", vec![hidden, hidden]),
+        ("self_attn.k_proj.weight", vec![hidden / 4, hidden]),
+        ("self_attn.v_proj.weight", vec![hidden / 4, hidden]),
+        ("self_attn.o_proj.weight", vec![hidden, hidden]),
+        ("post_attention_layernorm.weight", vec![hidden]),
+        ("mlp.gate_proj.weight", vec![4 * hidden, hidden]),
+        ("mlp.up_proj.weight", vec![4 * hidden, hidden]),
+        ("mlp.down_proj.weight", vec![hidden, 4 * hidden]),
+    ];
+    let layer_bytes: u64 = per_layer
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64 * 2)
+        .sum();
+    let layers = ((mib << 20) / layer_bytes).max(1) as usize;
+    let shards = 4;
+    let per_shard = layers.div_ceil(shards);
+    let mut weight_map = HashMap::new();
+    let mut total = 0;
+    for s in 0..shards {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
+        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for l in s * per_shard..((s + 1) * per_shard).min(layers) {
+            for (i, (p, shape)) in per_layer.iter().enumerate() {
+                let n: usize = shape.iter().product::<usize>() * 2;
+                let fill = (l * 31 + i) as u8;
+                owned.push((
+                    format!("model.layers.{l}.{p}"),
+                    shape.clone(),
+                    vec![fill; n],
+                ));
+            }
+        }
+        let views: Vec<(String, TensorView<'_>)> = owned
+            .iter()
+            .map(|(n, s, d)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F16, s.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        for (n, _, d) in &owned {
+            weight_map.insert(n.clone(), file.clone());
+            total += d.len() as u64;
+        }
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    total
+}
+
+fn shards(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The bound: every byte of every shard pread into pre-faulted shared memory, `threads` wide.
+fn pread_bound(files: &[PathBuf], region: &HostRegion, threads: usize) -> f64 {
+    let opened: Vec<std::fs::File> = files
+        .iter()
+        .map(|f| std::fs::File::open(f).unwrap())
+        .collect();
+    let mut work = Vec::new();
+    let mut dst = 0u64;
+    for (fi, f) in opened.iter().enumerate() {
+        let len = f.metadata().unwrap().len();
+        let mut off = 0;
+        while off < len {
+            let n = CHUNK.min(len - off);
+            work.push((fi, off, dst, n));
+            off += n;
+            dst += n;
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while let Some(&(fi, off, dst, n)) = work.get(next.fetch_add(1, Ordering::Relaxed))
+                {
+                    region
+                        .pread_from(&opened[fi], off, dst as usize, n as usize)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    t.elapsed().as_secs_f64()
+}
+
+fn python_load(files: &[PathBuf]) -> Option<f64> {
+    let script = "import sys,time\nfrom safetensors.numpy import load_file\nt=time.perf_counter()\nfor f in sys.argv[1:]: load_file(f)\nprint(time.perf_counter()-t)";
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(files)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "python: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+        return None;
+    }
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+fn main() {
+    let mib: u64 = std::env::var("OFFLOADD_BENCH_MODEL_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1700);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let work = tempfile::tempdir().unwrap();
+    let ckpt = work.path().join("llama");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let bytes = write_checkpoint(&ckpt, mib);
+    let files = shards(&ckpt);
+    let file_bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+    // Warm the page cache so both sides read from it.
+    for f in &files {
+        std::io::copy(&mut std::fs::File::open(f).unwrap(), &mut std::io::sink()).unwrap();
+    }
+
+    let shm = tempfile::Builder::new()
+        .prefix("offloadd-bench-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let region = HostRegion::create(&shm.path().join("bound"), file_bytes).unwrap();
+    region.prefault(threads).unwrap();
+    let bound = (0..ROUNDS)
+        .map(|_| pread_bound(&files, &region, threads))
+        .fold(f64::MAX, f64::min);
+    drop(region);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let daemon_secs = rt.block_on(async {
+        let uds = work.path().join("offloadd.sock");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_offloadd"))
+            .args(["serve", "--uds-path"])
+            .arg(&uds)
+            .arg("--pools-dir")
+            .arg(shm.path().join("pools"))
+            .arg("--set")
+            .arg(format!("models.roots={}", ckpt.display()))
+            .env(
+                "OFFLOADD_LOG",
+                std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        lines.next_line().await.unwrap().expect("ready line");
+        let mut c = offloadd::client::offload(offloadd::client::connect_uds(&uds).await.unwrap());
+        let pool_bytes = bytes + (64 << 20);
+        c.create_pool(CreatePoolRequest {
+            name: "p".into(),
+            device: "cpu".into(),
+            size_bytes: pool_bytes,
+        })
+        .await
+        .unwrap();
+        let mut best = f64::MAX;
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            c.register_model(RegisterModelRequest {
+                name: "llama".into(),
+                pool: "p".into(),
+                path: ckpt.display().to_string(),
+                wait: true,
+                backend: None,
+            })
+            .await
+            .unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+            c.unregister_model(UnregisterModelRequest {
+                name: "llama".into(),
+            })
+            .await
+            .unwrap();
+        }
+        child.kill().await.unwrap();
+        best
+    });
+    let python = python_load(&files);
+
+    let gbps = |secs: f64| bytes as f64 / secs / 1e9;
+    println!(
+        "checkpoint {:.2} GiB in {} shards, {threads} threads, chunk {} MiB, best of {ROUNDS}",
+        bytes as f64 / (1u64 << 30) as f64,
+        files.len(),
+        CHUNK >> 20
+    );
+    println!(
+        "bound: pread into pre-faulted shm : {:6.2} GB/s",
+        gbps(bound)
+    );
+    println!(
+        "RegisterModel (wait), over UDS    : {:6.2} GB/s",
+        gbps(daemon_secs)
+    );
+    println!(
+        "ratio RegisterModel/bound         : {:6.2} (target >= 0.8)",
+        bound / daemon_secs
+    );
+    match python {
+        Some(p) => {
+            println!(
+                "python safetensors.numpy.load_file: {:6.2} GB/s ({:.2} of bound)",
+                gbps(p),
+                bound / p
+            );
+            println!(
+                "offloadd vs python                : {:6.2}x (target >= 3)",
+                p / daemon_secs
+            );
+        }
+        None => println!("python safetensors: skipped (pip install safetensors numpy to compare)"),
+    }
+}
