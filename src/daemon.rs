@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::config::{Config, DEFAULT_BUDGET_FRACTION};
 use crate::core::backend::{BackendConfig, PrefetchConfig, UvaConfig};
+use crate::core::leases::{Leases, LeasesParams};
 use crate::core::models::{Models, ModelsParams, RegisterRequest};
 use crate::core::pools::{NewPool, PoolError, Pools, PoolsParams};
 use crate::core::{Core, Node, NodeParams};
@@ -74,6 +75,11 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     })?;
     let startup_pools = config.pools.create.clone();
     let startup_models = config.models.register.clone();
+    let leases = Arc::new(Leases::new(LeasesParams {
+        default_ttl: Duration::from_millis(config.leases.default_ttl_ms),
+        static_dir: config.pools.dir.clone(),
+        disable_uva: vllm_env.disable_uva,
+    }));
     let models = Models::new(ModelsParams {
         roots: config.models.roots.clone(),
         layer_patterns: config.models.layer_patterns.clone(),
@@ -92,7 +98,9 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         }),
         pools,
         models,
+        leases: Arc::clone(&leases),
     });
+    tokio::spawn(leases.run_reaper());
     create_startup_pools(&core, startup_pools).await?;
     register_startup_models(&core, startup_models).await?;
     tracing::info!(uds = %uds_path.display(), tcp = ?tcp_bound, "offloadd serving");

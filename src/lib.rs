@@ -12,3 +12,4 @@ pub mod grpc;
 pub mod proto;
 pub mod telemetry;
 pub mod vllm_env;
+pub mod worker;

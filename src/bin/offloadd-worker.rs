@@ -1,1 +1,192 @@
-fn main() {}
+//! `offloadd-worker`: the reference worker. Attaches to a model and runs a forward-like loop
+//! exactly as vLLM's prefetch hooks do — wait for layer k, read its weights from the slot,
+//! trigger the prefetch `prefetch_next` names — verifying every tensor's bytes against the
+//! checkpoint's checksums, over several passes. Prints JSON lines on stdout.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use offloadd::proto::Placement;
+use offloadd::worker::Worker;
+
+#[derive(Parser)]
+#[command(
+    name = "offloadd-worker",
+    about = "Reference inference worker for offloadd"
+)]
+struct Args {
+    /// The daemon's Unix socket.
+    #[arg(long, default_value = offloadd::config::DEFAULT_UDS_PATH)]
+    uds: PathBuf,
+    /// Model to attach to.
+    #[arg(long)]
+    model: String,
+    /// Worker name for the daemon's logs.
+    #[arg(long, default_value = "offloadd-worker")]
+    name: String,
+    /// Lease time-to-live (0: the daemon's default).
+    #[arg(long, default_value_t = 0)]
+    ttl_ms: u64,
+    /// Forward passes to run.
+    #[arg(long, default_value_t = 3)]
+    passes: u32,
+    /// Attach, then hold the lease (renewing it) until killed.
+    #[arg(long)]
+    hold: bool,
+    /// With --hold: never renew, so the lease lapses.
+    #[arg(long)]
+    no_keepalive: bool,
+    /// Also compare every tensor's bytes with this checkpoint (file or directory of shards).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({"event": "error", "error": format!("{e:#}")})
+            );
+            eprintln!("offloadd-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let channel = offloadd::client::connect_uds(&args.uds)
+        .await
+        .context("connect")?;
+    let mut w = Worker::attach(channel, &args.model, &args.name, args.ttl_ms).await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "attached",
+            "lease_id": w.lease.lease_id,
+            "pinned": w.lease.pinned,
+            "locked_pool": w.locked_pool(),
+            "uva_mode": w.lease.uva_mode().as_str_name(),
+            "vm_lck_bytes": vm_lck(),
+        })
+    );
+    let every = Duration::from_millis(w.lease.ttl_ms / 3).max(Duration::from_millis(10));
+    if args.hold {
+        let _keepalive = (!args.no_keepalive).then(|| w.spawn_keep_alive(every));
+        std::future::pending::<()>().await;
+    }
+    let keepalive = w.spawn_keep_alive(every);
+    let stats = forward_passes(&mut w, args.passes).await?;
+    let matched = match &args.checkpoint {
+        Some(path) => compare_with_checkpoint(&w, path)?,
+        None => 0,
+    };
+    keepalive.abort();
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "done",
+            "passes": args.passes,
+            "tensors_verified": stats.tensors,
+            "bytes_verified": stats.bytes,
+            "onloads": stats.onloads,
+            "checkpoint_tensors_matched": matched,
+            "vm_lck_bytes": vm_lck(),
+        })
+    );
+    w.detach().await?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct Stats {
+    tensors: u64,
+    bytes: u64,
+    onloads: u64,
+}
+
+/// vLLM's prefetch hooks, across a process boundary: the first `slots` offloaded layers are
+/// prefetched up front; after offloaded layer k runs, `prefetch_next[k]` is onloaded into the
+/// slot k just freed. Every read is checksummed, so a prefetch that overwrote a slot still
+/// needed would fail here.
+async fn forward_passes(w: &mut Worker, passes: u32) -> Result<Stats> {
+    let mut s = Stats::default();
+    let offloaded = w.lease.offloaded_layers.clone();
+    let next = w.lease.prefetch_next.clone();
+    let slots = w.lease.prefetch_slots as usize;
+    for &layer in offloaded.iter().take(slots) {
+        w.onload(layer).await?;
+        s.onloads += 1;
+    }
+    for _ in 0..passes {
+        // DEVICE tensors are copied once into device memory and UVA tensors read in place; on
+        // the cpu device both read the pool mapping.
+        for t in w
+            .tensors()
+            .iter()
+            .filter(|t| t.placement() != Placement::Prefetch)
+        {
+            let bytes = w.host_bytes(t)?;
+            Worker::verify(t, bytes, "pool")?;
+            s.tensors += 1;
+            s.bytes += bytes.len() as u64;
+        }
+        for (k, &layer) in offloaded.iter().enumerate() {
+            for t in w.layer_tensors(layer, Placement::Prefetch) {
+                let bytes = w.static_bytes(t)?;
+                Worker::verify(t, bytes, "static slot")?;
+                s.tensors += 1;
+                s.bytes += bytes.len() as u64;
+            }
+            w.onload(next[k]).await?;
+            s.onloads += 1;
+        }
+    }
+    Ok(s)
+}
+
+/// Compares every tensor's host copy with the checkpoint on disk, byte for byte.
+fn compare_with_checkpoint(w: &Worker, path: &std::path::Path) -> Result<u64> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut matched = 0;
+    for f in files {
+        let data = std::fs::read(&f).with_context(|| format!("read {}", f.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&data)
+            .with_context(|| format!("parse {}", f.display()))?;
+        for (name, view) in st.tensors() {
+            let t = w.tensor(&name)?;
+            if w.host_bytes(t)? != view.data() {
+                bail!("tensor {name:?} differs from {}", f.display());
+            }
+            matched += 1;
+        }
+    }
+    if matched != w.tensors().len() as u64 {
+        bail!(
+            "checkpoint has {matched} tensors, lease has {}",
+            w.tensors().len()
+        );
+    }
+    Ok(matched)
+}
+
+fn vm_lck() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| offloadd::device::cpu::parse_kib_field(&s, "VmLck"))
+        .unwrap_or(0)
+}

@@ -22,7 +22,7 @@ impl Range {
     }
 }
 
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[derive(Debug, Error, PartialEq, Eq)]
 pub enum AllocError {
     #[error("no free range of {len} bytes (free {free} bytes, largest free range {largest} bytes)")]
     Exhausted { len: u64, free: u64, largest: u64 },

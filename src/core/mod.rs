@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod backend;
+pub mod leases;
 pub mod models;
 mod node;
 pub mod pin_policy;
@@ -17,4 +18,5 @@ pub struct Core {
     pub node: Node,
     pub pools: pools::Pools,
     pub models: models::Models,
+    pub leases: std::sync::Arc<leases::Leases>,
 }

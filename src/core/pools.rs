@@ -15,7 +15,7 @@ use crate::device::host::{HostMemError, HostRegion};
 use crate::device::{Device, Devices};
 use crate::vllm_env::VllmEnv;
 
-/// Pool files carry this prefix; startup sweeps only files that have it.
+/// Pool files carry this prefix; startup sweeps only files with it or the static-buffer prefix.
 pub const POOL_FILE_PREFIX: &str = "offloadd-pool-";
 /// Held (flock) for the daemon's life so two daemons never share a pool directory.
 const LOCK_FILE: &str = ".offloadd.lock";

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use super::host::HostRegion;
-use super::{Capabilities, CudaAttributes, Device, DeviceError, DeviceInfo, DeviceKind, PinGuard};
+use super::{
+    Capabilities, CopyOp, CudaAttributes, Device, DeviceError, DeviceInfo, DeviceKind, PinGuard,
+    StaticBuffer,
+};
 
 pub const CPU_DEVICE_ID: &str = "cpu";
 
@@ -62,6 +65,58 @@ impl Device for CpuDevice {
         Ok(Box::new(MlockGuard {
             region: Arc::clone(region),
         }))
+    }
+
+    fn alloc_static(
+        &self,
+        path: &std::path::Path,
+        len: u64,
+    ) -> Result<Box<dyn StaticBuffer>, DeviceError> {
+        let region = HostRegion::create(path, len.max(1))?;
+        region
+            .prefault(1)
+            .map_err(|source| super::host::HostMemError::Io {
+                path: path.to_path_buf(),
+                op: "pre-fault",
+                source,
+            })?;
+        Ok(Box::new(CpuStatic { region }))
+    }
+}
+
+/// On cpu the "device" is host shared memory: a file the worker maps, filled with memcpy.
+#[derive(Debug)]
+struct CpuStatic {
+    region: HostRegion,
+}
+
+impl StaticBuffer for CpuStatic {
+    fn len(&self) -> u64 {
+        self.region.len() as u64
+    }
+
+    fn path(&self) -> Option<&std::path::Path> {
+        Some(self.region.path())
+    }
+
+    fn ipc_handle(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn copy_from(&self, src: &HostRegion, ops: &[CopyOp]) -> Result<(), DeviceError> {
+        for op in ops {
+            self.region.write_at(
+                op.dst_offset as usize,
+                src.slice(op.src_offset as usize, op.len as usize),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CpuStatic {
+    fn drop(&mut self) {
+        let _ = self.region.unlink();
     }
 }
 

@@ -60,6 +60,30 @@ pub struct Capabilities {
 /// Keeps memory pinned; unpins when dropped.
 pub trait PinGuard: Send + Sync + fmt::Debug {}
 
+/// One host-to-static copy: `len` bytes from `src_offset` in the pool to `dst_offset` in the
+/// static buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOp {
+    pub src_offset: u64,
+    pub dst_offset: u64,
+    pub len: u64,
+}
+
+/// Static buffers of one lease, in the device's memory, shared with the worker's process.
+/// Freed when dropped.
+pub trait StaticBuffer: Send + Sync + fmt::Debug {
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Shared-memory file the worker maps (cpu); None where the worker opens `ipc_handle`.
+    fn path(&self) -> Option<&std::path::Path>;
+    /// CUDA IPC memory handle (cuda); empty on cpu.
+    fn ipc_handle(&self) -> Vec<u8>;
+    /// Copies pool bytes into the buffer and returns once the copy is complete.
+    fn copy_from(&self, src: &HostRegion, ops: &[CopyOp]) -> Result<(), DeviceError>;
+}
+
 #[derive(Debug, Error)]
 pub enum DeviceError {
     #[error("mlock of {bytes} bytes failed: {source}")]
@@ -73,6 +97,10 @@ pub enum DeviceError {
     },
     #[error("{0} is unavailable: its driver thread has stopped")]
     Gone(String),
+    #[error("static buffers: {0}")]
+    HostMem(#[from] host::HostMemError),
+    #[error("{0} does not support this yet")]
+    Unsupported(String),
 }
 
 /// One device behind the shared policy. Implementations must be cheap to query: capabilities are
@@ -83,6 +111,13 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn capabilities(&self, bytes: u64) -> Capabilities;
     /// Pins exactly the region (never rounded up). Called only when the policy said pin.
     fn pin(&self, region: &Arc<HostRegion>) -> Result<Box<dyn PinGuard>, DeviceError>;
+    /// Allocates `len` bytes of static buffers for one lease. `path` names the shared-memory file
+    /// where the device keeps them in host memory (cpu).
+    fn alloc_static(
+        &self,
+        path: &std::path::Path,
+        len: u64,
+    ) -> Result<Box<dyn StaticBuffer>, DeviceError>;
 }
 
 /// The devices of this node, `cpu` first.

@@ -207,3 +207,13 @@ pub fn model(m: &Model, include_tensors: bool) -> proto::Model {
         },
     }
 }
+
+pub fn uva_mode(m: crate::core::backend::access::UvaMode) -> proto::UvaMode {
+    use crate::core::backend::access::UvaMode as M;
+    match m {
+        M::HostMapped => proto::UvaMode::HostMapped,
+        M::Registered => proto::UvaMode::Registered,
+        M::Pageable => proto::UvaMode::Pageable,
+        M::CopyOnUse => proto::UvaMode::CopyOnUse,
+    }
+}

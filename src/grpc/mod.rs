@@ -8,6 +8,7 @@ pub mod server;
 mod service;
 mod status;
 mod trace;
+mod workers;
 
 pub use models::start_load;
 pub use service::OffloadService;

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::models::{self, ProgressStream};
 use super::status::join_error;
+use super::workers;
 use crate::core::Core;
 use crate::core::backend::BackendConfig;
 use crate::core::pools::NewPool;
@@ -185,5 +186,45 @@ impl Offload for OffloadService {
             .ok_or_else(|| Status::invalid_argument("set uva or prefetch"))?;
         let model = self.core.models.set_backend(&r.model, backend)?;
         Ok(Response::new(convert::model(&model, false)))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model, worker = %request.get_ref().worker_name))]
+    async fn attach_worker(
+        &self,
+        request: Request<proto::AttachWorkerRequest>,
+    ) -> Reply<proto::Lease> {
+        Ok(Response::new(
+            workers::attach(&self.core, request.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(lease = %request.get_ref().lease_id))]
+    async fn keep_alive(
+        &self,
+        request: Request<proto::KeepAliveRequest>,
+    ) -> Reply<proto::KeepAliveResponse> {
+        Ok(Response::new(workers::keep_alive(
+            &self.core,
+            &request.get_ref().lease_id,
+        )?))
+    }
+
+    #[tracing::instrument(skip_all, fields(lease = %request.get_ref().lease_id))]
+    async fn detach_worker(
+        &self,
+        request: Request<proto::DetachWorkerRequest>,
+    ) -> Reply<proto::DetachWorkerResponse> {
+        self.core.leases.detach(&request.get_ref().lease_id)?;
+        Ok(Response::new(proto::DetachWorkerResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(lease = %request.get_ref().lease_id, layer = request.get_ref().layer))]
+    async fn onload_to_static(
+        &self,
+        request: Request<proto::OnloadToStaticRequest>,
+    ) -> Reply<proto::OnloadToStaticResponse> {
+        Ok(Response::new(
+            workers::onload(&self.core, request.into_inner()).await?,
+        ))
     }
 }

@@ -4,8 +4,10 @@
 use tonic::{Code, Status};
 
 use crate::core::alloc::AllocError;
+use crate::core::leases::LeaseError;
 use crate::core::models::ModelError;
 use crate::core::pools::PoolError;
+use crate::device::DeviceError;
 use crate::device::host::HostMemError;
 
 fn io_code(e: &std::io::Error) -> Code {
@@ -38,45 +40,81 @@ impl From<PoolError> for Status {
 
 impl From<AllocError> for Status {
     fn from(e: AllocError) -> Self {
-        let code = match &e {
-            AllocError::Exhausted { .. } => Code::ResourceExhausted,
-            AllocError::Retired => Code::FailedPrecondition,
-            AllocError::BadAlign(_) => Code::InvalidArgument,
-            AllocError::NotAllocated { .. } => Code::Internal,
-        };
-        Status::new(code, e.to_string())
+        Status::new(alloc_code(&e), e.to_string())
+    }
+}
+
+fn alloc_code(e: &AllocError) -> Code {
+    match e {
+        AllocError::Exhausted { .. } => Code::ResourceExhausted,
+        AllocError::Retired => Code::FailedPrecondition,
+        AllocError::BadAlign(_) => Code::InvalidArgument,
+        AllocError::NotAllocated { .. } => Code::Internal,
     }
 }
 
 impl From<ModelError> for Status {
     fn from(e: ModelError) -> Self {
-        use ModelError as E;
+        if let ModelError::Alloc(a) = e {
+            return Status::from(a);
+        }
+        Status::new(model_code(&e), e.to_string())
+    }
+}
+
+fn model_code(e: &ModelError) -> Code {
+    use ModelError as E;
+    match e {
+        E::InvalidName(_)
+        | E::RelativePath(_)
+        | E::NoWeights(_)
+        | E::BadIndex { .. }
+        | E::TensorNotInShard { .. }
+        | E::DuplicateTensor { .. }
+        | E::BadFile { .. }
+        | E::BadTensorSpec { .. }
+        | E::Backend(_) => Code::InvalidArgument,
+        E::AlreadyExists(_) => Code::AlreadyExists,
+        E::NotFound(_) | E::PoolNotFound(_) | E::PathNotFound(_) | E::MissingShard { .. } => {
+            Code::NotFound
+        }
+        E::OutsideRoots { .. } | E::NoRoots => Code::PermissionDenied,
+        E::PoolFull { .. } => Code::ResourceExhausted,
+        E::InUse { .. } | E::WrongState { .. } => Code::FailedPrecondition,
+        E::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => Code::NotFound,
+            _ => io_code(source),
+        },
+        E::LoadFailed { .. } => Code::Internal,
+        E::Cancelled(_) => Code::Aborted,
+        E::Alloc(a) => alloc_code(a),
+    }
+}
+
+impl From<LeaseError> for Status {
+    fn from(e: LeaseError) -> Self {
         let code = match &e {
-            E::InvalidName(_)
-            | E::RelativePath(_)
-            | E::NoWeights(_)
-            | E::BadIndex { .. }
-            | E::TensorNotInShard { .. }
-            | E::DuplicateTensor { .. }
-            | E::BadFile { .. }
-            | E::BadTensorSpec { .. }
-            | E::Backend(_) => Code::InvalidArgument,
-            E::AlreadyExists(_) => Code::AlreadyExists,
-            E::NotFound(_) | E::PoolNotFound(_) | E::PathNotFound(_) | E::MissingShard { .. } => {
-                Code::NotFound
+            LeaseError::NotFound(_) => Code::NotFound,
+            LeaseError::Model(m) => model_code(m),
+            LeaseError::NotReady { .. } | LeaseError::NotPrefetch(_) => Code::FailedPrecondition,
+            LeaseError::LayerNotOffloaded { .. } | LeaseError::NoWorkerName => {
+                Code::InvalidArgument
             }
-            E::OutsideRoots { .. } | E::NoRoots => Code::PermissionDenied,
-            E::PoolFull { .. } => Code::ResourceExhausted,
-            E::InUse { .. } | E::WrongState { .. } => Code::FailedPrecondition,
-            E::Io { source, .. } => match source.kind() {
-                std::io::ErrorKind::NotFound => Code::NotFound,
-                _ => io_code(source),
-            },
-            E::LoadFailed { .. } => Code::Internal,
-            E::Cancelled(_) => Code::Aborted,
-            E::Alloc(a) => return Status::from(a.clone()),
+            LeaseError::Device(d) => device_code(d),
         };
         Status::new(code, e.to_string())
+    }
+}
+
+fn device_code(d: &DeviceError) -> Code {
+    match d {
+        DeviceError::Gone(_) => Code::Unavailable,
+        DeviceError::Unsupported(_) => Code::Unimplemented,
+        DeviceError::Cuda { name, .. } if name.contains("OUT_OF_MEMORY") => Code::ResourceExhausted,
+        DeviceError::HostMem(crate::device::host::HostMemError::Io { source, .. }) => {
+            io_code(source)
+        }
+        _ => Code::Internal,
     }
 }
 

@@ -2,6 +2,7 @@
 //! the device to read in place; `prefetch` copies selected layers into static device buffers
 //! ahead of use. The rules follow vLLM's `vllm/model_executor/offloader/` exactly.
 
+pub mod access;
 mod config;
 pub mod plan;
 

@@ -326,7 +326,8 @@ impl Models {
         Ok(model)
     }
 
-    /// Replaces a model's backend; refused while workers are attached.
+    /// Replaces a model's backend; refused while workers are attached. Nothing is re-read:
+    /// plans are derived from the tensor table when workers attach.
     pub fn set_backend(
         &self,
         name: &str,
@@ -335,7 +336,12 @@ impl Models {
         if let Some(w) = backend.validate()? {
             tracing::warn!(model = name, "{w}");
         }
-        let model = self.get(name)?;
+        // Under the registry lock, so an attach cannot slip in between the check and the change.
+        let map = self.lock();
+        let model = map
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ModelError::NotFound(name.to_string()))?;
         let workers = model.attached_workers();
         if workers > 0 {
             return Err(ModelError::InUse {
@@ -343,7 +349,28 @@ impl Models {
                 workers,
             });
         }
+        tracing::info!(model = name, backend = backend.kind(), "backend changed");
         *model.backend.lock().expect("backend lock") = Some(backend);
+        Ok(model)
+    }
+
+    /// Counts a new worker on a model, unless `refuse` objects. Under the registry lock, so it
+    /// cannot race UnregisterModel or SetBackend.
+    pub fn attach<E: From<ModelError>>(
+        &self,
+        name: &str,
+        refuse: impl FnOnce(&Model) -> Option<E>,
+    ) -> Result<Arc<Model>, E> {
+        let map = self.lock();
+        let model = map
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ModelError::NotFound(name.to_string()))?;
+        if let Some(e) = refuse(&model) {
+            return Err(e);
+        }
+        model.attached.fetch_add(1, Ordering::AcqRel);
+        model.touch();
         Ok(model)
     }
 

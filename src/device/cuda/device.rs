@@ -6,7 +6,7 @@ use cudarc::driver::sys;
 
 use super::driver::DriverThread;
 use crate::device::host::HostRegion;
-use crate::device::{Capabilities, Device, DeviceError, DeviceInfo, PinGuard};
+use crate::device::{Capabilities, Device, DeviceError, DeviceInfo, PinGuard, StaticBuffer};
 
 /// cuMemHostRegister flags: visible to every context (PORTABLE) and mapped into the device
 /// address space (DEVICEMAP) so uva workers can get a device pointer.
@@ -90,6 +90,17 @@ impl Device for CudaDevice {
             region: Arc::clone(region),
             driver: Arc::clone(&self.driver),
         }))
+    }
+
+    fn alloc_static(
+        &self,
+        _path: &std::path::Path,
+        _len: u64,
+    ) -> Result<Box<dyn StaticBuffer>, DeviceError> {
+        Err(DeviceError::Unsupported(format!(
+            "{}: prefetch static buffers on CUDA (the CUDA data plane)",
+            self.info.id
+        )))
     }
 }
 

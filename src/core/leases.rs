@@ -1,0 +1,329 @@
+//! Worker leases: what a worker in another process holds while it uses a model. A lease pins
+//! the model (it cannot be unregistered or re-planned), owns the prefetch static buffers, and
+//! ends on DetachWorker or when its time-to-live passes without a KeepAlive.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::Notify;
+
+use super::alloc::MIN_ALIGN;
+use super::backend::BackendConfig;
+use super::backend::access::{UvaMode, uva_mode};
+use super::backend::plan::{self, Placement, Plan};
+use super::models::model::{Model, TensorEntry};
+use super::models::{ModelError, Models};
+use super::pin_policy::PinDecision;
+use crate::device::{CopyOp, DeviceError, StaticBuffer};
+
+/// Static buffer files live beside the pools and are swept with them after a crash.
+pub const STATIC_FILE_PREFIX: &str = "offloadd-static-";
+
+#[derive(Debug, Error)]
+pub enum LeaseError {
+    #[error("lease {0:?} not found (expired or detached); attach again")]
+    NotFound(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("model {name:?} is {state}; wait for READY (WatchModel) before attaching")]
+    NotReady { name: String, state: &'static str },
+    #[error(
+        "model {0:?} has no prefetch backend; OnloadToStatic needs one (SetBackend with prefetch)"
+    )]
+    NotPrefetch(String),
+    #[error(
+        "layer {layer} of model {model:?} is not offloaded; offloaded layers are {offloaded:?}"
+    )]
+    LayerNotOffloaded {
+        model: String,
+        layer: u32,
+        offloaded: Vec<u32>,
+    },
+    #[error("worker_name must not be empty")]
+    NoWorkerName,
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+/// Where one tensor's static copy lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticSlot {
+    pub offset: u64,
+}
+
+#[derive(Debug)]
+pub struct Lease {
+    pub id: String,
+    pub worker_name: String,
+    pub model: Arc<Model>,
+    pub ttl: Duration,
+    pub backend: Option<BackendConfig>,
+    pub pin: PinDecision,
+    pub pinned: bool,
+    pub uva_mode: UvaMode,
+    pub tensors: Vec<TensorEntry>,
+    pub plan: Plan,
+    /// Per tensor, its slot in `statics` (PREFETCH tensors only).
+    pub static_slots: Vec<Option<StaticSlot>>,
+    pub statics: Option<Box<dyn StaticBuffer>>,
+    /// Per offloaded layer index k, the copies that onload it.
+    onload_ops: HashMap<u32, Vec<CopyOp>>,
+    expires: Mutex<Instant>,
+}
+
+impl Lease {
+    pub fn renew(&self) -> Instant {
+        let mut e = self.expires.lock().expect("lease lock");
+        *e = Instant::now() + self.ttl;
+        *e
+    }
+
+    pub fn expires(&self) -> Instant {
+        *self.expires.lock().expect("lease lock")
+    }
+
+    /// Copies a model layer into its static slot; returns the bytes copied. Blocking.
+    pub fn onload(&self, layer: u32) -> Result<u64, LeaseError> {
+        let Some(pf) = &self.plan.prefetch else {
+            return Err(LeaseError::NotPrefetch(self.model.name.clone()));
+        };
+        let ops = self
+            .onload_ops
+            .get(&layer)
+            .ok_or_else(|| LeaseError::LayerNotOffloaded {
+                model: self.model.name.clone(),
+                layer,
+                offloaded: pf.offloaded_layers.clone(),
+            })?;
+        let statics = self
+            .statics
+            .as_ref()
+            .expect("prefetch leases have static buffers");
+        statics.copy_from(self.model.pool().region(), ops)?;
+        Ok(ops.iter().map(|o| o.len).sum())
+    }
+
+    pub fn onload_bytes(&self, layer: u32) -> u64 {
+        self.onload_ops
+            .get(&layer)
+            .map_or(0, |ops| ops.iter().map(|o| o.len).sum())
+    }
+}
+
+/// Why a lease ended, for the log.
+#[derive(Debug, Clone, Copy)]
+pub enum EndReason {
+    Detached,
+    Expired,
+}
+
+pub struct LeasesParams {
+    pub default_ttl: Duration,
+    pub static_dir: PathBuf,
+    pub disable_uva: bool,
+}
+
+pub struct Leases {
+    params: LeasesParams,
+    map: Mutex<HashMap<String, Arc<Lease>>>,
+    changed: Notify,
+}
+
+impl std::fmt::Debug for Leases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leases").finish_non_exhaustive()
+    }
+}
+
+/// What a worker asks for.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub model: String,
+    pub worker_name: String,
+    pub ttl: Option<Duration>,
+}
+
+impl Leases {
+    pub fn new(params: LeasesParams) -> Self {
+        Self {
+            params,
+            map: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Grants a lease: plans the model's backend and allocates the static buffers. Blocking.
+    pub fn attach(&self, models: &Models, req: &AttachRequest) -> Result<Arc<Lease>, LeaseError> {
+        if req.worker_name.is_empty() {
+            return Err(LeaseError::NoWorkerName);
+        }
+        let model = models.attach(&req.model, |m| {
+            let state = m.state();
+            (state != super::models::model::ModelState::Ready).then(|| LeaseError::NotReady {
+                name: m.name.clone(),
+                state: super::models::state_name(state),
+            })
+        })?;
+        match self.build(model.clone(), req) {
+            Ok(lease) => {
+                let lease = Arc::new(lease);
+                self.map
+                    .lock()
+                    .expect("leases lock")
+                    .insert(lease.id.clone(), Arc::clone(&lease));
+                self.changed.notify_one();
+                tracing::info!(lease = %lease.id, worker = %lease.worker_name, model = %model.name, ttl_ms = lease.ttl.as_millis() as u64, "worker attached");
+                Ok(lease)
+            }
+            Err(e) => {
+                model.attached.fetch_sub(1, Ordering::AcqRel);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&self, model: Arc<Model>, req: &AttachRequest) -> Result<Lease, LeaseError> {
+        let backend = model.backend();
+        let tensors = model.tensors();
+        let plan = plan::plan(backend.as_ref(), &tensors);
+        let pool = model.pool();
+        let id = new_lease_id();
+        let mut static_slots = vec![None; tensors.len()];
+        let mut onload_ops: HashMap<u32, Vec<CopyOp>> = HashMap::new();
+        let mut statics = None;
+        if let Some(pf) = &plan.prefetch {
+            // Layout: slot-major, each (key, slot) buffer 256-byte aligned.
+            let mut key_offsets = Vec::with_capacity(pf.keys.len());
+            let mut slot_len = 0u64;
+            for k in &pf.keys {
+                key_offsets.push(slot_len);
+                slot_len += k.len.max(1).div_ceil(MIN_ALIGN) * MIN_ALIGN;
+            }
+            let total = slot_len * pf.slots as u64;
+            for (i, p) in plan.placements.iter().enumerate() {
+                if let Placement::Prefetch { key, slot } = *p {
+                    let offset = slot as u64 * slot_len + key_offsets[key];
+                    static_slots[i] = Some(StaticSlot { offset });
+                    let layer = tensors[i].layer.expect("prefetch tensors have a layer");
+                    onload_ops.entry(layer).or_default().push(CopyOp {
+                        src_offset: tensors[i].offset,
+                        dst_offset: offset,
+                        len: tensors[i].len,
+                    });
+                }
+            }
+            let path = self
+                .params
+                .static_dir
+                .join(format!("{STATIC_FILE_PREFIX}{id}"));
+            statics = Some(pool.device.alloc_static(&path, total)?);
+        }
+        let pinned = pool.pinned();
+        Ok(Lease {
+            ttl: req.ttl.unwrap_or(self.params.default_ttl),
+            worker_name: req.worker_name.clone(),
+            backend,
+            pin: pool.decision.clone(),
+            pinned,
+            uva_mode: uva_mode(pool.device.info(), pinned, self.params.disable_uva),
+            static_slots,
+            statics,
+            onload_ops,
+            expires: Mutex::new(Instant::now() + req.ttl.unwrap_or(self.params.default_ttl)),
+            tensors,
+            plan,
+            model,
+            id,
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Lease>, LeaseError> {
+        self.map
+            .lock()
+            .expect("leases lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| LeaseError::NotFound(id.to_string()))
+    }
+
+    pub fn keep_alive(&self, id: &str) -> Result<Arc<Lease>, LeaseError> {
+        let lease = self.get(id)?;
+        lease.renew();
+        self.changed.notify_one();
+        Ok(lease)
+    }
+
+    pub fn detach(&self, id: &str) -> Result<(), LeaseError> {
+        let lease = self
+            .map
+            .lock()
+            .expect("leases lock")
+            .remove(id)
+            .ok_or_else(|| LeaseError::NotFound(id.to_string()))?;
+        end(lease, EndReason::Detached);
+        Ok(())
+    }
+
+    /// Ends every lease whose time-to-live has passed; returns when the next one is due.
+    pub fn reap(&self, now: Instant) -> Option<Instant> {
+        let expired: Vec<Arc<Lease>> = {
+            let mut map = self.map.lock().expect("leases lock");
+            let ids: Vec<String> = map
+                .values()
+                .filter(|l| l.expires() <= now)
+                .map(|l| l.id.clone())
+                .collect();
+            ids.iter().filter_map(|id| map.remove(id)).collect()
+        };
+        for lease in expired {
+            end(lease, EndReason::Expired);
+        }
+        self.map
+            .lock()
+            .expect("leases lock")
+            .values()
+            .map(|l| l.expires())
+            .min()
+    }
+
+    /// Reaps expired leases until the daemon stops. Sleeps until the next expiry, and wakes
+    /// early when a lease is added or renewed.
+    pub async fn run_reaper(self: Arc<Self>) {
+        loop {
+            let next = self.reap(Instant::now());
+            let wait = next.map_or(Duration::from_secs(3600), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.changed.notified() => {}
+            }
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.map.lock().expect("leases lock").len()
+    }
+}
+
+fn end(lease: Arc<Lease>, why: EndReason) {
+    lease.model.attached.fetch_sub(1, Ordering::AcqRel);
+    lease.model.touch();
+    tracing::info!(lease = %lease.id, worker = %lease.worker_name, model = %lease.model.name, reason = ?why, "lease ended");
+    // Static buffers are freed with the last reference (an onload in flight may still hold it).
+}
+
+fn new_lease_id() -> String {
+    let mut b = [0u8; 12];
+    if rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        b[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,142 @@
+//! Worker handlers: leases and onload-to-static.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+
+use super::convert;
+use super::status::join_error;
+use crate::core::Core;
+use crate::core::backend::plan::Placement;
+use crate::core::leases::{AttachRequest, Lease};
+use crate::proto;
+
+/// Layers at most this large are copied on the async runtime: a thread hop costs more than the
+/// copy. Larger ones go to a blocking thread.
+const INLINE_COPY_BYTES: u64 = 1 << 20;
+
+pub async fn attach(
+    core: &Arc<Core>,
+    r: proto::AttachWorkerRequest,
+) -> Result<proto::Lease, Status> {
+    let req = AttachRequest {
+        model: r.model,
+        worker_name: r.worker_name,
+        ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
+    };
+    let c = Arc::clone(core);
+    let lease = tokio::task::spawn_blocking(move || c.leases.attach(&c.models, &req))
+        .await
+        .map_err(join_error)??;
+    Ok(lease_proto(&lease))
+}
+
+pub fn keep_alive(core: &Core, id: &str) -> Result<proto::KeepAliveResponse, Status> {
+    let lease = core.leases.keep_alive(id)?;
+    Ok(proto::KeepAliveResponse {
+        expires_in_ms: lease
+            .expires()
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64,
+    })
+}
+
+pub async fn onload(
+    core: &Core,
+    r: proto::OnloadToStaticRequest,
+) -> Result<proto::OnloadToStaticResponse, Status> {
+    let lease = core.leases.get(&r.lease_id)?;
+    let layer = r.layer;
+    let bytes = if lease.onload_bytes(layer) <= INLINE_COPY_BYTES {
+        lease.onload(layer)?
+    } else {
+        let l = Arc::clone(&lease);
+        tokio::task::spawn_blocking(move || l.onload(layer))
+            .await
+            .map_err(join_error)??
+    };
+    let slot = lease
+        .plan
+        .prefetch
+        .as_ref()
+        .and_then(|pf| {
+            pf.offloaded_layers
+                .iter()
+                .position(|&l| l == layer)
+                .map(|k| k % pf.slots.max(1))
+        })
+        .unwrap_or(0) as u32;
+    Ok(proto::OnloadToStaticResponse { bytes, slot })
+}
+
+fn lease_proto(l: &Lease) -> proto::Lease {
+    let pool = l.model.pool();
+    let device = pool.device.info().id.clone();
+    let mut segments = vec![proto::Segment {
+        path: pool.path().display().to_string(),
+        size_bytes: pool.size_bytes,
+        kind: proto::SegmentKind::Pool as i32,
+        device: device.clone(),
+        ipc_handle: Vec::new(),
+    }];
+    let static_segment = l.statics.as_ref().map(|s| {
+        segments.push(proto::Segment {
+            path: s
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            size_bytes: s.len(),
+            kind: proto::SegmentKind::Static as i32,
+            device: device.clone(),
+            ipc_handle: s.ipc_handle(),
+        });
+        (segments.len() - 1) as i32
+    });
+    let tensors = l
+        .tensors
+        .iter()
+        .zip(&l.plan.placements)
+        .zip(&l.static_slots)
+        .map(|((t, p), slot)| {
+            let info = convert::tensor(t);
+            proto::LeaseTensor {
+                placement: match p {
+                    Placement::Device => proto::Placement::Device,
+                    Placement::Uva => proto::Placement::Uva,
+                    Placement::Prefetch { .. } => proto::Placement::Prefetch,
+                } as i32,
+                segment: 0,
+                offset: t.offset,
+                length: t.len,
+                static_segment: if slot.is_some() {
+                    static_segment.unwrap_or(-1)
+                } else {
+                    -1
+                },
+                static_offset: slot.map_or(0, |s| s.offset),
+                name: info.name,
+                dtype: info.dtype,
+                shape: info.shape,
+                strides: info.strides,
+                layer: info.layer,
+                crc32c: info.crc32c,
+            }
+        })
+        .collect();
+    let pf = l.plan.prefetch.as_ref();
+    proto::Lease {
+        lease_id: l.id.clone(),
+        ttl_ms: l.ttl.as_millis() as u64,
+        pinned: l.pinned,
+        pin_reason: l.pin.reason.to_string(),
+        backend: l.backend.as_ref().map(convert::backend),
+        segments,
+        tensors,
+        prefetch_next: pf.map(|p| p.next.clone()).unwrap_or_default(),
+        offloaded_layers: pf.map(|p| p.offloaded_layers.clone()).unwrap_or_default(),
+        prefetch_slots: pf.map_or(0, |p| p.slots as u32),
+        uva_mode: convert::uva_mode(l.uva_mode) as i32,
+        model: l.model.name.clone(),
+    }
+}

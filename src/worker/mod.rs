@@ -1,0 +1,228 @@
+//! The reference worker: what an inference worker in another process does with a lease.
+//! Connect, attach, map the segments, read tensors in place, onload prefetch layers into static
+//! slots, keep the lease alive, detach. It follows the lease's pin decision: it locks its own
+//! mapping of the pool only when the decision is to pin.
+
+mod mapping;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use thiserror::Error;
+use tonic::transport::Channel;
+
+pub use mapping::SegmentMap;
+
+use crate::proto::offload_client::OffloadClient;
+use crate::proto::{
+    AttachWorkerRequest, DetachWorkerRequest, KeepAliveRequest, Lease, LeaseTensor,
+    OnloadToStaticRequest, OnloadToStaticResponse, Placement, SegmentKind,
+};
+
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error("rpc: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("mapping segment {path}: {source}")]
+    Map {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("segment {0} has no file to map (CUDA static buffers need a CUDA worker)")]
+    NotMappable(usize),
+    #[error("tensor {0:?} is not in the lease")]
+    NoSuchTensor(String),
+    #[error("tensor {name:?}: bytes out of the segment's bounds")]
+    OutOfBounds { name: String },
+    #[error("tensor {name:?} ({where_}): crc32c {got:#010x}, expected {want:#010x}")]
+    Checksum {
+        name: String,
+        where_: &'static str,
+        want: u32,
+        got: u32,
+    },
+}
+
+/// An attached worker.
+pub struct Worker {
+    client: OffloadClient<Channel>,
+    pub lease: Lease,
+    maps: Vec<Option<SegmentMap>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Worker {
+    /// Attaches to `model` and maps every segment the lease names.
+    pub async fn attach(
+        channel: Channel,
+        model: &str,
+        worker_name: &str,
+        ttl_ms: u64,
+    ) -> Result<Self, WorkerError> {
+        let mut client = OffloadClient::new(channel);
+        let lease = client
+            .attach_worker(AttachWorkerRequest {
+                model: model.to_string(),
+                worker_name: worker_name.to_string(),
+                ttl_ms,
+            })
+            .await?
+            .into_inner();
+        let mut maps = Vec::with_capacity(lease.segments.len());
+        for seg in &lease.segments {
+            if seg.path.is_empty() {
+                maps.push(None);
+                continue;
+            }
+            let mut m =
+                SegmentMap::open(Path::new(&seg.path)).map_err(|source| WorkerError::Map {
+                    path: seg.path.clone(),
+                    source,
+                })?;
+            // The shared decision travels with the lease: pin (lock our view of the pool) only
+            // when the daemon's policy said so, never otherwise.
+            if lease.pinned && seg.kind() == SegmentKind::Pool {
+                m.lock().map_err(|source| WorkerError::Map {
+                    path: seg.path.clone(),
+                    source,
+                })?;
+            }
+            maps.push(Some(m));
+        }
+        let by_name = lease
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            client,
+            lease,
+            maps,
+            by_name,
+        })
+    }
+
+    pub fn tensors(&self) -> &[LeaseTensor] {
+        &self.lease.tensors
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<&LeaseTensor, WorkerError> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.lease.tensors[i])
+            .ok_or_else(|| WorkerError::NoSuchTensor(name.to_string()))
+    }
+
+    /// Whether this worker locked its mapping of the pool (it does exactly when the lease says
+    /// pinned).
+    pub fn locked_pool(&self) -> bool {
+        self.maps.iter().flatten().any(SegmentMap::is_locked)
+    }
+
+    fn segment(&self, i: usize) -> Result<&SegmentMap, WorkerError> {
+        self.maps
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or(WorkerError::NotMappable(i))
+    }
+
+    /// The tensor's host copy, read in place from the pool mapping (no copy).
+    pub fn host_bytes(&self, t: &LeaseTensor) -> Result<&[u8], WorkerError> {
+        self.segment(t.segment as usize)?
+            .bytes(t.offset, t.length)
+            .ok_or_else(|| WorkerError::OutOfBounds {
+                name: t.name.clone(),
+            })
+    }
+
+    /// The tensor's static slot (PREFETCH tensors).
+    pub fn static_bytes(&self, t: &LeaseTensor) -> Result<&[u8], WorkerError> {
+        let seg = usize::try_from(t.static_segment)
+            .map_err(|_| WorkerError::NoSuchTensor(t.name.clone()))?;
+        self.segment(seg)?
+            .bytes(t.static_offset, t.length)
+            .ok_or_else(|| WorkerError::OutOfBounds {
+                name: t.name.clone(),
+            })
+    }
+
+    /// Checks bytes against the checksum the daemon computed from the checkpoint.
+    pub fn verify(t: &LeaseTensor, bytes: &[u8], where_: &'static str) -> Result<(), WorkerError> {
+        let got = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32;
+        if got != t.crc32c {
+            return Err(WorkerError::Checksum {
+                name: t.name.clone(),
+                where_,
+                want: t.crc32c,
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    /// Tensors of a model layer with the given placement.
+    pub fn layer_tensors(
+        &self,
+        layer: u32,
+        placement: Placement,
+    ) -> impl Iterator<Item = &LeaseTensor> {
+        self.lease
+            .tensors
+            .iter()
+            .filter(move |t| t.layer == layer as i32 && t.placement() == placement)
+    }
+
+    pub async fn onload(&mut self, layer: u32) -> Result<OnloadToStaticResponse, WorkerError> {
+        Ok(self
+            .client
+            .onload_to_static(OnloadToStaticRequest {
+                lease_id: self.lease.lease_id.clone(),
+                layer,
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn keep_alive(&mut self) -> Result<u64, WorkerError> {
+        Ok(self
+            .client
+            .keep_alive(KeepAliveRequest {
+                lease_id: self.lease.lease_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .expires_in_ms)
+    }
+
+    /// Renews the lease every `every` in the background until the task is dropped/aborted.
+    pub fn spawn_keep_alive(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let mut client = self.client.clone();
+        let lease_id = self.lease.lease_id.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if client
+                    .keep_alive(KeepAliveRequest {
+                        lease_id: lease_id.clone(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    }
+
+    pub async fn detach(mut self) -> Result<(), WorkerError> {
+        self.client
+            .detach_worker(DetachWorkerRequest {
+                lease_id: self.lease.lease_id.clone(),
+            })
+            .await?;
+        Ok(())
+    }
+}

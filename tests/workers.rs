@@ -1,0 +1,597 @@
+//! Workers in other processes: the reference worker binary attaches over the Unix socket, maps
+//! the pool, onloads prefetch layers and verifies every byte, against the real daemon.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::{DEADLINE, Daemon, DaemonBuilder, Scratch, ckpt};
+use offloadd::proto::offload_client::OffloadClient;
+use offloadd::proto::{
+    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, GetModelRequest, GetPoolRequest,
+    OnloadToStaticRequest, Placement, PrefetchConfig, RegisterModelRequest, SetBackendRequest,
+    UnregisterModelRequest, UvaConfig, UvaMode, register_model_request, set_backend_request,
+};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_offloadd-worker");
+const LAYERS: u32 = 5;
+
+struct Fixture {
+    s: Scratch,
+    d: Daemon,
+    c: OffloadClient<Channel>,
+    ckpt: PathBuf,
+}
+
+async fn fixture(builder: impl FnOnce(DaemonBuilder<'_>) -> DaemonBuilder<'_>) -> Fixture {
+    let s = Scratch::new();
+    let root = s.models();
+    let ckpt = root.join("m.safetensors");
+    ckpt::write_file(&ckpt, &ckpt::llama(LAYERS, 128, 256));
+    let d = builder(DaemonBuilder::new(&s).roots(&[&root]))
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    c.create_pool(CreatePoolRequest {
+        name: "p".into(),
+        device: "cpu".into(),
+        size_bytes: 8 << 20,
+    })
+    .await
+    .unwrap();
+    Fixture { s, d, c, ckpt }
+}
+
+async fn register(
+    c: &mut OffloadClient<Channel>,
+    name: &str,
+    path: &Path,
+    backend: Option<register_model_request::Backend>,
+) {
+    c.register_model(RegisterModelRequest {
+        name: name.into(),
+        pool: "p".into(),
+        path: path.display().to_string(),
+        wait: true,
+        backend,
+    })
+    .await
+    .unwrap();
+}
+
+fn prefetch(g: u32, n: u32, step: u32) -> PrefetchConfig {
+    PrefetchConfig {
+        group_size: g,
+        num_in_group: n,
+        prefetch_step: step,
+        params: vec![],
+    }
+}
+
+struct WorkerProc {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl WorkerProc {
+    fn spawn(d: &Daemon, model: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(WORKER)
+            .arg("--uds")
+            .arg(&d.uds)
+            .args(["--model", model])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn worker");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines }
+    }
+
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(DEADLINE, self.lines.next_line())
+            .await
+            .expect("worker output in time")
+            .unwrap();
+        serde_json::from_str(&line.expect("worker printed a line")).unwrap()
+    }
+
+    /// Runs to completion; returns the "done" line.
+    async fn finish(mut self) -> Value {
+        let attached = self.next().await;
+        assert_eq!(attached["event"], "attached", "{attached}");
+        self.wait_done().await
+    }
+
+    /// After "attached" was read: waits for "done" and a clean exit.
+    async fn wait_done(mut self) -> Value {
+        let done = self.next().await;
+        assert_eq!(done["event"], "done", "{done}");
+        let status = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success());
+        done
+    }
+}
+
+async fn attached_workers(c: &mut OffloadClient<Channel>, model: &str) -> u32 {
+    c.get_model(GetModelRequest {
+        name: model.into(),
+        include_tensors: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .attached_workers
+}
+
+#[tokio::test]
+async fn uva_worker_reads_weights_in_place_and_matches_the_checkpoint() {
+    let mut f = fixture(|b| b).await;
+    let uva = UvaConfig {
+        cpu_offload_bytes: 100_000,
+        params: vec![],
+    };
+    register(
+        &mut f.c,
+        "m",
+        &f.ckpt,
+        Some(register_model_request::Backend::Uva(uva)),
+    )
+    .await;
+    let lease =
+        f.c.attach_worker(AttachWorkerRequest {
+            model: "m".into(),
+            worker_name: "probe".into(),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.uva_mode(), UvaMode::HostMapped);
+    assert_eq!(lease.ttl_ms, 10_000, "0 means the configured default");
+    assert_eq!(lease.segments.len(), 1, "uva needs no static buffers");
+    let uva_bytes: u64 = lease
+        .tensors
+        .iter()
+        .filter(|t| t.placement() == Placement::Uva)
+        .map(|t| t.length)
+        .sum();
+    assert!(
+        (100_000..100_000 + 2 * 128 * 128 * 2).contains(&uva_bytes),
+        "budget walk stops past the budget: {uva_bytes}"
+    );
+    assert!(
+        lease
+            .tensors
+            .iter()
+            .any(|t| t.placement() == Placement::Device)
+    );
+    f.c.detach_worker(DetachWorkerRequest {
+        lease_id: lease.lease_id,
+    })
+    .await
+    .unwrap();
+
+    let done = WorkerProc::spawn(
+        &f.d,
+        "m",
+        &["--passes", "2", "--checkpoint", f.ckpt.to_str().unwrap()],
+    )
+    .finish()
+    .await;
+    // embeddings, 9 tensors per layer, final norm, lm_head
+    assert_eq!(
+        done["checkpoint_tensors_matched"].as_u64().unwrap() as usize,
+        1 + 9 * LAYERS as usize + 2
+    );
+    assert_eq!(done["onloads"], 0);
+    assert_eq!(
+        attached_workers(&mut f.c, "m").await,
+        0,
+        "detached at the end"
+    );
+    assert!(f.d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn prefetch_workers_verify_every_slot_over_several_passes() {
+    // (group_size, num_in_group, prefetch_step): includes n % step != 0 (5 layers, step 2 and 3),
+    // a step larger than n, and prefetch_step < num_in_group.
+    let triples = [
+        (1, 1, 1),
+        (1, 1, 2),
+        (1, 1, 3),
+        (2, 1, 1),
+        (2, 2, 2),
+        (4, 3, 1),
+        (1, 1, 8),
+    ];
+    let mut f = fixture(|b| b).await;
+    for (i, (g, n, step)) in triples.into_iter().enumerate() {
+        let name = format!("m{i}");
+        register(
+            &mut f.c,
+            &name,
+            &f.ckpt,
+            Some(register_model_request::Backend::Prefetch(prefetch(
+                g, n, step,
+            ))),
+        )
+        .await;
+        let mut w = WorkerProc::spawn(
+            &f.d,
+            &name,
+            &["--passes", "3", "--checkpoint", f.ckpt.to_str().unwrap()],
+        );
+        let attached = w.next().await;
+        assert_eq!(attached["event"], "attached");
+        let done = w.next().await;
+        assert_eq!(done["event"], "done", "({g},{n},{step}): {done}");
+        let offloaded = (0..LAYERS).filter(|l| l % g >= g - n).count() as u64;
+        let slots = offloaded.min(step as u64);
+        assert_eq!(
+            done["onloads"].as_u64().unwrap(),
+            slots + 3 * offloaded,
+            "({g},{n},{step})"
+        );
+        assert!(w.child.wait().await.unwrap().success());
+    }
+    assert!(
+        f.d.logs().contains("prefetch_step 1 < num_in_group 3"),
+        "the wasteful triple was warned about"
+    );
+    assert!(f.d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn lease_table_matches_vllm_for_five_layers_step_two() {
+    let mut f = fixture(|b| b).await;
+    register(
+        &mut f.c,
+        "m",
+        &f.ckpt,
+        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
+    )
+    .await;
+    let lease =
+        f.c.attach_worker(AttachWorkerRequest {
+            model: "m".into(),
+            worker_name: "t".into(),
+            ttl_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.offloaded_layers, [0, 1, 2, 3, 4]);
+    assert_eq!(lease.prefetch_next, [2, 3, 4, 1, 0]);
+    assert_eq!(lease.prefetch_slots, 2);
+    assert_eq!(
+        lease.segments[1].kind(),
+        offloadd::proto::SegmentKind::Static
+    );
+    assert!(Path::new(&lease.segments[1].path).exists());
+    // Same parameter in layers k and k+2 share a buffer; k and k+1 do not.
+    let slot_of = |layer: u32| {
+        lease
+            .tensors
+            .iter()
+            .find(|t| t.layer == layer as i32 && t.name.ends_with("mlp.up_proj.weight"))
+            .unwrap()
+            .static_offset
+    };
+    assert_eq!(slot_of(0), slot_of(2));
+    assert_ne!(slot_of(0), slot_of(1));
+
+    // OnloadToStatic errors.
+    let err =
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id: lease.lease_id.clone(),
+            layer: 9,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("[0, 1, 2, 3, 4]"),
+        "{}",
+        err.message()
+    );
+    let err =
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id: "nope".into(),
+            layer: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let r =
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id: lease.lease_id.clone(),
+            layer: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.slot, 1);
+    assert!(r.bytes > 0);
+    f.c.detach_worker(DetachWorkerRequest {
+        lease_id: lease.lease_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        !Path::new(&lease.segments[1].path).exists(),
+        "static buffers freed on detach"
+    );
+    let err =
+        f.c.detach_worker(DetachWorkerRequest {
+            lease_id: lease.lease_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    register(
+        &mut f.c,
+        "u",
+        &f.ckpt,
+        Some(register_model_request::Backend::Uva(UvaConfig {
+            cpu_offload_bytes: 1,
+            params: vec![],
+        })),
+    )
+    .await;
+    let lease =
+        f.c.attach_worker(AttachWorkerRequest {
+            model: "u".into(),
+            worker_name: "t".into(),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err =
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id: lease.lease_id,
+            layer: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "uva model");
+    assert!(f.d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn two_workers_share_one_host_copy() {
+    let mut f = fixture(|b| b).await;
+    register(
+        &mut f.c,
+        "m",
+        &f.ckpt,
+        Some(register_model_request::Backend::Prefetch(prefetch(2, 1, 1))),
+    )
+    .await;
+    let used = |c: &mut OffloadClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.get_pool(GetPoolRequest { name: "p".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .used_bytes
+        }
+    };
+    let before = used(&mut f.c).await;
+    let mut a = WorkerProc::spawn(&f.d, "m", &["--hold"]);
+    assert_eq!(a.next().await["event"], "attached");
+    assert_eq!(
+        used(&mut f.c).await,
+        before,
+        "attaching copies nothing into the pool"
+    );
+    let b = WorkerProc::spawn(&f.d, "m", &["--passes", "4"]);
+    let c = WorkerProc::spawn(&f.d, "m", &["--passes", "4"]);
+    let (db, dc) = tokio::join!(b.finish(), c.finish());
+    assert!(
+        db["tensors_verified"].as_u64().unwrap() > 0
+            && dc["tensors_verified"].as_u64().unwrap() > 0
+    );
+    assert_eq!(
+        used(&mut f.c).await,
+        before,
+        "one host copy for every worker"
+    );
+    assert_eq!(attached_workers(&mut f.c, "m").await, 1);
+    a.child.kill().await.unwrap();
+    assert!(f.d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn killed_worker_is_reaped_and_others_keep_going() {
+    let mut f = fixture(|b| b).await;
+    register(
+        &mut f.c,
+        "m",
+        &f.ckpt,
+        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
+    )
+    .await;
+    // A worker that holds a 300 ms lease, and one busy in its forward loop.
+    let mut held = WorkerProc::spawn(
+        &f.d,
+        "m",
+        &["--hold", "--ttl-ms", "300", "--name", "victim"],
+    );
+    let attached = held.next().await;
+    let lease_id = attached["lease_id"].as_str().unwrap().to_string();
+    let mut busy = WorkerProc::spawn(
+        &f.d,
+        "m",
+        &[
+            "--passes",
+            "200",
+            "--name",
+            "busy-victim",
+            "--ttl-ms",
+            "300",
+        ],
+    );
+    assert_eq!(busy.next().await["event"], "attached");
+    let mut survivor = WorkerProc::spawn(&f.d, "m", &["--passes", "20", "--name", "survivor"]);
+    assert_eq!(survivor.next().await["event"], "attached");
+    assert_eq!(attached_workers(&mut f.c, "m").await, 3);
+
+    held.child.kill().await.unwrap();
+    busy.child.kill().await.unwrap();
+    for name in ["victim", "busy-victim"] {
+        let ended =
+            f.d.wait_for_log(|v| v["message"] == "lease ended" && v["worker"] == name)
+                .await;
+        assert_eq!(ended["reason"], "Expired", "{ended}");
+    }
+    let err =
+        f.c.onload_to_static(OnloadToStaticRequest { lease_id, layer: 0 })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "the reaped lease is gone");
+    let done = survivor.wait_done().await;
+    assert_eq!(done["passes"], 20);
+    let statics: Vec<_> = std::fs::read_dir(f.s.pools_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("offloadd-static-")
+        })
+        .collect();
+    assert!(
+        statics.is_empty(),
+        "static buffers of reaped and detached leases are freed: {statics:?}"
+    );
+    assert_eq!(attached_workers(&mut f.c, "m").await, 0);
+
+    // A restarted worker attaches cleanly to the same model.
+    let again = WorkerProc::spawn(
+        &f.d,
+        "m",
+        &["--passes", "2", "--checkpoint", f.ckpt.to_str().unwrap()],
+    )
+    .finish()
+    .await;
+    assert_eq!(again["passes"], 2);
+    assert!(f.d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn attached_models_cannot_be_unregistered_or_replanned() {
+    let mut f = fixture(|b| b).await;
+    register(
+        &mut f.c,
+        "m",
+        &f.ckpt,
+        Some(register_model_request::Backend::Uva(UvaConfig {
+            cpu_offload_bytes: 1 << 20,
+            params: vec![],
+        })),
+    )
+    .await;
+    let mut w = WorkerProc::spawn(&f.d, "m", &["--hold", "--ttl-ms", "300"]);
+    assert_eq!(w.next().await["event"], "attached");
+    let err =
+        f.c.unregister_model(UnregisterModelRequest { name: "m".into() })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("detach"), "{}", err.message());
+    let err =
+        f.c.set_backend(SetBackendRequest {
+            model: "m".into(),
+            backend: Some(set_backend_request::Backend::Prefetch(prefetch(1, 1, 1))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    w.child.kill().await.unwrap();
+    drop(w);
+
+    // Once the killed worker's lease has expired, switch uva -> prefetch and re-attach: the
+    // plan changes without re-reading the checkpoint.
+    let ended =
+        f.d.wait_for_log(|v| v["message"] == "lease ended" && v["worker"] == "offloadd-worker")
+            .await;
+    assert_eq!(ended["reason"], "Expired");
+    let reads_before = f.d.logs().matches("registering model").count();
+    let m =
+        f.c.set_backend(SetBackendRequest {
+            model: "m".into(),
+            backend: Some(set_backend_request::Backend::Prefetch(prefetch(1, 1, 2))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        m.backend.unwrap().kind,
+        Some(offloadd::proto::backend::Kind::Prefetch(_))
+    ));
+    let done = WorkerProc::spawn(&f.d, "m", &["--passes", "2"])
+        .finish()
+        .await;
+    assert_eq!(done["onloads"].as_u64().unwrap(), 2 + 2 * LAYERS as u64);
+    assert_eq!(
+        f.d.logs().matches("registering model").count(),
+        reads_before,
+        "no checkpoint re-read"
+    );
+    assert!(f.d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn the_pin_decision_travels_to_the_worker() {
+    for disable in [false, true] {
+        let f = fixture(|b| {
+            if disable {
+                b.env("VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY", "1")
+            } else {
+                b
+            }
+        })
+        .await;
+        let mut c = f.c.clone();
+        register(&mut c, "m", &f.ckpt, None).await;
+        let pool = c
+            .get_pool(GetPoolRequest { name: "p".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut w = WorkerProc::spawn(&f.d, "m", &["--hold"]);
+        let a = w.next().await;
+        assert_eq!(a["pinned"], !disable);
+        assert_eq!(a["locked_pool"], !disable);
+        let locked = a["vm_lck_bytes"].as_u64().unwrap();
+        if disable {
+            assert_eq!(
+                locked, 0,
+                "the worker locks nothing when the decision is no"
+            );
+        } else {
+            assert_eq!(
+                locked, pool.size_bytes,
+                "the worker pins exactly its view of the pool"
+            );
+        }
+        w.child.kill().await.unwrap();
+        assert!(f.d.terminate().await.success());
+    }
+}
