@@ -71,6 +71,7 @@ async fn run(args: Args) -> Result<()> {
             "lease_id": w.lease.lease_id,
             "pinned": w.lease.pinned,
             "locked_pool": w.locked_pool(),
+            "locked_bytes": w.locked_bytes(),
             "uva_mode": w.lease.uva_mode().as_str_name(),
             "vm_lck_bytes": vm_lck(),
         })

@@ -7,7 +7,8 @@ use std::path::Path;
 #[derive(Debug)]
 pub struct SegmentMap {
     map: memmap2::Mmap,
-    locked: bool,
+    /// The locked byte range, if any.
+    locked: Option<(u64, u64)>,
 }
 
 impl SegmentMap {
@@ -17,7 +18,7 @@ impl SegmentMap {
         // slots while we may read them; the protocol (OnloadToStatic answers after the copy)
         // orders those accesses, and torn reads would be caught by the CRC checks.
         let map = unsafe { memmap2::Mmap::map(&file)? };
-        Ok(Self { map, locked: false })
+        Ok(Self { map, locked: None })
     }
 
     pub fn bytes(&self, offset: u64, len: u64) -> Option<&[u8]> {
@@ -34,25 +35,45 @@ impl SegmentMap {
         self.map.is_empty()
     }
 
-    /// Pins this process's view of the segment (mlock, the cpu device's pinning). Only called
-    /// when the lease's shared decision says pin.
-    pub fn lock(&mut self) -> std::io::Result<()> {
-        // SAFETY: locking exactly our live mapping; unlocked in Drop before it is unmapped.
-        unsafe { rustix::mm::mlock(self.map.as_ptr() as *mut _, self.map.len()) }?;
-        self.locked = true;
-        Ok(())
+    /// Pins `[offset, offset + len)` of this process's view, widened to whole pages (mlock: the
+    /// cpu device's pinning, as cuMemHostRegister is cuda's). Only called when the lease's shared
+    /// decision says pin. Returns the bytes locked.
+    pub fn lock(&mut self, offset: u64, len: u64) -> std::io::Result<u64> {
+        let page = rustix::param::page_size() as u64;
+        let start = offset / page * page;
+        let end = (offset + len)
+            .div_ceil(page)
+            .saturating_mul(page)
+            .min(self.map.len() as u64);
+        if end <= start || self.locked.is_some() {
+            return Ok(0);
+        }
+        // SAFETY: the range lies inside our live mapping; unlocked in Drop before it is unmapped.
+        unsafe {
+            rustix::mm::mlock(
+                self.map.as_ptr().add(start as usize) as *mut _,
+                (end - start) as usize,
+            )
+        }?;
+        self.locked = Some((start, end));
+        Ok(end - start)
     }
 
     pub fn is_locked(&self) -> bool {
-        self.locked
+        self.locked.is_some()
     }
 }
 
 impl Drop for SegmentMap {
     fn drop(&mut self) {
-        if self.locked {
+        if let Some((start, end)) = self.locked {
             // SAFETY: the range we locked, still mapped (the Mmap drops after this).
-            let _ = unsafe { rustix::mm::munlock(self.map.as_ptr() as *mut _, self.map.len()) };
+            let _ = unsafe {
+                rustix::mm::munlock(
+                    self.map.as_ptr().add(start as usize) as *mut _,
+                    (end - start) as usize,
+                )
+            };
         }
     }
 }

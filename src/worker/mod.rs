@@ -50,6 +50,19 @@ pub struct Worker {
     pub lease: Lease,
     maps: Vec<Option<SegmentMap>>,
     by_name: HashMap<String, usize>,
+    locked_bytes: u64,
+}
+
+/// The byte span of the pool that holds UVA tensors.
+fn uva_span(lease: &Lease) -> Option<(u64, u64)> {
+    let uva = lease
+        .tensors
+        .iter()
+        .filter(|t| t.placement() == Placement::Uva && t.length > 0);
+    uva.fold(None, |acc, t| {
+        let (s, e) = (t.offset, t.offset + t.length);
+        Some(acc.map_or((s, e), |(a, b): (u64, u64)| (a.min(s), b.max(e))))
+    })
 }
 
 impl Worker {
@@ -70,6 +83,7 @@ impl Worker {
             .await?
             .into_inner();
         let mut maps = Vec::with_capacity(lease.segments.len());
+        let mut locked_bytes = 0;
         for seg in &lease.segments {
             if seg.path.is_empty() {
                 maps.push(None);
@@ -80,13 +94,18 @@ impl Worker {
                     path: seg.path.clone(),
                     source,
                 })?;
-            // The shared decision travels with the lease: pin (lock our view of the pool) only
-            // when the daemon's policy said so, never otherwise.
+            // The shared decision travels with the lease: pin our view of the pool only when the
+            // daemon's policy said so, and only what this process reads in place (the UVA
+            // tensors); prefetch and device tensors are copied by the daemon or once.
             if lease.pinned && seg.kind() == SegmentKind::Pool {
-                m.lock().map_err(|source| WorkerError::Map {
-                    path: seg.path.clone(),
-                    source,
-                })?;
+                if let Some((start, end)) = uva_span(&lease) {
+                    locked_bytes +=
+                        m.lock(start, end - start)
+                            .map_err(|source| WorkerError::Map {
+                                path: seg.path.clone(),
+                                source,
+                            })?;
+                }
             }
             maps.push(Some(m));
         }
@@ -101,6 +120,7 @@ impl Worker {
             lease,
             maps,
             by_name,
+            locked_bytes,
         })
     }
 
@@ -115,10 +135,15 @@ impl Worker {
             .ok_or_else(|| WorkerError::NoSuchTensor(name.to_string()))
     }
 
-    /// Whether this worker locked its mapping of the pool (it does exactly when the lease says
-    /// pinned).
+    /// Whether this worker locked its mapping of the pool: only when the lease says pinned and
+    /// it has UVA tensors to read in place.
     pub fn locked_pool(&self) -> bool {
         self.maps.iter().flatten().any(SegmentMap::is_locked)
+    }
+
+    /// Bytes of the pool this worker locked (whole pages around its UVA tensors).
+    pub fn locked_bytes(&self) -> u64 {
+        self.locked_bytes
     }
 
     fn segment(&self, i: usize) -> Result<&SegmentMap, WorkerError> {
