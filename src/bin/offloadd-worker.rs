@@ -42,6 +42,9 @@ struct Args {
     /// Also compare every tensor's bytes with this checkpoint (file or directory of shards).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Instead of verifying, onload every offloaded layer this many times and print GB/s.
+    #[arg(long)]
+    onload_bench: Option<u32>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -82,6 +85,25 @@ async fn run(args: Args) -> Result<()> {
         std::future::pending::<()>().await;
     }
     let keepalive = w.spawn_keep_alive(every);
+    if let Some(rounds) = args.onload_bench {
+        let layers = w.lease.offloaded_layers.clone();
+        let mut best = 0f64;
+        for _ in 0..rounds {
+            let t = std::time::Instant::now();
+            let mut bytes = 0;
+            for &layer in &layers {
+                bytes += w.onload(layer).await?.bytes;
+            }
+            best = best.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        println!(
+            "{}",
+            serde_json::json!({"event": "onload_bench", "gbps": best, "layers": layers.len()})
+        );
+        keepalive.abort();
+        w.detach().await?;
+        return Ok(());
+    }
     let stats = forward_passes(&mut w, args.passes).await?;
     let matched = match &args.checkpoint {
         Some(path) => compare_with_checkpoint(&w, path)?,

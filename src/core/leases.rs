@@ -103,7 +103,7 @@ impl Lease {
             .statics
             .as_ref()
             .expect("prefetch leases have static buffers");
-        statics.copy_from(self.model.pool().region(), ops)?;
+        statics.copy_from(self.model.pool().region(), ops, self.pinned)?;
         Ok(ops.iter().map(|o| o.len).sum())
     }
 

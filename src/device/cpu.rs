@@ -114,7 +114,12 @@ impl StaticBuffer for CpuStatic {
         Vec::new()
     }
 
-    fn copy_from(&self, src: &HostRegion, ops: &[CopyOp]) -> Result<(), DeviceError> {
+    fn copy_from(
+        &self,
+        src: &HostRegion,
+        ops: &[CopyOp],
+        _src_pinned: bool,
+    ) -> Result<(), DeviceError> {
         for op in ops {
             self.region.write_at(
                 op.dst_offset as usize,

@@ -80,8 +80,14 @@ pub trait StaticBuffer: Send + Sync + fmt::Debug {
     fn path(&self) -> Option<&std::path::Path>;
     /// CUDA IPC memory handle (cuda); empty on cpu.
     fn ipc_handle(&self) -> Vec<u8>;
-    /// Copies pool bytes into the buffer and returns once the copy is complete.
-    fn copy_from(&self, src: &HostRegion, ops: &[CopyOp]) -> Result<(), DeviceError>;
+    /// Copies pool bytes into the buffer and returns once the copy is complete. `src_pinned` is
+    /// the pool's pin decision as applied: an unpinned source is never treated as pinned.
+    fn copy_from(
+        &self,
+        src: &HostRegion,
+        ops: &[CopyOp],
+        src_pinned: bool,
+    ) -> Result<(), DeviceError>;
 }
 
 #[derive(Debug, Error)]
@@ -118,6 +124,11 @@ pub trait Device: Send + Sync + fmt::Debug {
         path: &std::path::Path,
         len: u64,
     ) -> Result<Box<dyn StaticBuffer>, DeviceError>;
+    /// Bytes of `region` registered with the device, asked of the driver (cuda); None where the
+    /// device has no such notion (cpu).
+    fn registered_bytes(&self, _region: &HostRegion) -> Option<u64> {
+        None
+    }
 }
 
 /// The devices of this node, `cpu` first.

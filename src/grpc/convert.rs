@@ -57,6 +57,7 @@ pub fn pool(p: &Pool) -> proto::Pool {
         pin_reason: p.decision.reason.to_string(),
         path: p.path().display().to_string(),
         numa_node: numa(p.numa_node),
+        registered_bytes: p.device.registered_bytes(p.region()).unwrap_or(0),
     }
 }
 

@@ -48,6 +48,7 @@ pub async fn onload(
 ) -> Result<proto::OnloadToStaticResponse, Status> {
     let lease = core.leases.get(&r.lease_id)?;
     let layer = r.layer;
+    let started = Instant::now();
     let bytes = if lease.onload_bytes(layer) <= INLINE_COPY_BYTES {
         lease.onload(layer)?
     } else {
@@ -67,7 +68,11 @@ pub async fn onload(
                 .map(|k| k % pf.slots.max(1))
         })
         .unwrap_or(0) as u32;
-    Ok(proto::OnloadToStaticResponse { bytes, slot })
+    Ok(proto::OnloadToStaticResponse {
+        bytes,
+        slot,
+        copy_micros: started.elapsed().as_micros() as u64,
+    })
 }
 
 fn lease_proto(l: &Lease) -> proto::Lease {

@@ -95,12 +95,39 @@ impl Device for CudaDevice {
     fn alloc_static(
         &self,
         _path: &std::path::Path,
-        _len: u64,
+        len: u64,
     ) -> Result<Box<dyn StaticBuffer>, DeviceError> {
-        Err(DeviceError::Unsupported(format!(
-            "{}: prefetch static buffers on CUDA (the CUDA data plane)",
-            self.info.id
-        )))
+        let id = self.info.id.clone();
+        let (dptr, handle) = self
+            .driver
+            .run(move |st| super::statics::alloc(st, &id, len))??;
+        Ok(Box::new(super::statics::CudaStatic {
+            id: self.info.id.clone(),
+            dptr,
+            len,
+            handle,
+            driver: Arc::clone(&self.driver),
+        }))
+    }
+
+    fn registered_bytes(&self, region: &HostRegion) -> Option<u64> {
+        let addr = region.as_ptr() as usize;
+        self.driver
+            .run(move |st| {
+                st.context().ok()?;
+                let mut dptr: sys::CUdeviceptr = 0;
+                // SAFETY: a query on our own mapping; fails (not registered) without side effects.
+                let rc = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, addr as *mut _, 0) };
+                if rc != sys::CUresult::CUDA_SUCCESS {
+                    return Some(0);
+                }
+                let (mut base, mut size) = (0, 0usize);
+                // SAFETY: out-pointers to locals; `dptr` came from the driver.
+                let rc = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, dptr) };
+                (rc == sys::CUresult::CUDA_SUCCESS).then_some(size as u64)
+            })
+            .ok()
+            .flatten()
     }
 }
 

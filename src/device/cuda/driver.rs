@@ -17,6 +17,19 @@ pub struct DriverState {
     /// The device's primary context, retained the first time a call needs one, so devices no
     /// pool uses never get a context.
     ctx: Option<sys::CUcontext>,
+    /// The device's copy stream, made on first use.
+    stream: Option<sys::CUstream>,
+    /// Pinned staging ring for copies from unpinned pools, made on first use.
+    staging: Option<Staging>,
+}
+
+/// Two pinned host buffers and the events that say when each is free again.
+pub struct Staging {
+    pub buffers: [*mut std::ffi::c_void; 2],
+    pub events: [sys::CUevent; 2],
+    pub in_flight: [bool; 2],
+    /// Threads that fill the staging buffers.
+    pub copiers: rayon::ThreadPool,
 }
 
 impl DriverState {
@@ -46,6 +59,65 @@ impl DriverState {
     }
 }
 
+impl DriverState {
+    fn check(&self, call: &'static str, rc: sys::CUresult) -> Result<(), DeviceError> {
+        super::statics::check(&format!("cuda:{}", self.ordinal), call, rc)
+    }
+
+    /// The device's copy stream (non-blocking, so it never serialises with the legacy stream).
+    pub fn stream(&mut self) -> Result<sys::CUstream, DeviceError> {
+        if let Some(s) = self.stream {
+            return Ok(s);
+        }
+        self.context()?;
+        let mut s = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; context current.
+        self.check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, 1) })?;
+        self.stream = Some(s);
+        Ok(s)
+    }
+
+    /// The staging ring, allocated on the first copy from an unpinned pool.
+    pub fn staging(&mut self) -> Result<&mut Staging, DeviceError> {
+        if self.staging.is_none() {
+            self.context()?;
+            let mut buffers = [std::ptr::null_mut(); 2];
+            let mut events = [std::ptr::null_mut(); 2];
+            for i in 0..2 {
+                // SAFETY: out-pointers to locals; context current. Leaked on failure is bounded
+                // (at most one buffer) and only at setup.
+                self.check("cuMemAllocHost", unsafe {
+                    sys::cuMemAllocHost_v2(&mut buffers[i], super::statics::STAGE_BYTES)
+                })?;
+                // SAFETY: as above; DISABLE_TIMING (2) makes the events cheap.
+                self.check("cuEventCreate", unsafe {
+                    sys::cuEventCreate(&mut events[i], 2)
+                })?;
+            }
+            tracing::info!(
+                device = self.ordinal,
+                bytes = 2 * super::statics::STAGE_BYTES,
+                "allocated pinned staging ring for unpinned pools"
+            );
+            let threads = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(16);
+            let copiers = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("stage-copy-{i}"))
+                .build()
+                .map_err(|e| DeviceError::Unsupported(format!("staging copy threads: {e}")))?;
+            self.staging = Some(Staging {
+                buffers,
+                events,
+                in_flight: [false; 2],
+                copiers,
+            });
+        }
+        Ok(self.staging.as_mut().expect("just set"))
+    }
+}
+
 impl Drop for DriverState {
     fn drop(&mut self) {
         if self.ctx.take().is_some() {
@@ -71,7 +143,12 @@ impl DriverThread {
         std::thread::Builder::new()
             .name(format!("cuda-{ordinal}"))
             .spawn(move || {
-                let mut state = DriverState { ordinal, ctx: None };
+                let mut state = DriverState {
+                    ordinal,
+                    ctx: None,
+                    stream: None,
+                    staging: None,
+                };
                 while let Ok(job) = rx.recv() {
                     job(&mut state);
                 }

@@ -4,6 +4,7 @@
 mod device;
 mod driver;
 mod probe;
+mod statics;
 
 pub use device::CudaDevice;
 pub use driver::DriverThread;
