@@ -15,6 +15,7 @@ use crate::core::pools::{NewPool, PoolError, Pools, PoolsParams};
 use crate::core::{Core, Node, NodeParams};
 use crate::device::{Device, Devices, cpu, cuda};
 use crate::grpc::{OffloadService, listen, server};
+use crate::metrics::Metrics;
 use crate::vllm_env::VllmEnv;
 
 #[derive(Debug, Error)]
@@ -27,6 +28,8 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Pools(#[from] PoolError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("pools.create: {0}")]
     StartupPool(PoolError),
     #[error("models.register: model {name:?}: {message}")]
@@ -62,6 +65,14 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         None => None,
     };
     let tcp_bound = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+    let metrics_listener = match config.metrics.addr {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
+    let metrics_bound = metrics_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let max_host_bytes = config.pools.max_host_bytes.unwrap_or_else(default_budget);
     let drain_timeout = Duration::from_millis(config.server.drain_timeout_ms);
 
@@ -104,17 +115,30 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     create_startup_pools(&core, startup_pools).await?;
     register_startup_models(&core, startup_models).await?;
     tracing::info!(uds = %uds_path.display(), tcp = ?tcp_bound, "offloadd serving");
-    announce_ready(&uds_path, tcp_bound);
+    announce_ready(&uds_path, tcp_bound, metrics_bound);
 
+    let metrics = Arc::new(Metrics::new());
+    let metrics_task = match metrics_listener {
+        Some(listener) => Some(tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&metrics),
+            Arc::clone(&core),
+            std::future::pending(),
+        ))),
+        None => None,
+    };
     let listeners = server::Listeners { uds, tcp };
     server::serve(
-        OffloadService::new(Arc::clone(&core)),
+        OffloadService::new(Arc::clone(&core), metrics),
         listeners,
         shutdown,
         drain_timeout,
     )
     .await?;
     core.models.cancel_all();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     drop(socket);
     tracing::info!("offloadd stopped");
     Ok(())
@@ -180,12 +204,17 @@ async fn register_startup_models(
 
 /// One JSON line on stdout once every listener is bound, so supervisors and tests can wait for
 /// readiness (and learn an ephemeral TCP port) without polling.
-fn announce_ready(uds: &Path, tcp: Option<std::net::SocketAddr>) {
+fn announce_ready(
+    uds: &Path,
+    tcp: Option<std::net::SocketAddr>,
+    metrics: Option<std::net::SocketAddr>,
+) {
     use std::io::Write;
     let line = serde_json::json!({
         "event": "ready",
         "uds": uds.display().to_string(),
         "tcp": tcp.map(|a| a.to_string()),
+        "metrics": metrics.map(|a| a.to_string()),
         "pid": std::process::id(),
     });
     let mut out = std::io::stdout().lock();

@@ -9,6 +9,7 @@ pub mod core;
 pub mod daemon;
 pub mod device;
 pub mod grpc;
+pub mod metrics;
 pub mod proto;
 pub mod telemetry;
 pub mod vllm_env;

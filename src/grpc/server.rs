@@ -58,7 +58,9 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let router = Server::builder()
-        .layer(RpcTraceLayer)
+        .layer(RpcTraceLayer {
+            metrics: service.metrics(),
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -12,17 +12,23 @@ use crate::core::Core;
 use crate::core::backend::BackendConfig;
 use crate::core::pools::NewPool;
 use crate::device::cpu::CPU_DEVICE_ID;
+use crate::metrics::Metrics;
 use crate::proto::{self, offload_server::Offload};
 
 /// Service state shared by every connection.
 #[derive(Debug, Clone)]
 pub struct OffloadService {
     core: Arc<Core>,
+    metrics: Arc<Metrics>,
 }
 
 impl OffloadService {
-    pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+    pub fn new(core: Arc<Core>, metrics: Arc<Metrics>) -> Self {
+        Self { core, metrics }
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Runs blocking core work (page faults, mlock, driver calls) off the async runtime.
@@ -223,8 +229,11 @@ impl Offload for OffloadService {
         &self,
         request: Request<proto::OnloadToStaticRequest>,
     ) -> Reply<proto::OnloadToStaticResponse> {
-        Ok(Response::new(
-            workers::onload(&self.core, request.into_inner()).await?,
-        ))
+        let reply = workers::onload(&self.core, request.into_inner()).await?;
+        self.metrics.onload(
+            reply.bytes,
+            std::time::Duration::from_micros(reply.copy_micros),
+        );
+        Ok(Response::new(reply))
     }
 }

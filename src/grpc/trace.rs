@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -9,20 +10,28 @@ use tonic::Code;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-/// Tower layer that wraps every call of the gRPC router.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcTraceLayer;
+use crate::metrics::Metrics;
+
+/// Tower layer that wraps every call of the gRPC router: a span, a log line and the RPC metrics.
+#[derive(Debug, Clone)]
+pub struct RpcTraceLayer {
+    pub metrics: Arc<Metrics>,
+}
 
 impl<S> Layer<S> for RpcTraceLayer {
     type Service = RpcTrace<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RpcTrace { inner }
+        RpcTrace {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct RpcTrace<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -46,7 +55,7 @@ where
         let method = req.uri().path().to_string();
         let span = tracing::info_span!(
             "rpc",
-            method = %method,
+            method = %method.as_str(),
             code = tracing::field::Empty,
             latency_us = tracing::field::Empty
         );
@@ -54,6 +63,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let fut = inner.call(req);
+        let metrics = Arc::clone(&self.metrics);
         Box::pin(
             async move {
                 let start = Instant::now();
@@ -63,9 +73,11 @@ where
                     Ok(resp) => response_code(resp.headers()),
                     Err(_) => Code::Internal,
                 };
+                let latency = start.elapsed();
+                metrics.rpc(&method, code, latency);
                 let span = tracing::Span::current();
                 span.record("code", tracing::field::debug(code));
-                span.record("latency_us", start.elapsed().as_micros() as u64);
+                span.record("latency_us", latency.as_micros() as u64);
                 if code == Code::Ok {
                     tracing::debug!("rpc done");
                 } else {

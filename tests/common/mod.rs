@@ -163,10 +163,12 @@ impl<'a> DaemonBuilder<'a> {
         let ready: serde_json::Value = serde_json::from_str(&line).context("ready line")?;
         assert_eq!(ready["event"], "ready", "unexpected first line {line}");
         let tcp = ready["tcp"].as_str().map(|s| s.parse()).transpose()?;
+        let metrics = ready["metrics"].as_str().map(|s| s.parse()).transpose()?;
         Ok(Started::Ready(Box::new(Daemon {
             child,
             uds: PathBuf::from(ready["uds"].as_str().expect("uds")),
             tcp,
+            metrics,
             log,
         })))
     }
@@ -192,6 +194,7 @@ pub struct Daemon {
     pub child: Child,
     pub uds: PathBuf,
     pub tcp: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
     pub log: PathBuf,
 }
 

@@ -1,0 +1,242 @@
+//! Prometheus metrics. Counters and histograms are updated where things happen (RPCs,
+//! onloads); gauges that mirror state (pools, models, leases) are refreshed from `core` at scrape
+//! time, so they can never drift from what GetPool/GetModel report.
+
+mod http;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+pub use http::{MetricsError, bind, serve};
+
+use crate::core::Core;
+use crate::core::models::state_name;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+    pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelStateLabels {
+    model: String,
+    pool: String,
+    state: String,
+}
+
+type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
+type CounterF = Counter<f64, std::sync::atomic::AtomicU64>;
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    rpc_requests: Family<RpcLabels, Counter>,
+    rpc_seconds: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    onload_bytes: Counter,
+    onload_seconds: CounterF,
+    pool_size: Family<PoolLabels, Gauge>,
+    pool_used: Family<PoolLabels, Gauge>,
+    pool_pinned: Family<PoolLabels, Gauge>,
+    model_state: Family<ModelStateLabels, Gauge>,
+    model_bytes: Family<ModelLabels, Gauge>,
+    model_loaded_bytes: Family<ModelLabels, Gauge>,
+    model_load_progress: Family<ModelLabels, GaugeF>,
+    leases_active: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn rpc_histogram() -> Histogram {
+    // 20 µs .. ~10 s
+    Histogram::new(exponential_buckets(20e-6, 2.0, 20))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("offloadd");
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            rpc_requests: Family::default(),
+            rpc_seconds: Family::new_with_constructor(rpc_histogram),
+            onload_bytes: Counter::default(),
+            onload_seconds: CounterF::default(),
+            pool_size: Family::default(),
+            pool_used: Family::default(),
+            pool_pinned: Family::default(),
+            model_state: Family::default(),
+            model_bytes: Family::default(),
+            model_loaded_bytes: Family::default(),
+            model_load_progress: Family::default(),
+            leases_active: Gauge::default(),
+        };
+        r.register(
+            "rpc_requests",
+            "gRPC calls by method and status code",
+            m.rpc_requests.clone(),
+        );
+        r.register(
+            "rpc_duration_seconds",
+            "gRPC call latency by method",
+            m.rpc_seconds.clone(),
+        );
+        r.register(
+            "onload_bytes",
+            "Bytes copied into static buffers by OnloadToStatic",
+            m.onload_bytes.clone(),
+        );
+        r.register(
+            "onload_seconds",
+            "Seconds spent copying into static buffers",
+            m.onload_seconds.clone(),
+        );
+        r.register(
+            "pool_size_bytes",
+            "Size of each host weight pool",
+            m.pool_size.clone(),
+        );
+        r.register(
+            "pool_used_bytes",
+            "Bytes of each pool holding model weights",
+            m.pool_used.clone(),
+        );
+        r.register(
+            "pool_pinned",
+            "1 if the pool is pinned (mlock or cuMemHostRegister)",
+            m.pool_pinned.clone(),
+        );
+        r.register(
+            "model_state",
+            "1 for the model's current state (LOADING, READY, FAILED, AWAITING_SEAL)",
+            m.model_state.clone(),
+        );
+        r.register(
+            "model_bytes",
+            "Bytes of tensor data of each model",
+            m.model_bytes.clone(),
+        );
+        r.register(
+            "model_loaded_bytes",
+            "Bytes read into the pool so far",
+            m.model_loaded_bytes.clone(),
+        );
+        r.register(
+            "model_load_progress_ratio",
+            "Fraction of a model's bytes loaded",
+            m.model_load_progress.clone(),
+        );
+        r.register(
+            "leases_active",
+            "Worker leases currently held",
+            m.leases_active.clone(),
+        );
+        *m.registry.lock().expect("registry lock") = r;
+        m
+    }
+
+    /// One finished RPC.
+    pub fn rpc(&self, method: &str, code: tonic::Code, latency: Duration) {
+        self.rpc_requests
+            .get_or_create(&RpcLabels {
+                method: method.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.rpc_seconds
+            .get_or_create(&MethodLabels {
+                method: method.to_string(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// One completed OnloadToStatic.
+    pub fn onload(&self, bytes: u64, took: Duration) {
+        self.onload_bytes.inc_by(bytes);
+        self.onload_seconds.inc_by(took.as_secs_f64());
+    }
+
+    /// Refreshes the state gauges from `core` and renders the OpenMetrics text.
+    pub fn render(&self, core: &Core) -> String {
+        for f in [&self.pool_size, &self.pool_used, &self.pool_pinned] {
+            f.clear();
+        }
+        for p in core.pools.list() {
+            let l = PoolLabels {
+                pool: p.name.clone(),
+                device: p.device.info().id.clone(),
+            };
+            self.pool_size.get_or_create(&l).set(p.size_bytes as i64);
+            self.pool_used.get_or_create(&l).set(p.used_bytes() as i64);
+            self.pool_pinned
+                .get_or_create(&l)
+                .set(i64::from(p.pinned()));
+        }
+        self.model_state.clear();
+        self.model_bytes.clear();
+        self.model_loaded_bytes.clear();
+        self.model_load_progress.clear();
+        for m in core.models.list() {
+            let l = ModelLabels {
+                model: m.name.clone(),
+                pool: m.pool().name.clone(),
+            };
+            let p = m.progress();
+            self.model_state
+                .get_or_create(&ModelStateLabels {
+                    model: l.model.clone(),
+                    pool: l.pool.clone(),
+                    state: state_name(p.state).to_string(),
+                })
+                .set(1);
+            self.model_bytes.get_or_create(&l).set(m.bytes as i64);
+            self.model_loaded_bytes
+                .get_or_create(&l)
+                .set(p.loaded_bytes as i64);
+            let ratio = if p.total_bytes == 0 {
+                1.0
+            } else {
+                p.loaded_bytes as f64 / p.total_bytes as f64
+            };
+            self.model_load_progress.get_or_create(&l).set(ratio);
+        }
+        self.leases_active.set(core.leases.count() as i64);
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("registry lock");
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,171 @@
+//! The Prometheus endpoint, scraped over real HTTP from the running daemon.
+
+mod common;
+
+use common::{DaemonBuilder, Scratch, ckpt};
+use offloadd::proto::{
+    AttachWorkerRequest, CreatePoolRequest, GetPoolRequest, OnloadToStaticRequest, PrefetchConfig,
+    RegisterModelRequest, register_model_request,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample whose line starts with `prefix` (metric name and labels).
+fn sample(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{body}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
+    let s = Scratch::new();
+    let root = s.models();
+    ckpt::write_file(&root.join("m.safetensors"), &ckpt::llama(3, 64, 64));
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .arg("--metrics-addr")
+        .arg("127.0.0.1:0")
+        .start()
+        .await
+        .unwrap();
+    let addr = d.metrics.expect("metrics address in the ready line");
+    let mut c = d.client().await;
+    c.create_pool(CreatePoolRequest {
+        name: "p".into(),
+        device: "cpu".into(),
+        size_bytes: 4 << 20,
+    })
+    .await
+    .unwrap();
+    let pf = PrefetchConfig {
+        group_size: 1,
+        num_in_group: 1,
+        prefetch_step: 1,
+        params: vec![],
+    };
+    c.register_model(RegisterModelRequest {
+        name: "m".into(),
+        pool: "p".into(),
+        path: root.join("m.safetensors").display().to_string(),
+        wait: true,
+        backend: Some(register_model_request::Backend::Prefetch(pf)),
+    })
+    .await
+    .unwrap();
+    let lease = c
+        .attach_worker(AttachWorkerRequest {
+            model: "m".into(),
+            worker_name: "w".into(),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = c
+        .onload_to_static(OnloadToStaticRequest {
+            lease_id: lease.lease_id.clone(),
+            layer: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _ = c
+        .get_pool(GetPoolRequest {
+            name: "missing".into(),
+        })
+        .await
+        .unwrap_err();
+    let used = c
+        .get_pool(GetPoolRequest { name: "p".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .used_bytes;
+
+    let (head, body) = get(addr, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert_eq!(
+        sample(&body, r#"offloadd_pool_size_bytes{pool="p",device="cpu"}"#),
+        (4 << 20) as f64
+    );
+    assert_eq!(
+        sample(&body, r#"offloadd_pool_used_bytes{pool="p",device="cpu"}"#),
+        used as f64
+    );
+    assert_eq!(
+        sample(&body, r#"offloadd_pool_pinned{pool="p",device="cpu"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            r#"offloadd_model_state{model="m",pool="p",state="READY"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            r#"offloadd_model_load_progress_ratio{model="m",pool="p"}"#
+        ),
+        1.0
+    );
+    assert_eq!(sample(&body, "offloadd_leases_active "), 1.0);
+    assert_eq!(
+        sample(&body, "offloadd_onload_bytes_total "),
+        r.bytes as f64
+    );
+    assert_eq!(
+        sample(
+            &body,
+            r#"offloadd_rpc_requests_total{method="/offloadd.v1.Offload/GetPool",code="NotFound"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            r#"offloadd_rpc_requests_total{method="/offloadd.v1.Offload/OnloadToStatic",code="Ok"}"#
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &body,
+            r#"offloadd_rpc_duration_seconds_count{method="/offloadd.v1.Offload/CreatePool"}"#
+        ) >= 1.0
+    );
+
+    let (head, _) = get(addr, "/other").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn metrics_are_off_unless_configured() {
+    let s = Scratch::new();
+    let d = DaemonBuilder::new(&s).start().await.unwrap();
+    assert!(d.metrics.is_none());
+    assert!(d.terminate().await.success());
+}
