@@ -118,15 +118,14 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     announce_ready(&uds_path, tcp_bound, metrics_bound);
 
     let metrics = Arc::new(Metrics::new());
-    let metrics_task = match metrics_listener {
-        Some(listener) => Some(tokio::spawn(crate::metrics::serve(
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(crate::metrics::serve(
             listener,
             Arc::clone(&metrics),
             Arc::clone(&core),
             std::future::pending(),
-        ))),
-        None => None,
-    };
+        ))
+    });
     let listeners = server::Listeners { uds, tcp };
     server::serve(
         OffloadService::new(Arc::clone(&core), metrics),
