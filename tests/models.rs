@@ -208,6 +208,12 @@ async fn no_wait_answers_loading_and_watch_streams_progress_to_ready() {
     assert!(updates > 2, "saw intermediate progress ({updates} updates)");
     verify_in_pool(&mut c, "m", &tensors).await;
     assert!(d.logs().contains("model ready"));
+    assert!(
+        d.logs()
+            .contains(r#""message":"loading","model":"m","percent":50"#),
+        "progress log lines: {}",
+        d.logs()
+    );
     assert!(d.terminate().await.success());
 }
 

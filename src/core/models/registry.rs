@@ -182,7 +182,18 @@ impl Models {
             n => n,
         };
         let start = Instant::now();
-        let progress = |n: u64| model.progress.send_modify(|p| p.loaded_bytes += n);
+        // A log line at every tenth of the way, besides WatchModel's stream.
+        let logged_tenths = AtomicUsize::new(0);
+        let progress = |n: u64| {
+            let mut tenths = 0;
+            model.progress.send_modify(|p| {
+                p.loaded_bytes += n;
+                tenths = (p.loaded_bytes * 10 / p.total_bytes.max(1)) as usize;
+            });
+            if logged_tenths.fetch_max(tenths, Ordering::Relaxed) < tenths && tenths < 10 {
+                tracing::info!(model = %model.name, percent = tenths * 10, secs = start.elapsed().as_secs_f64(), "loading");
+            }
+        };
         let result = loader::run(&LoadJob {
             files: &files,
             region: model.pool().region(),
