@@ -89,6 +89,7 @@ async fn rtt(uds: &Path, workers: usize, pace: Option<Duration>) -> (Duration, D
                         c.onload_to_static(OnloadToStaticRequest {
                             lease_id: lease.lease_id.clone(),
                             layer: k as u32 % n,
+                            ..Default::default()
                         })
                         .await
                         .unwrap();
@@ -214,7 +215,7 @@ fn main() {
                 let mut moved = 0;
                 for layer in 0..BIG_LAYERS as u32 {
                     moved += c
-                        .onload_to_static(OnloadToStaticRequest { lease_id: lease_id.clone(), layer })
+                        .onload_to_static(OnloadToStaticRequest { lease_id: lease_id.clone(), layer, ..Default::default() })
                         .await
                         .unwrap()
                         .into_inner()

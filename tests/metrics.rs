@@ -81,6 +81,7 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
         .onload_to_static(OnloadToStaticRequest {
             lease_id: lease.lease_id.clone(),
             layer: 1,
+            ..Default::default()
         })
         .await
         .unwrap()

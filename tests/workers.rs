@@ -298,6 +298,7 @@ async fn lease_table_matches_vllm_for_five_layers_step_two() {
         f.c.onload_to_static(OnloadToStaticRequest {
             lease_id: lease.lease_id.clone(),
             layer: 9,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -311,6 +312,7 @@ async fn lease_table_matches_vllm_for_five_layers_step_two() {
         f.c.onload_to_static(OnloadToStaticRequest {
             lease_id: "nope".into(),
             layer: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -319,12 +321,35 @@ async fn lease_table_matches_vllm_for_five_layers_step_two() {
         f.c.onload_to_static(OnloadToStaticRequest {
             lease_id: lease.lease_id.clone(),
             layer: 3,
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.slot, 1);
     assert!(r.bytes > 0);
+    let err =
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id: lease.lease_id.clone(),
+            layer: 3,
+            async_copy: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("cuda"), "{}", err.message());
+    let err =
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id: lease.lease_id.clone(),
+            layer: 3,
+            async_copy: false,
+            slot_free_event: vec![0; 64],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(lease.copy_done_events.is_empty(), "no CUDA events on cpu");
     f.c.detach_worker(DetachWorkerRequest {
         lease_id: lease.lease_id.clone(),
     })
@@ -365,6 +390,7 @@ async fn lease_table_matches_vllm_for_five_layers_step_two() {
         f.c.onload_to_static(OnloadToStaticRequest {
             lease_id: lease.lease_id,
             layer: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -461,9 +487,13 @@ async fn killed_worker_is_reaped_and_others_keep_going() {
         assert_eq!(ended["reason"], "Expired", "{ended}");
     }
     let err =
-        f.c.onload_to_static(OnloadToStaticRequest { lease_id, layer: 0 })
-            .await
-            .unwrap_err();
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id,
+            layer: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "the reaped lease is gone");
     let done = survivor.wait_done().await;
     assert_eq!(done["passes"], 20);

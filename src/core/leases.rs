@@ -18,7 +18,7 @@ use super::backend::plan::{self, Placement, Plan};
 use super::models::model::{Model, TensorEntry};
 use super::models::{ModelError, Models};
 use super::pin_policy::PinDecision;
-use crate::device::{CopyOp, DeviceError, StaticBuffer};
+use crate::device::{AsyncCopy, CopyOp, DeviceError, StaticBuffer};
 
 /// Static buffer files live beside the pools and are swept with them after a crash.
 pub const STATIC_FILE_PREFIX: &str = "offloadd-static-";
@@ -45,6 +45,8 @@ pub enum LeaseError {
     },
     #[error("worker_name must not be empty")]
     NoWorkerName,
+    #[error("slot_free_event is only used with async_copy = true")]
+    SlotFreeWithoutAsync,
     #[error(transparent)]
     Device(#[from] DeviceError),
 }
@@ -86,25 +88,53 @@ impl Lease {
         *self.expires.lock().expect("lease lock")
     }
 
-    /// Copies a model layer into its static slot; returns the bytes copied. Blocking.
-    pub fn onload(&self, layer: u32) -> Result<u64, LeaseError> {
+    /// Copies a model layer into its static slot and waits for it; returns the bytes copied and
+    /// the slot. Blocking.
+    pub fn onload(&self, layer: u32) -> Result<(u64, usize), LeaseError> {
+        let (ops, statics, slot) = self.layer_ops(layer)?;
+        statics.copy_from(self.model.pool().region(), ops, self.pinned)?;
+        Ok((ops.iter().map(|o| o.len).sum(), slot))
+    }
+
+    /// Enqueues a layer's copy into its slot without waiting (cuda); see
+    /// `StaticBuffer::copy_from_async`. Returns the bytes enqueued and the slot.
+    pub fn onload_async(
+        &self,
+        layer: u32,
+        slot_free: Option<&[u8]>,
+    ) -> Result<(u64, usize), LeaseError> {
+        let (ops, statics, slot) = self.layer_ops(layer)?;
+        statics.copy_from_async(AsyncCopy {
+            src: self.model.pool().region(),
+            ops,
+            src_pinned: self.pinned,
+            slot,
+            slot_free,
+        })?;
+        Ok((ops.iter().map(|o| o.len).sum(), slot))
+    }
+
+    /// The copies, buffers and slot for an offloaded layer.
+    fn layer_ops(&self, layer: u32) -> Result<(&[CopyOp], &dyn StaticBuffer, usize), LeaseError> {
         let Some(pf) = &self.plan.prefetch else {
             return Err(LeaseError::NotPrefetch(self.model.name.clone()));
         };
-        let ops = self
-            .onload_ops
-            .get(&layer)
-            .ok_or_else(|| LeaseError::LayerNotOffloaded {
-                model: self.model.name.clone(),
-                layer,
-                offloaded: pf.offloaded_layers.clone(),
-            })?;
+        let not_offloaded = || LeaseError::LayerNotOffloaded {
+            model: self.model.name.clone(),
+            layer,
+            offloaded: pf.offloaded_layers.clone(),
+        };
+        let ops = self.onload_ops.get(&layer).ok_or_else(not_offloaded)?;
+        let k = pf
+            .offloaded_layers
+            .iter()
+            .position(|&l| l == layer)
+            .ok_or_else(not_offloaded)?;
         let statics = self
             .statics
-            .as_ref()
+            .as_deref()
             .expect("prefetch leases have static buffers");
-        statics.copy_from(self.model.pool().region(), ops, self.pinned)?;
-        Ok(ops.iter().map(|o| o.len).sum())
+        Ok((ops, statics, k % pf.slots.max(1)))
     }
 
     pub fn onload_bytes(&self, layer: u32) -> u64 {
@@ -220,7 +250,7 @@ impl Leases {
                 .params
                 .static_dir
                 .join(format!("{STATIC_FILE_PREFIX}{id}"));
-            statics = Some(pool.device.alloc_static(&path, total)?);
+            statics = Some(pool.device.alloc_static(&path, total, pf.slots)?);
         }
         let pinned = pool.pinned();
         Ok(Lease {

@@ -71,6 +71,7 @@ impl Device for CpuDevice {
         &self,
         path: &std::path::Path,
         len: u64,
+        _slots: usize,
     ) -> Result<Box<dyn StaticBuffer>, DeviceError> {
         // Pre-faulted in the background: attach answers at once, and the first copies into a
         // slot do not pay for page faults (single-threaded first-touch faults on tmpfs ran at

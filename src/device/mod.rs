@@ -69,6 +69,16 @@ pub struct CopyOp {
     pub len: u64,
 }
 
+/// An asynchronous copy into one slot.
+pub struct AsyncCopy<'a> {
+    pub src: &'a HostRegion,
+    pub ops: &'a [CopyOp],
+    pub src_pinned: bool,
+    pub slot: usize,
+    /// The worker's "slot free" event handle, if it passed one.
+    pub slot_free: Option<&'a [u8]>,
+}
+
 /// Static buffers of one lease, in the device's memory, shared with the worker's process.
 /// Freed when dropped.
 pub trait StaticBuffer: Send + Sync + fmt::Debug {
@@ -80,6 +90,20 @@ pub trait StaticBuffer: Send + Sync + fmt::Debug {
     fn path(&self) -> Option<&std::path::Path>;
     /// CUDA IPC memory handle (cuda); empty on cpu.
     fn ipc_handle(&self) -> Vec<u8>;
+    /// Per slot, the IPC handle of the inter-process event recorded after each copy into that
+    /// slot (cuda); empty on cpu.
+    fn copy_done_events(&self) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+    /// Enqueues the copies into `slot` and returns without waiting: the copy first waits on
+    /// `slot_free` (an IPC event handle the worker recorded after its last read of the slot), and
+    /// `copy_done_events()[slot]` is recorded when it completes. vLLM's fork/join across
+    /// processes, with no RPC on the critical path.
+    fn copy_from_async(&self, _req: AsyncCopy<'_>) -> Result<(), DeviceError> {
+        Err(DeviceError::Unsupported(
+            "asynchronous onload needs a cuda device (inter-process CUDA events)".into(),
+        ))
+    }
     /// Copies pool bytes into the buffer and returns once the copy is complete. `src_pinned` is
     /// the pool's pin decision as applied: an unpinned source is never treated as pinned.
     fn copy_from(
@@ -123,6 +147,7 @@ pub trait Device: Send + Sync + fmt::Debug {
         &self,
         path: &std::path::Path,
         len: u64,
+        slots: usize,
     ) -> Result<Box<dyn StaticBuffer>, DeviceError>;
     /// Bytes of `region` registered with the device, asked of the driver (cuda); None where the
     /// device has no such notion (cpu).

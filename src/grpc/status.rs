@@ -97,9 +97,9 @@ impl From<LeaseError> for Status {
             LeaseError::NotFound(_) => Code::NotFound,
             LeaseError::Model(m) => model_code(m),
             LeaseError::NotReady { .. } | LeaseError::NotPrefetch(_) => Code::FailedPrecondition,
-            LeaseError::LayerNotOffloaded { .. } | LeaseError::NoWorkerName => {
-                Code::InvalidArgument
-            }
+            LeaseError::LayerNotOffloaded { .. }
+            | LeaseError::NoWorkerName
+            | LeaseError::SlotFreeWithoutAsync => Code::InvalidArgument,
             LeaseError::Device(d) => device_code(d),
         };
         Status::new(code, e.to_string())
@@ -109,7 +109,7 @@ impl From<LeaseError> for Status {
 fn device_code(d: &DeviceError) -> Code {
     match d {
         DeviceError::Gone(_) => Code::Unavailable,
-        DeviceError::Unsupported(_) => Code::Unimplemented,
+        DeviceError::Unsupported(_) => Code::FailedPrecondition,
         DeviceError::Cuda { name, .. } if name.contains("OUT_OF_MEMORY") => Code::ResourceExhausted,
         DeviceError::HostMem(crate::device::host::HostMemError::Io { source, .. }) => {
             io_code(source)

@@ -9,7 +9,7 @@ use super::convert;
 use super::status::join_error;
 use crate::core::Core;
 use crate::core::backend::plan::Placement;
-use crate::core::leases::{AttachRequest, Lease};
+use crate::core::leases::{AttachRequest, Lease, LeaseError};
 use crate::proto;
 
 /// Layers at most this large are copied on the async runtime: a thread hop costs more than the
@@ -49,25 +49,21 @@ pub async fn onload(
     let lease = core.leases.get(&r.lease_id)?;
     let layer = r.layer;
     let started = Instant::now();
-    let bytes = if lease.onload_bytes(layer) <= INLINE_COPY_BYTES {
-        lease.onload(layer)?
+    let slot_free = (!r.slot_free_event.is_empty()).then_some(r.slot_free_event);
+    let run = move |l: &Lease| match (r.async_copy, slot_free) {
+        (true, free) => l.onload_async(layer, free.as_deref()),
+        (false, None) => l.onload(layer),
+        (false, Some(_)) => Err(LeaseError::SlotFreeWithoutAsync),
+    };
+    let (bytes, slot) = if lease.onload_bytes(layer) <= INLINE_COPY_BYTES {
+        run(&lease)?
     } else {
         let l = Arc::clone(&lease);
-        tokio::task::spawn_blocking(move || l.onload(layer))
+        tokio::task::spawn_blocking(move || run(&l))
             .await
             .map_err(join_error)??
     };
-    let slot = lease
-        .plan
-        .prefetch
-        .as_ref()
-        .and_then(|pf| {
-            pf.offloaded_layers
-                .iter()
-                .position(|&l| l == layer)
-                .map(|k| k % pf.slots.max(1))
-        })
-        .unwrap_or(0) as u32;
+    let slot = slot as u32;
     Ok(proto::OnloadToStaticResponse {
         bytes,
         slot,
@@ -143,5 +139,10 @@ fn lease_proto(l: &Lease) -> proto::Lease {
         prefetch_slots: pf.map_or(0, |p| p.slots as u32),
         uva_mode: convert::uva_mode(l.uva_mode) as i32,
         model: l.model.name.clone(),
+        copy_done_events: l
+            .statics
+            .as_ref()
+            .map(|s| s.copy_done_events())
+            .unwrap_or_default(),
     }
 }

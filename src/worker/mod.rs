@@ -205,6 +205,8 @@ impl Worker {
             .onload_to_static(OnloadToStaticRequest {
                 lease_id: self.lease.lease_id.clone(),
                 layer,
+                async_copy: false,
+                slot_free_event: Vec::new(),
             })
             .await?
             .into_inner())

@@ -96,18 +96,18 @@ impl Device for CudaDevice {
         &self,
         _path: &std::path::Path,
         len: u64,
+        slots: usize,
     ) -> Result<Box<dyn StaticBuffer>, DeviceError> {
         let id = self.info.id.clone();
-        let (dptr, handle) = self
+        let a = self
             .driver
-            .run(move |st| super::statics::alloc(st, &id, len))??;
-        Ok(Box::new(super::statics::CudaStatic {
-            id: self.info.id.clone(),
-            dptr,
+            .run(move |st| super::statics::alloc(st, &id, len, slots))??;
+        Ok(Box::new(super::statics::CudaStatic::new(
+            self.info.id.clone(),
+            a,
             len,
-            handle,
-            driver: Arc::clone(&self.driver),
-        }))
+            Arc::clone(&self.driver),
+        )))
     }
 
     fn registered_bytes(&self, region: &HostRegion) -> Option<u64> {

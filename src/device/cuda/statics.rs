@@ -4,25 +4,54 @@
 //! copy stays asynchronous without pinning the pool (and never asserts pinning when the policy
 //! said no).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUresult};
 
 use super::driver::{DriverState, DriverThread};
 use crate::device::host::HostRegion;
-use crate::device::{CopyOp, DeviceError, StaticBuffer};
+use crate::device::{AsyncCopy, CopyOp, DeviceError, StaticBuffer};
 
 /// Bytes per staging buffer; two of them make the ring.
 pub const STAGE_BYTES: usize = 64 << 20;
 
 #[derive(Debug)]
 pub struct CudaStatic {
-    pub(super) id: String,
-    pub(super) dptr: u64,
-    pub(super) len: u64,
-    pub(super) handle: Vec<u8>,
-    pub(super) driver: Arc<DriverThread>,
+    id: String,
+    dptr: u64,
+    len: u64,
+    handle: Vec<u8>,
+    /// Per slot: our inter-process "copy done" event (as an address) and its IPC handle.
+    copy_done: Vec<(usize, Vec<u8>)>,
+    /// Workers' "slot free" events, opened once per handle.
+    opened: Arc<Mutex<HashMap<Vec<u8>, usize>>>,
+    driver: Arc<DriverThread>,
 }
+
+/// What `alloc` made on the driver thread.
+pub struct Allocated {
+    dptr: u64,
+    handle: Vec<u8>,
+    copy_done: Vec<(usize, Vec<u8>)>,
+}
+
+impl CudaStatic {
+    pub fn new(id: String, a: Allocated, len: u64, driver: Arc<DriverThread>) -> Self {
+        Self {
+            id,
+            dptr: a.dptr,
+            len,
+            handle: a.handle,
+            copy_done: a.copy_done,
+            opened: Arc::default(),
+            driver,
+        }
+    }
+}
+
+/// INTERPROCESS | DISABLE_TIMING: what cuIpcGetEventHandle requires.
+const IPC_EVENT_FLAGS: u32 = 4 | 2;
 
 pub(super) fn check(id: &str, call: &'static str, rc: CUresult) -> Result<(), DeviceError> {
     rc.result().map_err(|e| DeviceError::Cuda {
@@ -32,12 +61,14 @@ pub(super) fn check(id: &str, call: &'static str, rc: CUresult) -> Result<(), De
     })
 }
 
-/// Allocates `len` bytes on the device and exports them. Runs on the driver thread.
+/// Allocates `len` bytes on the device and exports them, with one "copy done" event per slot.
+/// Runs on the driver thread.
 pub(super) fn alloc(
     st: &mut DriverState,
     id: &str,
     len: u64,
-) -> Result<(u64, Vec<u8>), DeviceError> {
+    slots: usize,
+) -> Result<Allocated, DeviceError> {
     st.context()?;
     let mut dptr: sys::CUdeviceptr = 0;
     // SAFETY: out-pointer to a local; the context is current on this thread.
@@ -54,7 +85,75 @@ pub(super) fn alloc(
     }
     // SAFETY: initialised by cuIpcGetMemHandle on success.
     let handle = unsafe { handle.assume_init() };
-    Ok((dptr, handle.reserved.iter().map(|&b| b as u8).collect()))
+    let mut copy_done = Vec::with_capacity(slots);
+    for _ in 0..slots {
+        let mut ev = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; context current.
+        let made = check(id, "cuEventCreate", unsafe {
+            sys::cuEventCreate(&mut ev, IPC_EVENT_FLAGS)
+        })
+        .and_then(|()| {
+            let mut h = std::mem::MaybeUninit::<sys::CUipcEventHandle>::zeroed();
+            // SAFETY: `ev` is a live inter-process event.
+            check(id, "cuIpcGetEventHandle", unsafe {
+                sys::cuIpcGetEventHandle(h.as_mut_ptr(), ev)
+            })?;
+            // SAFETY: initialised on success.
+            Ok(unsafe { h.assume_init() }
+                .reserved
+                .iter()
+                .map(|&b| b as u8)
+                .collect::<Vec<u8>>())
+        });
+        match made {
+            Ok(h) => copy_done.push((ev as usize, h)),
+            Err(e) => {
+                // SAFETY: releasing what this function created so far.
+                unsafe {
+                    for (ev, _) in &copy_done {
+                        sys::cuEventDestroy_v2(*ev as sys::CUevent);
+                    }
+                    sys::cuMemFree_v2(dptr);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(Allocated {
+        dptr,
+        handle: handle.reserved.iter().map(|&b| b as u8).collect(),
+        copy_done,
+    })
+}
+
+/// Enqueues `ops` on the copy stream: direct from a pinned pool, through the staging ring
+/// otherwise.
+fn enqueue(
+    st: &mut DriverState,
+    id: &str,
+    base: usize,
+    dptr: u64,
+    ops: &[CopyOp],
+    src_pinned: bool,
+) -> Result<(), DeviceError> {
+    let stream = st.stream()?;
+    if !src_pinned {
+        return staged_copy(st, id, base, dptr, ops);
+    }
+    for op in ops {
+        // SAFETY: source inside the registered (pinned) pool, destination inside our allocation
+        // (the lease computed both from the plan).
+        let rc = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dptr + op.dst_offset,
+                (base + op.src_offset as usize) as *const _,
+                op.len as usize,
+                stream,
+            )
+        };
+        check(id, "cuMemcpyHtoDAsync", rc)?;
+    }
+    Ok(())
 }
 
 impl StaticBuffer for CudaStatic {
@@ -70,6 +169,10 @@ impl StaticBuffer for CudaStatic {
         self.handle.clone()
     }
 
+    fn copy_done_events(&self) -> Vec<Vec<u8>> {
+        self.copy_done.iter().map(|(_, h)| h.clone()).collect()
+    }
+
     fn copy_from(
         &self,
         src: &HostRegion,
@@ -82,30 +185,76 @@ impl StaticBuffer for CudaStatic {
         let ops = ops.to_vec();
         self.driver.run(move |st| {
             st.context()?;
+            enqueue(st, &id, base, dptr, &ops, src_pinned)?;
             let stream = st.stream()?;
-            if src_pinned {
-                for op in &ops {
-                    // SAFETY: source inside the registered (pinned) pool, destination inside our
-                    // allocation (the lease computed both from the plan).
-                    let rc = unsafe {
-                        sys::cuMemcpyHtoDAsync_v2(
-                            dptr + op.dst_offset,
-                            (base + op.src_offset as usize) as *const _,
-                            op.len as usize,
-                            stream,
-                        )
-                    };
-                    check(&id, "cuMemcpyHtoDAsync", rc)?;
-                }
-            } else {
-                staged_copy(st, &id, base, dptr, &ops)?;
-            }
             // SAFETY: our own stream.
             check(&id, "cuStreamSynchronize", unsafe {
                 sys::cuStreamSynchronize(stream)
             })
         })?
     }
+
+    fn copy_from_async(&self, req: AsyncCopy<'_>) -> Result<(), DeviceError> {
+        let id = self.id.clone();
+        let dptr = self.dptr;
+        let base = req.src.as_ptr() as usize;
+        let ops = req.ops.to_vec();
+        let src_pinned = req.src_pinned;
+        let done = self
+            .copy_done
+            .get(req.slot)
+            .map(|(ev, _)| *ev)
+            .ok_or_else(|| {
+                DeviceError::Unsupported(format!("slot {} has no copy-done event", req.slot))
+            })?;
+        let slot_free = req.slot_free.map(<[u8]>::to_vec);
+        let opened = Arc::clone(&self.opened);
+        self.driver.run(move |st| {
+            st.context()?;
+            let stream = st.stream()?;
+            if let Some(handle) = slot_free {
+                let ev = open_event(&id, &opened, handle)?;
+                // SAFETY: an event opened from the worker's handle; our stream.
+                check(&id, "cuStreamWaitEvent", unsafe {
+                    sys::cuStreamWaitEvent(stream, ev as sys::CUevent, 0)
+                })?;
+            }
+            enqueue(st, &id, base, dptr, &ops, src_pinned)?;
+            // SAFETY: our inter-process event, our stream.
+            check(&id, "cuEventRecord", unsafe {
+                sys::cuEventRecord(done as sys::CUevent, stream)
+            })
+        })?
+    }
+}
+
+/// Opens a worker's event handle once and caches it for the lease's life.
+fn open_event(
+    id: &str,
+    opened: &Mutex<HashMap<Vec<u8>, usize>>,
+    handle: Vec<u8>,
+) -> Result<usize, DeviceError> {
+    let mut cache = opened.lock().expect("event cache lock");
+    if let Some(ev) = cache.get(&handle) {
+        return Ok(*ev);
+    }
+    if handle.len() != 64 {
+        return Err(DeviceError::Unsupported(format!(
+            "slot_free_event must be a 64-byte CUDA IPC event handle, got {} bytes",
+            handle.len()
+        )));
+    }
+    let mut h = sys::CUipcEventHandle { reserved: [0; 64] };
+    for (d, s) in h.reserved.iter_mut().zip(&handle) {
+        *d = *s as std::ffi::c_char;
+    }
+    let mut ev = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local; the handle came from the worker's cuIpcGetEventHandle.
+    check(id, "cuIpcOpenEventHandle", unsafe {
+        sys::cuIpcOpenEventHandle(&mut ev, h)
+    })?;
+    cache.insert(handle, ev as usize);
+    Ok(ev as usize)
 }
 
 /// Pageable pool → pinned staging buffer (CPU copy, several threads) → device (async DMA),
@@ -175,10 +324,26 @@ impl Drop for CudaStatic {
     fn drop(&mut self) {
         let dptr = self.dptr;
         let id = self.id.clone();
+        let events: Vec<usize> = self.copy_done.iter().map(|(ev, _)| *ev).collect();
+        let opened: Vec<usize> = self
+            .opened
+            .lock()
+            .expect("event cache lock")
+            .values()
+            .copied()
+            .collect();
         let res = self.driver.run(move |st| {
             st.context()?;
-            // SAFETY: frees the allocation made in `alloc`; no copy is in flight (copies
-            // synchronise before returning).
+            let stream = st.stream()?;
+            // SAFETY: asynchronous copies may still be in flight into this buffer: drain the
+            // stream, then release the events and the allocation made in `alloc`.
+            unsafe {
+                sys::cuStreamSynchronize(stream);
+                for ev in events.iter().chain(&opened) {
+                    sys::cuEventDestroy_v2(*ev as sys::CUevent);
+                }
+            }
+            // SAFETY: see above.
             check(&id, "cuMemFree", unsafe { sys::cuMemFree_v2(dptr) })
         });
         if !matches!(res, Ok(Ok(()))) {
