@@ -45,6 +45,10 @@ pub enum PoolError {
     #[error("pool {0:?} not found; ListPools shows the pools")]
     NotFound(String),
     #[error(
+        "device {device} is unavailable: it faulted with {cause}; restart offloadd or use another device"
+    )]
+    DeviceFaulted { device: String, cause: String },
+    #[error(
         "pool {name:?} is in use ({used_bytes} bytes hold model weights); unregister its models first"
     )]
     InUse { name: String, used_bytes: u64 },
@@ -172,6 +176,12 @@ impl Pools {
                 device: req.device.clone(),
                 known: self.params.devices.ids(),
             })?;
+        if let Some(cause) = device.fault() {
+            return Err(PoolError::DeviceFaulted {
+                device: req.device.clone(),
+                cause,
+            });
+        }
         {
             let mut inner = self.inner.lock().expect("pools lock");
             if inner.pools.contains_key(&req.name) || inner.creating.contains_key(&req.name) {

@@ -127,6 +127,10 @@ pub enum DeviceError {
     },
     #[error("{0} is unavailable: its driver thread has stopped")]
     Gone(String),
+    #[error(
+        "{device} faulted earlier with {cause}; it is unusable until offloadd restarts (other devices keep serving)"
+    )]
+    Faulted { device: String, cause: String },
     #[error("static buffers: {0}")]
     HostMem(#[from] host::HostMemError),
     #[error("{0} does not support this yet")]
@@ -137,6 +141,10 @@ pub enum DeviceError {
 /// read on every pool creation and every GetInfo.
 pub trait Device: Send + Sync + fmt::Debug {
     fn info(&self) -> &DeviceInfo;
+    /// Why the device is unusable (a sticky CUDA error), if it is.
+    fn fault(&self) -> Option<String> {
+        None
+    }
     /// Capabilities for pinning `bytes` more bytes.
     fn capabilities(&self, bytes: u64) -> Capabilities;
     /// Pins exactly the region (never rounded up). Called only when the policy said pin.

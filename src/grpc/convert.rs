@@ -44,6 +44,7 @@ pub fn device(core: &Core, d: &dyn Device) -> proto::Device {
             unified_addressing: a.unified_addressing,
         }),
         pin_decision: Some(decision(&core.pools.decision_for(d, probe_bytes))),
+        fault: d.fault().unwrap_or_default(),
     }
 }
 

@@ -27,6 +27,7 @@ impl From<PoolError> for Status {
             PoolError::AlreadyExists(_) => Code::AlreadyExists,
             PoolError::OverBudget { .. } => Code::ResourceExhausted,
             PoolError::NotFound(_) => Code::NotFound,
+            PoolError::DeviceFaulted { .. } => Code::Unavailable,
             PoolError::InUse { .. } => Code::FailedPrecondition,
             PoolError::HostMem {
                 source: HostMemError::Io { source, .. },
@@ -108,7 +109,8 @@ impl From<LeaseError> for Status {
 
 fn device_code(d: &DeviceError) -> Code {
     match d {
-        DeviceError::Gone(_) => Code::Unavailable,
+        DeviceError::Gone(_) | DeviceError::Faulted { .. } => Code::Unavailable,
+        DeviceError::Cuda { name, .. } if crate::device::cuda::is_sticky(name) => Code::Unavailable,
         DeviceError::Unsupported(_) => Code::FailedPrecondition,
         DeviceError::Cuda { name, .. } if name.contains("OUT_OF_MEMORY") => Code::ResourceExhausted,
         DeviceError::HostMem(crate::device::host::HostMemError::Io { source, .. }) => {

@@ -45,6 +45,10 @@ impl Device for CudaDevice {
         &self.info
     }
 
+    fn fault(&self) -> Option<String> {
+        self.driver.fault()
+    }
+
     fn capabilities(&self, _bytes: u64) -> Capabilities {
         let pin = if self.wsl {
             Err("running under WSL, where vLLM does not pin host memory".to_string())
@@ -72,7 +76,7 @@ impl Device for CudaDevice {
         let addr = region.as_ptr() as usize;
         let len = region.len();
         let id = self.info.id.clone();
-        self.driver.run(move |st| {
+        self.driver.run_checked(move |st| {
             st.context()?;
             // SAFETY: registers exactly our live mapping; `CudaPin` keeps it mapped until it
             // has been unregistered.
@@ -85,7 +89,7 @@ impl Device for CudaDevice {
                     name: super::error_name(e),
                 }),
             }
-        })??;
+        })?;
         Ok(Box::new(CudaPin {
             region: Arc::clone(region),
             driver: Arc::clone(&self.driver),
@@ -101,7 +105,7 @@ impl Device for CudaDevice {
         let id = self.info.id.clone();
         let a = self
             .driver
-            .run(move |st| super::statics::alloc(st, &id, len, slots))??;
+            .run_checked(move |st| super::statics::alloc(st, &id, len, slots))?;
         Ok(Box::new(super::statics::CudaStatic::new(
             self.info.id.clone(),
             a,

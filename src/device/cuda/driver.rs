@@ -129,11 +129,32 @@ impl Drop for DriverState {
     }
 }
 
+/// Errors after which a CUDA context is unusable ("sticky"): the device is marked faulted and
+/// answers UNAVAILABLE until the daemon restarts, while other devices keep serving.
+const STICKY: &[&str] = &[
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "CUDA_ERROR_NVLINK_UNCORRECTABLE",
+    "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+];
+
+pub fn is_sticky(error_name: &str) -> bool {
+    STICKY.contains(&error_name)
+}
+
 /// Handle to the thread. Dropping it lets the thread finish its queue and exit.
 #[derive(Debug)]
 pub struct DriverThread {
     id: String,
     tx: Mutex<mpsc::Sender<Job>>,
+    /// The sticky error that faulted the device, once one has.
+    fault: Mutex<Option<String>>,
 }
 
 impl DriverThread {
@@ -156,7 +177,35 @@ impl DriverThread {
         Ok(Self {
             id,
             tx: Mutex::new(tx),
+            fault: Mutex::new(None),
         })
+    }
+
+    /// The error that faulted the device, if one has.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().expect("fault lock").clone()
+    }
+
+    /// Runs a driver job unless the device has faulted; a sticky CUDA error from the job faults
+    /// the device for every later call.
+    pub fn run_checked<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DriverState) -> Result<R, DeviceError> + Send + 'static,
+    ) -> Result<R, DeviceError> {
+        if let Some(cause) = self.fault() {
+            return Err(DeviceError::Faulted {
+                device: self.id.clone(),
+                cause,
+            });
+        }
+        let result = self.run(f)?;
+        if let Err(DeviceError::Cuda { name, call, .. }) = &result {
+            if is_sticky(name) {
+                tracing::error!(device = %self.id, call, error = %name, "device faulted; it answers UNAVAILABLE until offloadd restarts");
+                *self.fault.lock().expect("fault lock") = Some(name.clone());
+            }
+        }
+        result
     }
 
     /// Runs `f` on the driver thread and waits for its result (call from blocking contexts).
@@ -176,5 +225,47 @@ impl DriverThread {
         done_rx
             .recv()
             .map_err(|_| DeviceError::Gone(self.id.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No driver is needed: the jobs below never call CUDA.
+    #[test]
+    fn a_sticky_error_faults_the_device_and_later_calls_are_refused() {
+        let t = DriverThread::spawn(7).unwrap();
+        assert_eq!(t.run_checked(|st| Ok(st.ordinal)).unwrap(), 7);
+        let transient = t.run_checked::<()>(|_| {
+            Err(DeviceError::Cuda {
+                device: "cuda:7".into(),
+                call: "cuMemAlloc",
+                name: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+            })
+        });
+        assert!(transient.is_err());
+        assert_eq!(t.fault(), None, "out of memory is not sticky");
+        let _ = t.run_checked::<()>(|_| {
+            Err(DeviceError::Cuda {
+                device: "cuda:7".into(),
+                call: "cuMemcpyHtoDAsync",
+                name: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+            })
+        });
+        assert_eq!(t.fault().as_deref(), Some("CUDA_ERROR_ILLEGAL_ADDRESS"));
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = {
+            let ran = ran.clone();
+            t.run_checked(move |_| {
+                ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
+        };
+        assert!(matches!(r, Err(DeviceError::Faulted { .. })), "{r:?}");
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "nothing runs on a faulted device"
+        );
     }
 }

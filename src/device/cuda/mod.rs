@@ -7,7 +7,7 @@ mod probe;
 mod statics;
 
 pub use device::CudaDevice;
-pub use driver::DriverThread;
+pub use driver::{DriverThread, is_sticky};
 pub use probe::{CudaProbe, probe};
 
 /// The driver's name for an error code, e.g. `CUDA_ERROR_OUT_OF_MEMORY`. Only called once the

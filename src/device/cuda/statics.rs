@@ -183,7 +183,7 @@ impl StaticBuffer for CudaStatic {
         let dptr = self.dptr;
         let base = src.as_ptr() as usize;
         let ops = ops.to_vec();
-        self.driver.run(move |st| {
+        self.driver.run_checked(move |st| {
             st.context()?;
             enqueue(st, &id, base, dptr, &ops, src_pinned)?;
             let stream = st.stream()?;
@@ -191,7 +191,7 @@ impl StaticBuffer for CudaStatic {
             check(&id, "cuStreamSynchronize", unsafe {
                 sys::cuStreamSynchronize(stream)
             })
-        })?
+        })
     }
 
     fn copy_from_async(&self, req: AsyncCopy<'_>) -> Result<(), DeviceError> {
@@ -209,7 +209,7 @@ impl StaticBuffer for CudaStatic {
             })?;
         let slot_free = req.slot_free.map(<[u8]>::to_vec);
         let opened = Arc::clone(&self.opened);
-        self.driver.run(move |st| {
+        self.driver.run_checked(move |st| {
             st.context()?;
             let stream = st.stream()?;
             if let Some(handle) = slot_free {
@@ -224,7 +224,7 @@ impl StaticBuffer for CudaStatic {
             check(&id, "cuEventRecord", unsafe {
                 sys::cuEventRecord(done as sys::CUevent, stream)
             })
-        })?
+        })
     }
 }
 
