@@ -143,10 +143,11 @@ fn serve(file: Option<PathBuf>, flags: &Overrides) -> ExitCode {
         disable_uva = vllm_env.disable_uva,
         "offloadd starting"
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        builder.worker_threads(config.server.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("offloadd: cannot start the async runtime: {e}");

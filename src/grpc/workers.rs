@@ -12,9 +12,10 @@ use crate::core::backend::plan::Placement;
 use crate::core::leases::{AttachRequest, Lease, LeaseError};
 use crate::proto;
 
-/// Layers at most this large are copied on the async runtime: a thread hop costs more than the
-/// copy. Larger ones go to a blocking thread.
-const INLINE_COPY_BYTES: u64 = 1 << 20;
+/// Layers at most this large are copied on the async runtime (about 10 µs): a thread hop costs
+/// more than the copy. Larger ones go to a blocking thread, so one big copy never delays other
+/// workers' calls.
+const INLINE_COPY_BYTES: u64 = 64 << 10;
 
 pub async fn attach(
     core: &Arc<Core>,
