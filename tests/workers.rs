@@ -633,3 +633,41 @@ async fn the_pin_decision_travels_to_the_worker() {
         assert!(f.d.terminate().await.success());
     }
 }
+
+#[tokio::test]
+async fn getinfo_and_leases_report_the_uva_mode() {
+    for (disable, want) in [(None, UvaMode::HostMapped), (Some("1"), UvaMode::CopyOnUse)] {
+        let mut f = fixture(|b| match disable {
+            Some(v) => b.env("VLLM_WEIGHT_OFFLOADING_DISABLE_UVA", v),
+            None => b,
+        })
+        .await;
+        let info =
+            f.c.get_info(offloadd::proto::GetInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+        assert_eq!(info.devices[0].uva_mode(), want);
+        register(
+            &mut f.c,
+            "m",
+            &f.ckpt,
+            Some(register_model_request::Backend::Uva(UvaConfig {
+                cpu_offload_bytes: 1,
+                params: vec![],
+            })),
+        )
+        .await;
+        let lease =
+            f.c.attach_worker(AttachWorkerRequest {
+                model: "m".into(),
+                worker_name: "w".into(),
+                ttl_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(lease.uva_mode(), want);
+        assert!(f.d.terminate().await.success());
+    }
+}

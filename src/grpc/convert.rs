@@ -27,6 +27,7 @@ pub fn device(core: &Core, d: &dyn Device) -> proto::Device {
     // reflects the policy rather than an arbitrary size.
     let probe_bytes = caps.max_pinnable_bytes.clamp(1, u64::MAX);
     let a = info.attributes;
+    let would = core.pools.decision_for(d, probe_bytes);
     proto::Device {
         id: info.id.clone(),
         kind: info.kind.to_string(),
@@ -43,8 +44,13 @@ pub fn device(core: &Core, d: &dyn Device) -> proto::Device {
             integrated: a.integrated,
             unified_addressing: a.unified_addressing,
         }),
-        pin_decision: Some(decision(&core.pools.decision_for(d, probe_bytes))),
+        pin_decision: Some(decision(&would)),
         fault: d.fault().unwrap_or_default(),
+        uva_mode: uva_mode(crate::core::backend::access::uva_mode(
+            info,
+            would.pin,
+            core.node.params.vllm_env.disable_uva,
+        )) as i32,
     }
 }
 
