@@ -5,9 +5,10 @@
 //!
 //! `cargo bench --bench register` (OFFLOADD_BENCH_MODEL_MIB sets the size, default 1600).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -15,7 +16,6 @@ use offloadd::device::host::HostRegion;
 use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use tokio::io::AsyncBufReadExt;
 
 const ROUNDS: usize = 3;
 const CHUNK: u64 = 16 << 20;
@@ -174,24 +174,9 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let daemon_secs = rt.block_on(async {
         let uds = work.path().join("offloadd.sock");
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_offloadd"))
-            .args(["serve", "--uds-path"])
-            .arg(&uds)
-            .arg("--pools-dir")
-            .arg(shm.path().join("pools"))
-            .arg("--set")
-            .arg(format!("models.roots={}", ckpt.display()))
-            .env(
-                "OFFLOADD_LOG",
-                std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        lines.next_line().await.unwrap().expect("ready line");
-        let mut c = offloadd::client::offload(offloadd::client::connect_uds(&uds).await.unwrap());
+        let (mut child, channel) =
+            common::start_daemon(&uds, &shm.path().join("pools"), &ckpt).await;
+        let mut c = offloadd::client::offload(channel);
         let pool_bytes = bytes + (64 << 20);
         c.create_pool(CreatePoolRequest {
             name: "p".into(),

@@ -7,8 +7,9 @@
 //!
 //! `cargo bench --bench workers`
 
+mod common;
+
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use offloadd::device::host::HostRegion;
@@ -20,7 +21,6 @@ use offloadd::proto::{
 use offloadd::worker::Worker;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use tokio::io::AsyncBufReadExt;
 use tonic::transport::Channel;
 
 const BIG_LAYER: usize = 64 << 20;
@@ -157,21 +157,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let uds = work.path().join("offloadd.sock");
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_offloadd"))
-            .args(["serve", "--uds-path"])
-            .arg(&uds)
-            .arg("--pools-dir")
-            .arg(shm.path().join("pools"))
-            .arg("--set")
-            .arg(format!("models.roots={}", root.display()))
-            .env("OFFLOADD_LOG", "warn")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        lines.next_line().await.unwrap().expect("ready line");
-        let channel: Channel = offloadd::client::connect_uds(&uds).await.unwrap();
+        let (mut child, channel) = common::start_daemon(&uds, &shm.path().join("pools"), &root).await;
         let mut c = OffloadClient::new(channel.clone());
         c.create_pool(CreatePoolRequest { name: "p".into(), device: "cpu".into(), size_bytes: big_bytes + (8 << 20) })
             .await

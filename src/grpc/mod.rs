@@ -1,6 +1,7 @@
 //! The gRPC face of the daemon: service implementation, proto conversion, the single mapping of
 //! errors to `tonic::Status`, listeners and the server lifecycle.
 
+mod blocking;
 mod convert;
 pub mod listen;
 mod models;

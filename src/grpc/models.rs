@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::Status;
 
+use super::blocking::blocking;
 use super::convert;
-use super::status::join_error;
 use crate::core::Core;
 use crate::core::backend::BackendConfig;
 use crate::core::models::model::{Model, ModelState};
@@ -66,12 +66,7 @@ pub async fn start_load(core: &Arc<Core>, req: RegisterRequest) -> Result<Arc<Mo
 }
 
 async fn prepare(core: &Arc<Core>, req: RegisterRequest) -> Result<PendingLoad, Status> {
-    let c = Arc::clone(core);
-    Ok(
-        tokio::task::spawn_blocking(move || c.models.prepare(&c.pools, &req))
-            .await
-            .map_err(join_error)??,
-    )
+    blocking(core, move |c| c.models.prepare(&c.pools, &req)).await
 }
 
 fn spawn_load(core: &Arc<Core>, pending: PendingLoad) {
@@ -118,17 +113,11 @@ pub async fn create(
             .collect(),
         backend: r.backend.map(BackendConfig::from),
     };
-    let c = Arc::clone(core);
-    let model = tokio::task::spawn_blocking(move || c.models.create_published(&c.pools, &req))
-        .await
-        .map_err(join_error)??;
+    let model = blocking(core, move |c| c.models.create_published(&c.pools, &req)).await?;
     Ok(convert::model(&model, true))
 }
 
 pub async fn seal(core: &Arc<Core>, name: String) -> Result<proto::Model, Status> {
-    let c = Arc::clone(core);
-    let model = tokio::task::spawn_blocking(move || c.models.seal(&name))
-        .await
-        .map_err(join_error)??;
+    let model = blocking(core, move |c| c.models.seal(&name)).await?;
     Ok(convert::model(&model, false))
 }

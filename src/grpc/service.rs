@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::blocking::blocking;
 use super::convert;
 use super::models::{self, ProgressStream};
-use super::status::join_error;
 use super::workers;
 use crate::core::Core;
 use crate::core::backend::BackendConfig;
@@ -29,17 +29,6 @@ impl OffloadService {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
-    }
-
-    /// Runs blocking core work (page faults, mlock, driver calls) off the async runtime.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Core) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let core = Arc::clone(&self.core);
-        tokio::task::spawn_blocking(move || f(&core))
-            .await
-            .map_err(join_error)?
     }
 }
 
@@ -67,9 +56,7 @@ impl Offload for OffloadService {
             },
             size_bytes: r.size_bytes,
         };
-        let pool = self
-            .blocking(move |core| Ok(core.pools.create(&req)?))
-            .await?;
+        let pool = blocking(&self.core, move |core| core.pools.create(&req)).await?;
         Ok(Response::new(convert::pool(&pool)))
     }
 
@@ -98,14 +85,13 @@ impl Offload for OffloadService {
     async fn delete_pool(&self, request: Request<proto::DeletePoolRequest>) -> Reply<proto::Pool> {
         let name = request.into_inner().name;
         // Dropping the pool unpins (possibly a driver call) and unmaps: keep it off the runtime.
-        let reply = self
-            .blocking(move |core| {
-                let pool = core.pools.delete(&name)?;
-                let reply = convert::pool(&pool);
-                drop(pool);
-                Ok(reply)
-            })
-            .await?;
+        let reply = blocking(&self.core, move |core| {
+            let pool = core.pools.delete(&name)?;
+            let reply = convert::pool(&pool);
+            drop(pool);
+            Ok::<_, Status>(reply)
+        })
+        .await?;
         Ok(Response::new(reply))
     }
 

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Status;
 
+use super::blocking::blocking;
 use super::convert;
 use super::status::join_error;
 use crate::core::Core;
@@ -26,10 +27,7 @@ pub async fn attach(
         worker_name: r.worker_name,
         ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
     };
-    let c = Arc::clone(core);
-    let lease = tokio::task::spawn_blocking(move || c.leases.attach(&c.models, &req))
-        .await
-        .map_err(join_error)??;
+    let lease = blocking(core, move |c| c.leases.attach(&c.models, &req)).await?;
     Ok(lease_proto(&lease))
 }
 
