@@ -105,6 +105,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
             vllm_env,
             cuda_absent_reason: probe.absent_reason,
             tcp_bound,
+            metrics_bound,
             max_host_bytes,
         }),
         pools,

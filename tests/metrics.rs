@@ -46,6 +46,16 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
         .unwrap();
     let addr = d.metrics.expect("metrics address in the ready line");
     let mut c = d.client().await;
+    let info = c
+        .get_info(offloadd::proto::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.config.unwrap().metrics_addr,
+        addr.to_string(),
+        "GetInfo shows the bound address"
+    );
     c.create_pool(CreatePoolRequest {
         name: "p".into(),
         device: "cpu".into(),

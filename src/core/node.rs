@@ -14,6 +14,8 @@ pub struct NodeParams {
     pub cuda_absent_reason: Option<String>,
     /// The TCP address actually bound, which differs from the configured one for port 0.
     pub tcp_bound: Option<SocketAddr>,
+    /// The metrics address actually bound.
+    pub metrics_bound: Option<SocketAddr>,
     /// Budget for all pools after the default was applied.
     pub max_host_bytes: u64,
 }

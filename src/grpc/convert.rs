@@ -102,7 +102,7 @@ pub fn info(core: &Core) -> proto::GetInfoResponse {
                 .iter()
                 .map(|r| r.display().to_string())
                 .collect(),
-            metrics_addr: c.metrics.addr.map(|a| a.to_string()).unwrap_or_default(),
+            metrics_addr: p.metrics_bound.map(|a| a.to_string()).unwrap_or_default(),
         }),
     }
 }
