@@ -51,7 +51,12 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 /// Round trips of `workers` concurrent workers, each on its own connection. With `pace`, each
 /// worker issues one call per period, as a worker does once per layer between compute; without,
 /// they call back to back (saturation: latency then measures queueing, not the call).
-async fn rtt(uds: &Path, workers: usize, pace: Option<Duration>) -> (Duration, Duration) {
+async fn rtt(
+    uds: &Path,
+    workers: usize,
+    pace: Option<Duration>,
+    doorbell: bool,
+) -> (Duration, Duration) {
     // Each worker on its own thread with a current-thread runtime, like a worker process:
     // a multi-thread client runtime adds its own cross-thread hand-offs to every call.
     let mut tasks = Vec::new();
@@ -63,17 +68,12 @@ async fn rtt(uds: &Path, workers: usize, pace: Option<Duration>) -> (Duration, D
                 .build()
                 .unwrap()
                 .block_on(async move {
-                    let mut c =
-                        OffloadClient::new(offloadd::client::connect_uds(&uds).await.unwrap());
-                    let lease = c
-                        .attach_worker(AttachWorkerRequest {
-                            model: "small".into(),
-                            worker_name: format!("w{i}"),
-                            ttl_ms: 60_000,
-                        })
+                    let channel = offloadd::client::connect_uds(&uds).await.unwrap();
+                    let mut c = OffloadClient::new(channel.clone());
+                    let w = Worker::attach(channel, "small", &format!("w{i}"), 60_000)
                         .await
-                        .unwrap()
-                        .into_inner();
+                        .unwrap();
+                    let lease = w.lease.clone();
                     let n = lease.offloaded_layers.len() as u32;
                     let mut times = Vec::with_capacity(RTT_CALLS / workers.max(1) + 1);
                     let mut tick = pace.map(|p| {
@@ -86,13 +86,17 @@ async fn rtt(uds: &Path, workers: usize, pace: Option<Duration>) -> (Duration, D
                             t.tick().await;
                         }
                         let t = Instant::now();
-                        c.onload_to_static(OnloadToStaticRequest {
-                            lease_id: lease.lease_id.clone(),
-                            layer: k as u32 % n,
-                            ..Default::default()
-                        })
-                        .await
-                        .unwrap();
+                        if doorbell {
+                            w.onload_doorbell(k as u32 % n).unwrap();
+                        } else {
+                            c.onload_to_static(OnloadToStaticRequest {
+                                lease_id: lease.lease_id.clone(),
+                                layer: k as u32 % n,
+                                ..Default::default()
+                            })
+                            .await
+                            .unwrap();
+                        }
                         times.push(t.elapsed());
                     }
                     c.detach_worker(DetachWorkerRequest {
@@ -215,9 +219,12 @@ fn main() {
         c.detach_worker(DetachWorkerRequest { lease_id: lease.lease_id }).await.unwrap();
 
         // 3. Round trips.
-        let one = rtt(&uds, 1, None).await;
-        let paced = rtt(&uds, 32, Some(PACE)).await;
-        let many = rtt(&uds, 32, None).await;
+        let one = rtt(&uds, 1, None, false).await;
+        let paced = rtt(&uds, 32, Some(PACE), false).await;
+        let many = rtt(&uds, 32, None, false).await;
+        let db_one = rtt(&uds, 1, None, true).await;
+        let db_paced = rtt(&uds, 32, Some(PACE), true).await;
+        let db_many = rtt(&uds, 32, None, true).await;
         child.kill().await.unwrap();
 
         let gbps = |b: f64, s: f64| b / s / 1e9;
@@ -231,5 +238,9 @@ fn main() {
         println!("OnloadToStatic 4 KiB, 1 worker     : p50 {:6.1} us  p99 {:7.1} us", one.0.as_secs_f64() * 1e6, one.1.as_secs_f64() * 1e6);
         println!("OnloadToStatic 4 KiB, 32 workers, one call per {PACE:?} each: p50 {:6.1} us  p99 {:7.1} us (targets p50 <= 100 us, p99 <= 1 ms)", paced.0.as_secs_f64() * 1e6, paced.1.as_secs_f64() * 1e6);
         println!("OnloadToStatic 4 KiB, 32 workers back to back (saturated): p50 {:6.1} us  p99 {:7.1} us", many.0.as_secs_f64() * 1e6, many.1.as_secs_f64() * 1e6);
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!("doorbell 4 KiB, 1 worker            : p50 {:6.1} us  p99 {:7.1} us", us(db_one.0), us(db_one.1));
+        println!("doorbell 4 KiB, 32 workers, one call per {PACE:?} each: p50 {:6.1} us  p99 {:7.1} us (targets p50 <= 100 us, p99 <= 1 ms)", us(db_paced.0), us(db_paced.1));
+        println!("doorbell 4 KiB, 32 workers back to back: p50 {:6.1} us  p99 {:7.1} us", us(db_many.0), us(db_many.1));
     });
 }

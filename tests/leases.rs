@@ -256,3 +256,55 @@ async fn getinfo_and_leases_report_the_uva_mode() {
         assert!(f.d.terminate().await.success());
     }
 }
+
+#[tokio::test]
+async fn the_doorbell_onloads_without_an_rpc_and_closes_with_the_lease() {
+    let mut f = fixture(|b| b).await;
+    register(
+        &mut f.c,
+        "m",
+        &f.ckpt,
+        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
+    )
+    .await;
+
+    // A worker process that onloads only through the doorbell, verifying every slot.
+    let done = WorkerProc::spawn(&f.d, "m", &["--passes", "3", "--doorbell"])
+        .finish()
+        .await;
+    assert_eq!(done["onloads"].as_u64().unwrap(), 2 + 3 * LAYERS as u64);
+
+    // The library, in this process: errors come back as status codes; the page goes with the lease.
+    let w = offloadd::worker::Worker::attach(f.d.channel().await, "m", "lib", 0)
+        .await
+        .unwrap();
+    assert!(w.has_doorbell());
+    let page = w
+        .lease
+        .segments
+        .iter()
+        .find(|s| s.kind() == offloadd::proto::SegmentKind::Doorbell)
+        .unwrap()
+        .path
+        .clone();
+    assert!(Path::new(&page).exists());
+    assert!(w.onload_doorbell(3).unwrap() > 0);
+    match w.onload_doorbell(99) {
+        Err(offloadd::worker::WorkerError::Rpc(s)) => assert_eq!(s.code(), Code::InvalidArgument),
+        other => panic!("{other:?}"),
+    }
+    f.c.detach_worker(DetachWorkerRequest {
+        lease_id: w.lease.lease_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        w.onload_doorbell(3),
+        Err(offloadd::worker::WorkerError::DoorbellClosed)
+    ));
+    assert!(
+        !Path::new(&page).exists(),
+        "doorbell page removed with the lease"
+    );
+    assert!(f.d.terminate().await.success());
+}

@@ -42,6 +42,9 @@ struct Args {
     /// Also compare every tensor's bytes with this checkpoint (file or directory of shards).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Onload through the lease's doorbell page instead of the OnloadToStatic RPC.
+    #[arg(long)]
+    doorbell: bool,
     /// Instead of verifying, onload every offloaded layer this many times and print GB/s.
     #[arg(long)]
     onload_bench: Option<u32>,
@@ -104,7 +107,7 @@ async fn run(args: Args) -> Result<()> {
         w.detach().await?;
         return Ok(());
     }
-    let stats = forward_passes(&mut w, args.passes).await?;
+    let stats = forward_passes(&mut w, args.passes, args.doorbell).await?;
     let matched = match &args.checkpoint {
         Some(path) => compare_with_checkpoint(&w, path)?,
         None => 0,
@@ -137,13 +140,13 @@ struct Stats {
 /// prefetched up front; after offloaded layer k runs, `prefetch_next[k]` is onloaded into the
 /// slot k just freed. Every read is checksummed, so a prefetch that overwrote a slot still
 /// needed would fail here.
-async fn forward_passes(w: &mut Worker, passes: u32) -> Result<Stats> {
+async fn forward_passes(w: &mut Worker, passes: u32, doorbell: bool) -> Result<Stats> {
     let mut s = Stats::default();
     let offloaded = w.lease.offloaded_layers.clone();
     let next = w.lease.prefetch_next.clone();
     let slots = w.lease.prefetch_slots as usize;
     for &layer in offloaded.iter().take(slots) {
-        w.onload(layer).await?;
+        onload(w, layer, doorbell).await?;
         s.onloads += 1;
     }
     for _ in 0..passes {
@@ -166,11 +169,20 @@ async fn forward_passes(w: &mut Worker, passes: u32) -> Result<Stats> {
                 s.tensors += 1;
                 s.bytes += bytes.len() as u64;
             }
-            w.onload(next[k]).await?;
+            onload(w, next[k], doorbell).await?;
             s.onloads += 1;
         }
     }
     Ok(s)
+}
+
+async fn onload(w: &mut Worker, layer: u32, doorbell: bool) -> Result<()> {
+    if doorbell {
+        w.onload_doorbell(layer)?;
+    } else {
+        w.onload(layer).await?;
+    }
+    Ok(())
 }
 
 /// Compares every tensor's host copy with the checkpoint on disk, byte for byte.

@@ -15,6 +15,7 @@ use super::alloc::MIN_ALIGN;
 use super::backend::BackendConfig;
 use super::backend::access::{UvaMode, uva_mode};
 use super::backend::plan::{self, Placement, Plan};
+use super::doorbell::Doorbell;
 use super::models::model::{Model, TensorEntry};
 use super::models::{ModelError, Models};
 use super::pin_policy::PinDecision;
@@ -22,6 +23,8 @@ use crate::device::{AsyncCopy, CopyOp, DeviceError, StaticBuffer};
 
 /// Static buffer files live beside the pools and are swept with them after a crash.
 pub const STATIC_FILE_PREFIX: &str = "offloadd-static-";
+/// Doorbell pages, likewise.
+pub const DOORBELL_FILE_PREFIX: &str = "offloadd-doorbell-";
 
 #[derive(Debug, Error)]
 pub enum LeaseError {
@@ -72,6 +75,8 @@ pub struct Lease {
     /// Per tensor, its slot in `statics` (PREFETCH tensors only).
     pub static_slots: Vec<Option<StaticSlot>>,
     pub statics: Option<Box<dyn StaticBuffer>>,
+    /// Prefetch leases: the page through which the worker can onload without an RPC.
+    pub doorbell: Option<Doorbell>,
     /// Per offloaded layer index k, the copies that onload it.
     onload_ops: HashMap<u32, Vec<CopyOp>>,
     expires: Mutex<Instant>,
@@ -225,6 +230,7 @@ impl Leases {
         let mut static_slots = vec![None; tensors.len()];
         let mut onload_ops: HashMap<u32, Vec<CopyOp>> = HashMap::new();
         let mut statics = None;
+        let mut doorbell = None;
         if let Some(pf) = &plan.prefetch {
             // Layout: slot-major, each (key, slot) buffer 256-byte aligned.
             let mut key_offsets = Vec::with_capacity(pf.keys.len());
@@ -251,6 +257,11 @@ impl Leases {
                 .static_dir
                 .join(format!("{STATIC_FILE_PREFIX}{id}"));
             statics = Some(pool.device.alloc_static(&path, total, pf.slots)?);
+            let path = self
+                .params
+                .static_dir
+                .join(format!("{DOORBELL_FILE_PREFIX}{id}"));
+            doorbell = Some(Doorbell::create(&path).map_err(DeviceError::from)?);
         }
         let pinned = pool.pinned();
         Ok(Lease {
@@ -262,6 +273,7 @@ impl Leases {
             uva_mode: uva_mode(pool.device.info(), pinned, self.params.disable_uva),
             static_slots,
             statics,
+            doorbell,
             onload_ops,
             expires: Mutex::new(Instant::now() + req.ttl.unwrap_or(self.params.default_ttl)),
             tensors,
@@ -341,6 +353,9 @@ impl Leases {
 }
 
 fn end(lease: Arc<Lease>, why: EndReason) {
+    if let Some(d) = &lease.doorbell {
+        d.close();
+    }
     lease.model.attached.fetch_sub(1, Ordering::AcqRel);
     lease.model.touch();
     tracing::info!(lease = %lease.id, worker = %lease.worker_name, model = %lease.model.name, reason = ?why, "lease ended");

@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod backend;
+pub mod doorbell;
 pub mod leases;
 pub mod models;
 mod node;

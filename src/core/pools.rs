@@ -317,11 +317,14 @@ fn stale_pool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(POOL_FILE_PREFIX)
-        {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = [
+            POOL_FILE_PREFIX,
+            super::leases::STATIC_FILE_PREFIX,
+            super::leases::DOORBELL_FILE_PREFIX,
+        ];
+        if ours.iter().any(|p| name.starts_with(p)) {
             out.push(entry.path());
         }
     }

@@ -186,7 +186,7 @@ impl Offload for OffloadService {
         request: Request<proto::AttachWorkerRequest>,
     ) -> Reply<proto::Lease> {
         Ok(Response::new(
-            workers::attach(&self.core, request.into_inner()).await?,
+            workers::attach(&self.core, self.metrics(), request.into_inner()).await?,
         ))
     }
 

@@ -11,6 +11,7 @@ use super::status::join_error;
 use crate::core::Core;
 use crate::core::backend::plan::Placement;
 use crate::core::leases::{AttachRequest, Lease, LeaseError};
+use crate::metrics::Metrics;
 use crate::proto;
 
 /// Layers at most this large are copied on the async runtime (about 10 µs): a thread hop costs
@@ -20,6 +21,7 @@ const INLINE_COPY_BYTES: u64 = 64 << 10;
 
 pub async fn attach(
     core: &Arc<Core>,
+    metrics: Arc<Metrics>,
     r: proto::AttachWorkerRequest,
 ) -> Result<proto::Lease, Status> {
     let req = AttachRequest {
@@ -28,6 +30,25 @@ pub async fn attach(
         ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
     };
     let lease = blocking(core, move |c| c.leases.attach(&c.models, &req)).await?;
+    if let Some(doorbell) = &lease.doorbell {
+        let weak = Arc::downgrade(&lease);
+        let handler = Box::new(move |layer| {
+            let lease = weak.upgrade()?;
+            let started = Instant::now();
+            Some(match lease.onload(layer) {
+                Ok((bytes, _slot)) => {
+                    metrics.onload(bytes, started.elapsed());
+                    (0, bytes)
+                }
+                Err(e) => (Status::from(e).code() as u32, 0),
+            })
+        });
+        if let Err(e) = doorbell.serve(format!("doorbell-{}", &lease.id[..8]), handler) {
+            // Workers see the doorbell closed and fall back to the RPC.
+            tracing::warn!(lease = %lease.id, error = %e, "cannot start the doorbell thread");
+            doorbell.close();
+        }
+    }
     Ok(lease_proto(&lease))
 }
 
@@ -93,6 +114,15 @@ fn lease_proto(l: &Lease) -> proto::Lease {
         });
         (segments.len() - 1) as i32
     });
+    if let Some(d) = &l.doorbell {
+        segments.push(proto::Segment {
+            path: d.path().display().to_string(),
+            size_bytes: crate::core::doorbell::DOORBELL_BYTES,
+            kind: proto::SegmentKind::Doorbell as i32,
+            device: device.clone(),
+            ipc_handle: Vec::new(),
+        });
+    }
     let tensors = l
         .tensors
         .iter()

@@ -77,3 +77,52 @@ impl Drop for SegmentMap {
         }
     }
 }
+
+/// A read-write mapping of a lease's doorbell page.
+#[derive(Debug)]
+pub struct DoorbellMap {
+    map: memmap2::MmapMut,
+}
+
+impl DoorbellMap {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        // SAFETY: a shared mapping of the daemon's doorbell page; both processes only touch it
+        // through the atomics below.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file)? };
+        Ok(Self { map })
+    }
+
+    pub fn u32(&self, offset: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(
+            offset % 4 == 0 && offset + 4 <= self.map.len(),
+            "doorbell word at {offset}"
+        );
+        // SAFETY: in bounds, aligned (page-aligned mapping), accessed only atomically.
+        unsafe {
+            &*self
+                .map
+                .as_ptr()
+                .add(offset)
+                .cast::<std::sync::atomic::AtomicU32>()
+        }
+    }
+
+    pub fn u64(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.map.len(),
+            "doorbell word at {offset}"
+        );
+        // SAFETY: as for `u32`.
+        unsafe {
+            &*self
+                .map
+                .as_ptr()
+                .add(offset)
+                .cast::<std::sync::atomic::AtomicU64>()
+        }
+    }
+}

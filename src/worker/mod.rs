@@ -12,7 +12,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tonic::transport::Channel;
 
-pub use mapping::SegmentMap;
+pub use mapping::{DoorbellMap, SegmentMap};
 
 use crate::proto::offload_client::OffloadClient;
 use crate::proto::{
@@ -35,6 +35,12 @@ pub enum WorkerError {
     NoSuchTensor(String),
     #[error("tensor {name:?}: bytes out of the segment's bounds")]
     OutOfBounds { name: String },
+    #[error("this lease has no doorbell (only prefetch leases do)")]
+    NoDoorbell,
+    #[error("the lease ended while waiting on the doorbell; attach again")]
+    DoorbellClosed,
+    #[error("no answer on the doorbell within the lease's ttl")]
+    DoorbellTimeout,
     #[error("tensor {name:?} ({where_}): crc32c {got:#010x}, expected {want:#010x}")]
     Checksum {
         name: String,
@@ -51,6 +57,7 @@ pub struct Worker {
     maps: Vec<Option<SegmentMap>>,
     by_name: HashMap<String, usize>,
     locked_bytes: u64,
+    doorbell: Option<DoorbellMap>,
 }
 
 /// The byte span of the pool that holds UVA tensors.
@@ -84,7 +91,18 @@ impl Worker {
             .into_inner();
         let mut maps = Vec::with_capacity(lease.segments.len());
         let mut locked_bytes = 0;
+        let mut doorbell = None;
         for seg in &lease.segments {
+            if seg.kind() == SegmentKind::Doorbell {
+                doorbell = Some(DoorbellMap::open(Path::new(&seg.path)).map_err(|source| {
+                    WorkerError::Map {
+                        path: seg.path.clone(),
+                        source,
+                    }
+                })?);
+                maps.push(None);
+                continue;
+            }
             if seg.path.is_empty() {
                 maps.push(None);
                 continue;
@@ -121,6 +139,7 @@ impl Worker {
             maps,
             by_name,
             locked_bytes,
+            doorbell,
         })
     }
 
@@ -210,6 +229,48 @@ impl Worker {
             })
             .await?
             .into_inner())
+    }
+
+    pub fn has_doorbell(&self) -> bool {
+        self.doorbell.is_some()
+    }
+
+    /// OnloadToStatic through the lease's doorbell page: no RPC, two futex round trips. Blocks
+    /// the calling thread until the copy is complete, like the RPC. Returns the bytes copied.
+    pub fn onload_doorbell(&self, layer: u32) -> Result<u64, WorkerError> {
+        use crate::core::doorbell::{BYTES, CLOSED, DONE_SEQ, LAYER, REQ_SEQ, STATUS, wait_while};
+        use std::sync::atomic::Ordering;
+        let db = self.doorbell.as_ref().ok_or(WorkerError::NoDoorbell)?;
+        let req = db.u32(REQ_SEQ);
+        let done = db.u32(DONE_SEQ);
+        let seq = req.load(Ordering::Acquire).wrapping_add(1);
+        db.u32(LAYER).store(layer, Ordering::Release);
+        req.store(seq, Ordering::Release);
+        let _ = rustix::thread::futex::wake(req, rustix::thread::futex::Flags::empty(), 1);
+        let deadline =
+            std::time::Instant::now() + Duration::from_millis(self.lease.ttl_ms.max(1000));
+        loop {
+            let d = done.load(Ordering::Acquire);
+            if d == seq {
+                break;
+            }
+            if db.u32(CLOSED).load(Ordering::Acquire) != 0 {
+                return Err(WorkerError::DoorbellClosed);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(WorkerError::DoorbellTimeout);
+            }
+            wait_while(done, d, Duration::from_millis(100));
+        }
+        match db.u32(STATUS).load(Ordering::Acquire) {
+            0 => Ok(db.u64(BYTES).load(Ordering::Acquire)),
+            code => Err(WorkerError::Rpc(tonic::Status::new(
+                tonic::Code::from_i32(code as i32),
+                format!(
+                    "onload of layer {layer} through the doorbell failed; OnloadToStatic gives the full message"
+                ),
+            ))),
+        }
     }
 
     pub async fn keep_alive(&mut self) -> Result<u64, WorkerError> {
