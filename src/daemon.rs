@@ -124,7 +124,6 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
             listener,
             Arc::clone(&metrics),
             Arc::clone(&core),
-            std::future::pending(),
         ))
     });
     let listeners = server::Listeners { uds, tcp };

@@ -144,6 +144,11 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
     );
     assert_eq!(sample(&body, "offloadd_leases_active "), 1.0);
     assert_eq!(
+        sample(&body, "offloadd_pools_committed_bytes "),
+        (4 << 20) as f64
+    );
+    assert!(sample(&body, "offloadd_pools_budget_bytes ") >= (4 << 20) as f64);
+    assert_eq!(
         sample(&body, "offloadd_onload_bytes_total "),
         r.bytes as f64
     );

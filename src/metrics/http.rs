@@ -1,7 +1,6 @@
 //! The `/metrics` HTTP endpoint (HTTP/1.1 through hyper), off unless `metrics.addr` is set.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
@@ -24,24 +23,15 @@ pub enum MetricsError {
 
 type Body = http_body_util::Full<bytes::Bytes>;
 
-/// Serves `/metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    core: Arc<Core>,
-    shutdown: impl Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
+/// Serves `/metrics` on `listener` until the task is aborted (at shutdown).
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, core: Arc<Core>) {
     loop {
-        let (stream, _) = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                continue;
+            }
         };
         let (metrics, core) = (Arc::clone(&metrics), Arc::clone(&core));
         tokio::spawn(async move {

@@ -66,6 +66,8 @@ pub struct Metrics {
     model_loaded_bytes: Family<ModelLabels, Gauge>,
     model_load_progress: Family<ModelLabels, GaugeF>,
     leases_active: Gauge,
+    pools_committed: Gauge,
+    pools_budget: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,6 +104,8 @@ impl Metrics {
             model_loaded_bytes: Family::default(),
             model_load_progress: Family::default(),
             leases_active: Gauge::default(),
+            pools_committed: Gauge::default(),
+            pools_budget: Gauge::default(),
         };
         r.register(
             "rpc_requests",
@@ -162,6 +166,16 @@ impl Metrics {
             "leases_active",
             "Worker leases currently held",
             m.leases_active.clone(),
+        );
+        r.register(
+            "pools_committed_bytes",
+            "Bytes promised to pools (existing and being created)",
+            m.pools_committed.clone(),
+        );
+        r.register(
+            "pools_budget_bytes",
+            "pools.max_host_bytes after defaults",
+            m.pools_budget.clone(),
         );
         *m.registry.lock().expect("registry lock") = r;
         m
@@ -233,6 +247,8 @@ impl Metrics {
             self.model_load_progress.get_or_create(&l).set(ratio);
         }
         self.leases_active.set(core.leases.count() as i64);
+        self.pools_committed.set(core.pools.committed() as i64);
+        self.pools_budget.set(core.pools.budget() as i64);
         let mut out = String::new();
         let registry = self.registry.lock().expect("registry lock");
         prometheus_client::encoding::text::encode(&mut out, &registry)
