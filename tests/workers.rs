@@ -198,8 +198,9 @@ async fn killed_worker_is_reaped_and_others_keep_going() {
         &f.d,
         "m",
         &[
+            // Far more passes than it can finish before it is killed.
             "--passes",
-            "200",
+            "100000000",
             "--name",
             "busy-victim",
             "--ttl-ms",
