@@ -72,6 +72,20 @@ impl HostRegion {
         region
     }
 
+    /// Maps an existing file (made by another process) shared and writable, for its whole length.
+    pub fn open(path: &Path) -> Result<Self, HostMemError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io(path, "open"))?;
+        let len = file.metadata().map_err(io(path, "stat"))?.len();
+        if len == 0 {
+            return Err(HostMemError::Empty);
+        }
+        Self::map(file, path, len as usize)
+    }
+
     fn map(file: File, path: &Path, len: usize) -> Result<Self, HostMemError> {
         // SAFETY: mapping a file we own, for its whole length, with no fixed address; the result
         // is checked and kept alive together with the file.

@@ -12,8 +12,9 @@ use std::time::Duration;
 use thiserror::Error;
 use tonic::transport::Channel;
 
-pub use mapping::{DoorbellMap, SegmentMap};
+pub use mapping::SegmentMap;
 
+use crate::device::host::HostRegion;
 use crate::proto::offload_client::OffloadClient;
 use crate::proto::{
     AttachWorkerRequest, DetachWorkerRequest, KeepAliveRequest, Lease, LeaseTensor,
@@ -35,6 +36,8 @@ pub enum WorkerError {
     NoSuchTensor(String),
     #[error("tensor {name:?}: bytes out of the segment's bounds")]
     OutOfBounds { name: String },
+    #[error("mapping the doorbell page: {0}")]
+    Doorbell(String),
     #[error("this lease has no doorbell (only prefetch leases do)")]
     NoDoorbell,
     #[error("the lease ended while waiting on the doorbell; attach again")]
@@ -57,7 +60,8 @@ pub struct Worker {
     maps: Vec<Option<SegmentMap>>,
     by_name: HashMap<String, usize>,
     locked_bytes: u64,
-    doorbell: Option<DoorbellMap>,
+    /// The lease's doorbell page, mapped read-write.
+    doorbell: Option<HostRegion>,
 }
 
 /// The byte span of the pool that holds UVA tensors.
@@ -94,12 +98,9 @@ impl Worker {
         let mut doorbell = None;
         for seg in &lease.segments {
             if seg.kind() == SegmentKind::Doorbell {
-                doorbell = Some(DoorbellMap::open(Path::new(&seg.path)).map_err(|source| {
-                    WorkerError::Map {
-                        path: seg.path.clone(),
-                        source,
-                    }
-                })?);
+                let page = HostRegion::open(Path::new(&seg.path))
+                    .map_err(|e| WorkerError::Doorbell(e.to_string()))?;
+                doorbell = Some(page);
                 maps.push(None);
                 continue;
             }
@@ -241,10 +242,10 @@ impl Worker {
         use crate::core::doorbell::{BYTES, CLOSED, DONE_SEQ, LAYER, REQ_SEQ, STATUS, wait_while};
         use std::sync::atomic::Ordering;
         let db = self.doorbell.as_ref().ok_or(WorkerError::NoDoorbell)?;
-        let req = db.u32(REQ_SEQ);
-        let done = db.u32(DONE_SEQ);
+        let req = db.atomic_u32(REQ_SEQ);
+        let done = db.atomic_u32(DONE_SEQ);
         let seq = req.load(Ordering::Acquire).wrapping_add(1);
-        db.u32(LAYER).store(layer, Ordering::Release);
+        db.atomic_u32(LAYER).store(layer, Ordering::Release);
         req.store(seq, Ordering::Release);
         let _ = rustix::thread::futex::wake(req, rustix::thread::futex::Flags::empty(), 1);
         let deadline =
@@ -254,7 +255,7 @@ impl Worker {
             if d == seq {
                 break;
             }
-            if db.u32(CLOSED).load(Ordering::Acquire) != 0 {
+            if db.atomic_u32(CLOSED).load(Ordering::Acquire) != 0 {
                 return Err(WorkerError::DoorbellClosed);
             }
             if std::time::Instant::now() > deadline {
@@ -262,8 +263,8 @@ impl Worker {
             }
             wait_while(done, d, Duration::from_millis(100));
         }
-        match db.u32(STATUS).load(Ordering::Acquire) {
-            0 => Ok(db.u64(BYTES).load(Ordering::Acquire)),
+        match db.atomic_u32(STATUS).load(Ordering::Acquire) {
+            0 => Ok(db.atomic_u64(BYTES).load(Ordering::Acquire)),
             code => Err(WorkerError::Rpc(tonic::Status::new(
                 tonic::Code::from_i32(code as i32),
                 format!(

@@ -243,13 +243,7 @@ impl Models {
             let model = map
                 .get(name)
                 .ok_or_else(|| ModelError::NotFound(name.to_string()))?;
-            let workers = model.attached_workers();
-            if workers > 0 {
-                return Err(ModelError::InUse {
-                    name: name.to_string(),
-                    workers,
-                });
-            }
+            ensure_idle(model)?;
             map.remove(name).expect("checked above")
         };
         model.cancel.store(true, Ordering::Relaxed);
@@ -353,13 +347,7 @@ impl Models {
             .get(name)
             .cloned()
             .ok_or_else(|| ModelError::NotFound(name.to_string()))?;
-        let workers = model.attached_workers();
-        if workers > 0 {
-            return Err(ModelError::InUse {
-                name: name.to_string(),
-                workers,
-            });
-        }
+        ensure_idle(&model)?;
         tracing::info!(model = name, backend = backend.kind(), "backend changed");
         *model.backend.lock().expect("backend lock") = Some(backend);
         Ok(model)
@@ -478,6 +466,17 @@ impl Models {
             }
             None => false,
         }
+    }
+}
+
+/// Unregistering and re-planning need a model no worker holds.
+fn ensure_idle(model: &Model) -> Result<(), ModelError> {
+    match model.attached_workers() {
+        0 => Ok(()),
+        workers => Err(ModelError::InUse {
+            name: model.name.clone(),
+            workers,
+        }),
     }
 }
 
