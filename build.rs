@@ -10,8 +10,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed=proto");
-    if std::path::Path::new(".git/HEAD").exists() {
+    // Rebuild the provenance when HEAD moves: HEAD itself changes on checkout, the branch's ref
+    // file on commit.
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
         println!("cargo:rerun-if-changed=.git/HEAD");
+        if let Some(r) = head.trim().strip_prefix("ref: ") {
+            if std::path::Path::new(".git").join(r).exists() {
+                println!("cargo:rerun-if-changed=.git/{r}");
+            }
+        }
     }
     println!("cargo:rustc-env=BUILD_INFO_GIT_SHA={}", git_sha());
     println!(
