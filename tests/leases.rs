@@ -125,25 +125,8 @@ async fn lease_table_matches_vllm_for_five_layers_step_two() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
-    register(
-        &mut f.c,
-        "u",
-        &f.ckpt,
-        Some(register_model_request::Backend::Uva(UvaConfig {
-            cpu_offload_bytes: 1,
-            params: vec![],
-        })),
-    )
-    .await;
-    let lease =
-        f.c.attach_worker(AttachWorkerRequest {
-            model: "u".into(),
-            worker_name: "t".into(),
-            ttl_ms: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    register(&mut f.c, "u", &f.ckpt, uva(1)).await;
+    let lease = attach(&mut f.c, "u", "t").await;
     let err =
         f.c.onload_to_static(OnloadToStaticRequest {
             lease_id: lease.lease_id,
@@ -233,25 +216,8 @@ async fn getinfo_and_leases_report_the_uva_mode() {
                 .unwrap()
                 .into_inner();
         assert_eq!(info.devices[0].uva_mode(), want);
-        register(
-            &mut f.c,
-            "m",
-            &f.ckpt,
-            Some(register_model_request::Backend::Uva(UvaConfig {
-                cpu_offload_bytes: 1,
-                params: vec![],
-            })),
-        )
-        .await;
-        let lease =
-            f.c.attach_worker(AttachWorkerRequest {
-                model: "m".into(),
-                worker_name: "w".into(),
-                ttl_ms: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        register(&mut f.c, "m", &f.ckpt, uva(1)).await;
+        let lease = attach(&mut f.c, "m", "w").await;
         assert_eq!(lease.uva_mode(), want);
         assert!(f.d.terminate().await.success());
     }

@@ -133,3 +133,27 @@ pub async fn attached_workers(c: &mut OffloadClient<Channel>, model: &str) -> u3
     .into_inner()
     .attached_workers
 }
+
+/// A uva backend with the given budget and no parameter filter.
+pub fn uva(cpu_offload_bytes: u64) -> Option<register_model_request::Backend> {
+    Some(register_model_request::Backend::Uva(UvaConfig {
+        cpu_offload_bytes,
+        params: vec![],
+    }))
+}
+
+/// Attaches as `worker` with the default ttl.
+pub async fn attach(
+    c: &mut OffloadClient<Channel>,
+    model: &str,
+    worker: &str,
+) -> offloadd::proto::Lease {
+    c.attach_worker(AttachWorkerRequest {
+        model: model.into(),
+        worker_name: worker.into(),
+        ttl_ms: 0,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
