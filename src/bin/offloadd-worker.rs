@@ -165,7 +165,7 @@ async fn forward_passes(w: &mut Worker, passes: u32, doorbell: bool) -> Result<S
         for (k, &layer) in offloaded.iter().enumerate() {
             for t in w.layer_tensors(layer, Placement::Prefetch) {
                 let bytes = w.static_bytes(t)?;
-                Worker::verify(t, bytes, "static slot")?;
+                Worker::verify(t, &bytes, "static slot")?;
                 s.tensors += 1;
                 s.bytes += bytes.len() as u64;
             }

@@ -3,6 +3,7 @@
 //! slots, keep the lease alive, detach. It follows the lease's pin decision: it locks its own
 //! mapping of the pool only when the decision is to pin.
 
+mod cuda;
 mod mapping;
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tonic::transport::Channel;
 
+pub use cuda::CudaAccess;
 pub use mapping::SegmentMap;
 
 use crate::device::host::HostRegion;
@@ -36,6 +38,8 @@ pub enum WorkerError {
     NoSuchTensor(String),
     #[error("tensor {name:?}: bytes out of the segment's bounds")]
     OutOfBounds { name: String },
+    #[error("cuda: {0}")]
+    Cuda(String),
     #[error("mapping the doorbell page: {0}")]
     Doorbell(String),
     #[error("this lease has no doorbell (only prefetch leases do)")]
@@ -62,6 +66,9 @@ pub struct Worker {
     locked_bytes: u64,
     /// The lease's doorbell page, mapped read-write.
     doorbell: Option<HostRegion>,
+    /// CUDA static buffers: the device pointer of each segment opened by IPC handle.
+    device_segments: HashMap<usize, u64>,
+    cuda: Option<CudaAccess>,
 }
 
 /// The byte span of the pool that holds UVA tensors.
@@ -96,6 +103,8 @@ impl Worker {
         let mut maps = Vec::with_capacity(lease.segments.len());
         let mut locked_bytes = 0;
         let mut doorbell = None;
+        let mut device_segments = HashMap::new();
+        let mut cuda = None;
         for seg in &lease.segments {
             if seg.kind() == SegmentKind::Doorbell {
                 let page = HostRegion::open(Path::new(&seg.path))
@@ -105,6 +114,16 @@ impl Worker {
                 continue;
             }
             if seg.path.is_empty() {
+                if !seg.ipc_handle.is_empty() {
+                    if cuda.is_none() {
+                        cuda = Some(CudaAccess::new(&seg.device).map_err(WorkerError::Cuda)?);
+                    }
+                    let access = cuda.as_ref().expect("set above");
+                    let dptr = access
+                        .open_ipc(&seg.ipc_handle)
+                        .map_err(WorkerError::Cuda)?;
+                    device_segments.insert(maps.len(), dptr);
+                }
                 maps.push(None);
                 continue;
             }
@@ -141,6 +160,8 @@ impl Worker {
             by_name,
             locked_bytes,
             doorbell,
+            device_segments,
+            cuda,
         })
     }
 
@@ -182,12 +203,24 @@ impl Worker {
             })
     }
 
-    /// The tensor's static slot (PREFETCH tensors).
-    pub fn static_bytes(&self, t: &LeaseTensor) -> Result<&[u8], WorkerError> {
+    /// The tensor's static slot (PREFETCH tensors): read in place on cpu, copied back from the
+    /// GPU on cuda.
+    pub fn static_bytes(&self, t: &LeaseTensor) -> Result<std::borrow::Cow<'_, [u8]>, WorkerError> {
         let seg = usize::try_from(t.static_segment)
             .map_err(|_| WorkerError::NoSuchTensor(t.name.clone()))?;
+        if let Some(&dptr) = self.device_segments.get(&seg) {
+            let cuda = self
+                .cuda
+                .as_ref()
+                .expect("device segments come with a context");
+            let bytes = cuda
+                .read(dptr + t.static_offset, t.length as usize)
+                .map_err(WorkerError::Cuda)?;
+            return Ok(std::borrow::Cow::Owned(bytes));
+        }
         self.segment(seg)?
             .bytes(t.static_offset, t.length)
+            .map(std::borrow::Cow::Borrowed)
             .ok_or_else(|| WorkerError::OutOfBounds {
                 name: t.name.clone(),
             })
