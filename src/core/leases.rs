@@ -264,8 +264,9 @@ impl Leases {
             doorbell = Some(Doorbell::create(&path).map_err(DeviceError::from)?);
         }
         let pinned = pool.pinned();
+        let ttl = req.ttl.unwrap_or(self.params.default_ttl);
         Ok(Lease {
-            ttl: req.ttl.unwrap_or(self.params.default_ttl),
+            ttl,
             worker_name: req.worker_name.clone(),
             backend,
             pin: pool.decision.clone(),
@@ -275,7 +276,7 @@ impl Leases {
             statics,
             doorbell,
             onload_ops,
-            expires: Mutex::new(Instant::now() + req.ttl.unwrap_or(self.params.default_ttl)),
+            expires: Mutex::new(Instant::now() + ttl),
             tensors,
             plan,
             model,

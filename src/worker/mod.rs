@@ -228,7 +228,7 @@ impl Worker {
 
     /// Checks bytes against the checksum the daemon computed from the checkpoint.
     pub fn verify(t: &LeaseTensor, bytes: &[u8], where_: &'static str) -> Result<(), WorkerError> {
-        let got = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32;
+        let got = crate::core::models::loader::crc32c(bytes);
         if got != t.crc32c {
             return Err(WorkerError::Checksum {
                 name: t.name.clone(),

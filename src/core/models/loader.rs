@@ -178,9 +178,14 @@ fn throttle(max_bytes_per_sec: u64, total: u64, started: std::time::Instant, can
     }
 }
 
+/// CRC32C (Castagnoli), the checksum of every tensor in a tensor table.
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    crc_fast::checksum(Crc32Iscsi, bytes) as u32
+}
+
 /// CRC32C of a range, for sealed (published) tensors.
 pub fn checksum(region: &HostRegion, offset: u64, len: u64) -> u32 {
-    crc_fast::checksum(Crc32Iscsi, region.slice(offset as usize, len as usize)) as u32
+    crc32c(region.slice(offset as usize, len as usize))
 }
 
 #[cfg(test)]
@@ -199,10 +204,17 @@ mod tests {
     #[test]
     fn combined_chunk_crcs_equal_the_whole() {
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let whole = crc32c::crc32c(&data);
-        let combined = data.chunks(4096).fold(0u32, |acc, c| {
-            crc32c::crc32c_combine(acc, crc32c::crc32c(c), c.len())
-        });
+        // An independent implementation (the crc32c crate) is the reference for ours.
+        let whole = ::crc32c::crc32c(&data);
+        assert_eq!(crc32c(&data), whole);
+        let combined = data
+            .chunks(4096)
+            .fold(0u32, |acc, c| combine(acc, crc32c(c), c.len() as u64));
         assert_eq!(whole, combined);
+        assert_eq!(
+            combine(0, whole, data.len() as u64),
+            whole,
+            "the empty prefix is neutral"
+        );
     }
 }
