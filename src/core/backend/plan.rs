@@ -193,6 +193,15 @@ mod tests {
         }
     }
 
+    /// Names of the tensors a plan places as UVA, in table order.
+    fn uva_names<'a>(ts: &'a [TensorEntry], plan: &Plan) -> Vec<&'a str> {
+        ts.iter()
+            .zip(&plan.placements)
+            .filter(|(_, p)| **p == Placement::Uva)
+            .map(|(t, _)| t.name.as_str())
+            .collect()
+    }
+
     fn llama(layers: u32) -> Vec<TensorEntry> {
         let mut v = vec![t("model.embed_tokens.weight", None, 64)];
         for l in 0..layers {
@@ -268,12 +277,7 @@ mod tests {
             },
             &ts,
         );
-        let uva: Vec<&str> = ts
-            .iter()
-            .zip(&plan.placements)
-            .filter(|(_, p)| **p == Placement::Uva)
-            .map(|(t, _)| t.name.as_str())
-            .collect();
+        let uva = uva_names(&ts, &plan);
         assert_eq!(
             uva,
             [
@@ -312,12 +316,7 @@ mod tests {
             },
             &ts,
         );
-        let uva: Vec<&str> = ts
-            .iter()
-            .zip(&plan.placements)
-            .filter(|(_, p)| **p == Placement::Uva)
-            .map(|(t, _)| t.name.as_str())
-            .collect();
+        let uva = uva_names(&ts, &plan);
         assert_eq!(
             uva,
             [
