@@ -8,6 +8,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod device;
+pub mod fast;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;

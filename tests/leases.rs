@@ -224,7 +224,8 @@ async fn getinfo_and_leases_report_the_uva_mode() {
 }
 
 #[tokio::test]
-async fn the_doorbell_onloads_without_an_rpc_and_closes_with_the_lease() {
+async fn the_fast_path_onloads_on_the_same_socket_and_closes_with_the_lease() {
+    use offloadd::worker::{Worker, WorkerError};
     let mut f = fixture(|b| b).await;
     register(
         &mut f.c,
@@ -234,43 +235,122 @@ async fn the_doorbell_onloads_without_an_rpc_and_closes_with_the_lease() {
     )
     .await;
 
-    // A worker process that onloads only through the doorbell, verifying every slot.
-    let done = WorkerProc::spawn(&f.d, "m", &["--passes", "3", "--doorbell"])
+    // A worker process that onloads only over the fast path, verifying every slot.
+    let done = WorkerProc::spawn(&f.d, "m", &["--passes", "3", "--fast"])
         .finish()
         .await;
     assert_eq!(done["onloads"].as_u64().unwrap(), 2 + 3 * LAYERS as u64);
 
-    // The library, in this process: errors come back as status codes; the page goes with the lease.
-    let w = offloadd::worker::Worker::attach(f.d.channel().await, "m", "lib", 0)
+    // The library, in this process: same bytes and same errors as the RPC.
+    let mut w = Worker::attach(f.d.channel().await, "m", "lib", 0)
         .await
         .unwrap();
-    assert!(w.has_doorbell());
-    let page = w
-        .lease
-        .segments
-        .iter()
-        .find(|s| s.kind() == offloadd::proto::SegmentKind::Doorbell)
-        .unwrap()
-        .path
-        .clone();
-    assert!(Path::new(&page).exists());
-    assert!(w.onload_doorbell(3).unwrap() > 0);
-    match w.onload_doorbell(99) {
-        Err(offloadd::worker::WorkerError::Rpc(s)) => assert_eq!(s.code(), Code::InvalidArgument),
+    assert!(matches!(w.onload_fast(3), Err(WorkerError::NoFastPath)));
+    w.connect_fast(&f.d.uds).unwrap();
+    let rpc = w.onload(3).await.unwrap();
+    assert_eq!(w.onload_fast(3).unwrap(), rpc.bytes);
+    let rpc_err =
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id: w.lease.lease_id.clone(),
+            layer: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    match w.onload_fast(99) {
+        Err(WorkerError::Rpc(s)) => {
+            assert_eq!(s.code(), Code::InvalidArgument);
+            assert_eq!(s.message(), rpc_err.message(), "the RPC's own message");
+        }
         other => panic!("{other:?}"),
     }
+
+    // A hello for a lease that does not exist is refused with the RPC's NOT_FOUND.
+    let mut stranger = Worker::attach(f.d.channel().await, "m", "stranger", 0)
+        .await
+        .unwrap();
+    stranger.lease.lease_id = "0123456789abcdef01234567".into();
+    match stranger.connect_fast(&f.d.uds) {
+        Err(WorkerError::Rpc(s)) => {
+            assert_eq!(s.code(), Code::NotFound);
+            assert!(s.message().contains("attach again"), "{}", s.message());
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A client speaking another version is told so, and connections that close before they
+    // speak, or after two bytes, disturb nobody.
+    {
+        use std::io::Write;
+        let mut raw = std::os::unix::net::UnixStream::connect(&f.d.uds).unwrap();
+        raw.write_all(b"OFLD\x09\x00\x00\x00").unwrap();
+        let reply = offloadd::fast::Reply::read_from(&raw).unwrap();
+        assert_eq!(reply.code, Code::InvalidArgument as u32);
+        assert!(reply.message.contains("version 9"), "{}", reply.message);
+        drop(std::os::unix::net::UnixStream::connect(&f.d.uds).unwrap());
+        let mut torn = std::os::unix::net::UnixStream::connect(&f.d.uds).unwrap();
+        torn.write_all(b"OF").unwrap();
+        drop(torn);
+    }
+
+    // Ending the lease closes its connections; gRPC on the same socket goes on.
     f.c.detach_worker(DetachWorkerRequest {
         lease_id: w.lease.lease_id.clone(),
     })
     .await
     .unwrap();
-    assert!(matches!(
-        w.onload_doorbell(3),
-        Err(offloadd::worker::WorkerError::DoorbellClosed)
-    ));
     assert!(
-        !Path::new(&page).exists(),
-        "doorbell page removed with the lease"
+        matches!(w.onload_fast(3), Err(WorkerError::Fast(_))),
+        "the connection is closed with the lease"
     );
+    assert_eq!(attached_workers(&mut f.c, "m").await, 1);
+    assert!(f.d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn fast_path_connections_per_lease_are_bounded() {
+    use offloadd::core::leases::MAX_FAST_CONNECTIONS;
+    use offloadd::worker::{Worker, WorkerError};
+    let f = fixture(|b| b).await;
+    let mut c = f.c.clone();
+    register(
+        &mut c,
+        "m",
+        &f.ckpt,
+        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
+    )
+    .await;
+    let mut w = Worker::attach(f.d.channel().await, "m", "w", 0)
+        .await
+        .unwrap();
+    let id = w.lease.lease_id.clone();
+    let open: Vec<_> = (0..MAX_FAST_CONNECTIONS)
+        .map(|_| {
+            offloadd::fast::client::FastClient::connect(&f.d.uds, &id)
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    match w.connect_fast(&f.d.uds) {
+        Err(WorkerError::Rpc(s)) => {
+            assert_eq!(s.code(), Code::ResourceExhausted);
+            assert!(s.message().contains("close one first"), "{}", s.message());
+        }
+        other => panic!("{other:?}"),
+    }
+    // A connection its worker closed is released by its thread; then there is room again.
+    drop(open);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match w.connect_fast(&f.d.uds) {
+            Ok(()) => break,
+            Err(WorkerError::Rpc(s)) if s.code() == Code::ResourceExhausted => assert!(
+                std::time::Instant::now() < deadline,
+                "closed connections were never released"
+            ),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(w.onload_fast(0).unwrap() > 0);
     assert!(f.d.terminate().await.success());
 }

@@ -42,9 +42,9 @@ struct Args {
     /// Also compare every tensor's bytes with this checkpoint (file or directory of shards).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    /// Onload through the lease's doorbell page instead of the OnloadToStatic RPC.
+    /// Onload over the fast path on the same socket instead of the OnloadToStatic RPC.
     #[arg(long)]
-    doorbell: bool,
+    fast: bool,
     /// Instead of verifying, onload every offloaded layer this many times and print GB/s.
     #[arg(long)]
     onload_bench: Option<u32>,
@@ -107,7 +107,10 @@ async fn run(args: Args) -> Result<()> {
         w.detach().await?;
         return Ok(());
     }
-    let stats = forward_passes(&mut w, args.passes, args.doorbell).await?;
+    if args.fast {
+        w.connect_fast(&args.uds)?;
+    }
+    let stats = forward_passes(&mut w, args.passes, args.fast).await?;
     let matched = match &args.checkpoint {
         Some(path) => compare_with_checkpoint(&w, path)?,
         None => 0,
@@ -140,13 +143,13 @@ struct Stats {
 /// prefetched up front; after offloaded layer k runs, `prefetch_next[k]` is onloaded into the
 /// slot k just freed. Every read is checksummed, so a prefetch that overwrote a slot still
 /// needed would fail here.
-async fn forward_passes(w: &mut Worker, passes: u32, doorbell: bool) -> Result<Stats> {
+async fn forward_passes(w: &mut Worker, passes: u32, fast: bool) -> Result<Stats> {
     let mut s = Stats::default();
     let offloaded = w.lease.offloaded_layers.clone();
     let next = w.lease.prefetch_next.clone();
     let slots = w.lease.prefetch_slots as usize;
     for &layer in offloaded.iter().take(slots) {
-        onload(w, layer, doorbell).await?;
+        onload(w, layer, fast).await?;
         s.onloads += 1;
     }
     for _ in 0..passes {
@@ -169,16 +172,16 @@ async fn forward_passes(w: &mut Worker, passes: u32, doorbell: bool) -> Result<S
                 s.tensors += 1;
                 s.bytes += bytes.len() as u64;
             }
-            onload(w, next[k], doorbell).await?;
+            onload(w, next[k], fast).await?;
             s.onloads += 1;
         }
     }
     Ok(s)
 }
 
-async fn onload(w: &mut Worker, layer: u32, doorbell: bool) -> Result<()> {
-    if doorbell {
-        w.onload_doorbell(layer)?;
+async fn onload(w: &mut Worker, layer: u32, fast: bool) -> Result<()> {
+    if fast {
+        w.onload_fast(layer)?;
     } else {
         w.onload(layer).await?;
     }

@@ -3,6 +3,7 @@
 //! ends on DetachWorker or when its time-to-live passes without a KeepAlive.
 
 use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,6 @@ use super::alloc::MIN_ALIGN;
 use super::backend::BackendConfig;
 use super::backend::access::{UvaMode, uva_mode};
 use super::backend::plan::{self, Placement, Plan};
-use super::doorbell::Doorbell;
 use super::models::model::{Model, TensorEntry};
 use super::models::{ModelError, Models};
 use super::pin_policy::PinDecision;
@@ -23,8 +23,9 @@ use crate::device::{AsyncCopy, CopyOp, DeviceError, StaticBuffer};
 
 /// Static buffer files live beside the pools and are swept with them after a crash.
 pub const STATIC_FILE_PREFIX: &str = "offloadd-static-";
-/// Doorbell pages, likewise.
-pub const DOORBELL_FILE_PREFIX: &str = "offloadd-doorbell-";
+/// Fast-path connections one lease may hold at once (a worker needs one; the bound stops a
+/// client that reconnects in a loop from tying up daemon threads).
+pub const MAX_FAST_CONNECTIONS: usize = 8;
 
 #[derive(Debug, Error)]
 pub enum LeaseError {
@@ -50,8 +51,18 @@ pub enum LeaseError {
     NoWorkerName,
     #[error("slot_free_event is only used with async_copy = true")]
     SlotFreeWithoutAsync,
+    #[error(
+        "lease {0:?} already has {MAX_FAST_CONNECTIONS} fast-path connections; close one first"
+    )]
+    TooManyConnections(String),
     #[error(transparent)]
     Device(#[from] DeviceError),
+}
+
+#[derive(Debug, Default)]
+struct FastConnections {
+    next: u64,
+    open: HashMap<u64, UnixStream>,
 }
 
 /// Where one tensor's static copy lives.
@@ -75,8 +86,8 @@ pub struct Lease {
     /// Per tensor, its slot in `statics` (PREFETCH tensors only).
     pub static_slots: Vec<Option<StaticSlot>>,
     pub statics: Option<Box<dyn StaticBuffer>>,
-    /// Prefetch leases: the page through which the worker can onload without an RPC.
-    pub doorbell: Option<Doorbell>,
+    /// Open fast-path connections by number, shut down when the lease ends; None once ended.
+    connections: Mutex<Option<FastConnections>>,
     /// Per offloaded layer index k, the copies that onload it.
     onload_ops: HashMap<u32, Vec<CopyOp>>,
     expires: Mutex<Instant>,
@@ -91,6 +102,46 @@ impl Lease {
 
     pub fn expires(&self) -> Instant {
         *self.expires.lock().expect("lease lock")
+    }
+
+    /// Binds a fast-path connection to this lease (`conn` is a handle to the same socket) so
+    /// that ending the lease closes it. Returns the number to release it with.
+    pub fn add_connection(&self, conn: UnixStream) -> Result<u64, LeaseError> {
+        let mut guard = self.connections.lock().expect("lease lock");
+        let conns = guard
+            .as_mut()
+            .ok_or_else(|| LeaseError::NotFound(self.id.clone()))?;
+        if conns.open.len() >= MAX_FAST_CONNECTIONS {
+            return Err(LeaseError::TooManyConnections(self.id.clone()));
+        }
+        conns.next += 1;
+        conns.open.insert(conns.next, conn);
+        Ok(conns.next)
+    }
+
+    /// Forgets a connection its worker closed.
+    pub fn remove_connection(&self, number: u64) {
+        if let Some(conns) = self.connections.lock().expect("lease lock").as_mut() {
+            conns.open.remove(&number);
+        }
+    }
+
+    /// Fast-path connections open now.
+    pub fn connection_count(&self) -> usize {
+        self.connections
+            .lock()
+            .expect("lease lock")
+            .as_ref()
+            .map_or(0, |c| c.open.len())
+    }
+
+    /// Shuts down every fast-path connection: their threads see the end of the stream and the
+    /// workers get an error on their next request, instead of a lease that answers NOT_FOUND.
+    fn close_connections(&self) {
+        let taken = self.connections.lock().expect("lease lock").take();
+        for conn in taken.into_iter().flat_map(|c| c.open.into_values()) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Copies a model layer into its static slot and waits for it; returns the bytes copied and
@@ -230,7 +281,6 @@ impl Leases {
         let mut static_slots = vec![None; tensors.len()];
         let mut onload_ops: HashMap<u32, Vec<CopyOp>> = HashMap::new();
         let mut statics = None;
-        let mut doorbell = None;
         if let Some(pf) = &plan.prefetch {
             // Layout: slot-major, each (key, slot) buffer 256-byte aligned.
             let mut key_offsets = Vec::with_capacity(pf.keys.len());
@@ -257,11 +307,6 @@ impl Leases {
                 .static_dir
                 .join(format!("{STATIC_FILE_PREFIX}{id}"));
             statics = Some(pool.device.alloc_static(&path, total, pf.slots)?);
-            let path = self
-                .params
-                .static_dir
-                .join(format!("{DOORBELL_FILE_PREFIX}{id}"));
-            doorbell = Some(Doorbell::create(&path).map_err(DeviceError::from)?);
         }
         let pinned = pool.pinned();
         let ttl = req.ttl.unwrap_or(self.params.default_ttl);
@@ -274,7 +319,7 @@ impl Leases {
             uva_mode: uva_mode(pool.device.info(), pinned, self.params.disable_uva),
             static_slots,
             statics,
-            doorbell,
+            connections: Mutex::new(Some(FastConnections::default())),
             onload_ops,
             expires: Mutex::new(Instant::now() + ttl),
             tensors,
@@ -354,9 +399,7 @@ impl Leases {
 }
 
 fn end(lease: Arc<Lease>, why: EndReason) {
-    if let Some(d) = &lease.doorbell {
-        d.close();
-    }
+    lease.close_connections();
     lease.model.attached.fetch_sub(1, Ordering::AcqRel);
     lease.model.touch();
     tracing::info!(lease = %lease.id, worker = %lease.worker_name, model = %lease.model.name, reason = ?why, "lease ended");

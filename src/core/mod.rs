@@ -3,7 +3,6 @@
 
 pub mod alloc;
 pub mod backend;
-pub mod doorbell;
 pub mod leases;
 pub mod models;
 mod node;

@@ -319,11 +319,7 @@ fn stale_pool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let ours = [
-            POOL_FILE_PREFIX,
-            super::leases::STATIC_FILE_PREFIX,
-            super::leases::DOORBELL_FILE_PREFIX,
-        ];
+        let ours = [POOL_FILE_PREFIX, super::leases::STATIC_FILE_PREFIX];
         if ours.iter().any(|p| name.starts_with(p)) {
             out.push(entry.path());
         }

@@ -236,40 +236,6 @@ impl HostRegion {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) }
     }
 
-    /// A 32-bit atomic inside the region, shared with every process that maps the file (futex
-    /// words of a doorbell). `offset` must be 4-byte aligned.
-    pub fn atomic_u32(&self, offset: usize) -> &std::sync::atomic::AtomicU32 {
-        assert!(
-            offset % 4 == 0 && offset + 4 <= self.len,
-            "atomic_u32 at {offset}"
-        );
-        // SAFETY: in bounds and aligned (the mapping is page-aligned); AtomicU32 has the layout
-        // of u32, and all access to these words, in every process, is atomic.
-        unsafe {
-            &*self
-                .ptr
-                .as_ptr()
-                .add(offset)
-                .cast::<std::sync::atomic::AtomicU32>()
-        }
-    }
-
-    /// A 64-bit atomic inside the region; `offset` must be 8-byte aligned.
-    pub fn atomic_u64(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(
-            offset % 8 == 0 && offset + 8 <= self.len,
-            "atomic_u64 at {offset}"
-        );
-        // SAFETY: as for `atomic_u32`.
-        unsafe {
-            &*self
-                .ptr
-                .as_ptr()
-                .add(offset)
-                .cast::<std::sync::atomic::AtomicU64>()
-        }
-    }
-
     /// Removes the file. Processes that mapped it keep their mapping until they unmap.
     pub fn unlink(&self) -> std::io::Result<()> {
         std::fs::remove_file(&self.path)

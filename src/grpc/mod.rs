@@ -3,6 +3,7 @@
 
 mod blocking;
 mod convert;
+mod incoming;
 pub mod listen;
 mod models;
 pub mod server;

@@ -7,11 +7,12 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use super::OffloadService;
+use super::incoming;
 use super::trace::RpcTraceLayer;
 use crate::proto::{self, offload_server::OffloadServer};
 
@@ -64,15 +65,16 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(OffloadServer::new(service));
+        .add_service(OffloadServer::new(service.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut servers = tokio::task::JoinSet::new();
+    let fast = service.fast_opener();
     servers.spawn(router.clone().serve_with_incoming_shutdown(
-        UnixListenerStream::new(listeners.uds),
+        incoming::route(listeners.uds, fast),
         stopped(stop_rx.clone()),
     ));
     if let Some(tcp) = listeners.tcp {

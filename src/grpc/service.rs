@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::blocking::blocking;
 use super::convert;
+use super::incoming;
 use super::models::{self, ProgressStream};
 use super::workers;
 use crate::core::Core;
@@ -29,6 +30,14 @@ impl OffloadService {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
+    }
+
+    /// Binds fast-path connections on the Unix socket to leases.
+    pub(super) fn fast_opener(&self) -> incoming::FastOpen {
+        let (core, metrics) = (Arc::clone(&self.core), self.metrics());
+        Arc::new(move |lease_id, conn| {
+            workers::FastSession::open(&core, Arc::clone(&metrics), lease_id, conn)
+        })
     }
 }
 
@@ -186,7 +195,7 @@ impl Offload for OffloadService {
         request: Request<proto::AttachWorkerRequest>,
     ) -> Reply<proto::Lease> {
         Ok(Response::new(
-            workers::attach(&self.core, self.metrics(), request.into_inner()).await?,
+            workers::attach(&self.core, request.into_inner()).await?,
         ))
     }
 

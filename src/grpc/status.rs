@@ -101,6 +101,7 @@ impl From<LeaseError> for Status {
             LeaseError::LayerNotOffloaded { .. }
             | LeaseError::NoWorkerName
             | LeaseError::SlotFreeWithoutAsync => Code::InvalidArgument,
+            LeaseError::TooManyConnections(_) => Code::ResourceExhausted,
             LeaseError::Device(d) => device_code(d),
         };
         Status::new(code, e.to_string())

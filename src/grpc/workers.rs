@@ -1,5 +1,6 @@
 //! Worker handlers: leases and onload-to-static.
 
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use super::status::join_error;
 use crate::core::Core;
 use crate::core::backend::plan::Placement;
 use crate::core::leases::{AttachRequest, Lease, LeaseError};
+use crate::fast;
 use crate::metrics::Metrics;
 use crate::proto;
 
@@ -21,7 +23,6 @@ const INLINE_COPY_BYTES: u64 = 64 << 10;
 
 pub async fn attach(
     core: &Arc<Core>,
-    metrics: Arc<Metrics>,
     r: proto::AttachWorkerRequest,
 ) -> Result<proto::Lease, Status> {
     let req = AttachRequest {
@@ -30,25 +31,6 @@ pub async fn attach(
         ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
     };
     let lease = blocking(core, move |c| c.leases.attach(&c.models, &req)).await?;
-    if let Some(doorbell) = &lease.doorbell {
-        let weak = Arc::downgrade(&lease);
-        let handler = Box::new(move |layer| {
-            let lease = weak.upgrade()?;
-            let started = Instant::now();
-            Some(match lease.onload(layer) {
-                Ok((bytes, _slot)) => {
-                    metrics.onload(bytes, started.elapsed());
-                    (0, bytes)
-                }
-                Err(e) => (Status::from(e).code() as u32, 0),
-            })
-        });
-        if let Err(e) = doorbell.serve(format!("doorbell-{}", &lease.id[..8]), handler) {
-            // Workers see the doorbell closed and fall back to the RPC.
-            tracing::warn!(lease = %lease.id, error = %e, "cannot start the doorbell thread");
-            doorbell.close();
-        }
-    }
     Ok(lease_proto(&lease))
 }
 
@@ -91,6 +73,61 @@ pub async fn onload(
     })
 }
 
+/// A fast-path connection bound to a lease: the same copy and errors as [`onload`].
+pub struct FastSession {
+    lease: Arc<Lease>,
+    number: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl FastSession {
+    /// Binds a connection's hello to its lease, or refuses with the RPC's status.
+    pub fn open(
+        core: &Core,
+        metrics: Arc<Metrics>,
+        lease_id: &str,
+        conn: &UnixStream,
+    ) -> Result<Self, fast::Reply> {
+        let refuse = |s: Status| fast::Reply::error(s.code() as u32, s.message());
+        let lease = core.leases.get(lease_id).map_err(|e| refuse(e.into()))?;
+        let handle = conn.try_clone().map_err(|e| {
+            refuse(Status::internal(format!(
+                "cannot keep a handle to the connection: {e}"
+            )))
+        })?;
+        let number = lease.add_connection(handle).map_err(|e| refuse(e.into()))?;
+        tracing::debug!(lease = %lease.id, worker = %lease.worker_name, "fast-path connection bound");
+        Ok(Self {
+            lease,
+            number,
+            metrics,
+        })
+    }
+}
+
+impl fast::serve::Session for FastSession {
+    fn onload(&mut self, layer: u32) -> fast::Reply {
+        let started = Instant::now();
+        match self.lease.onload(layer) {
+            Ok((bytes, slot)) => {
+                self.metrics.onload(bytes, started.elapsed());
+                fast::Reply::ok(bytes, slot as u32)
+            }
+            Err(e) => {
+                let s = Status::from(e);
+                tracing::info!(lease = %self.lease.id, layer, code = ?s.code(), error = s.message(), "fast-path onload failed");
+                fast::Reply::error(s.code() as u32, s.message())
+            }
+        }
+    }
+}
+
+impl Drop for FastSession {
+    fn drop(&mut self) {
+        self.lease.remove_connection(self.number);
+    }
+}
+
 fn lease_proto(l: &Lease) -> proto::Lease {
     let pool = l.model.pool();
     let device = pool.device.info().id.clone();
@@ -114,15 +151,6 @@ fn lease_proto(l: &Lease) -> proto::Lease {
         });
         (segments.len() - 1) as i32
     });
-    if let Some(d) = &l.doorbell {
-        segments.push(proto::Segment {
-            path: d.path().display().to_string(),
-            size_bytes: crate::core::doorbell::DOORBELL_BYTES,
-            kind: proto::SegmentKind::Doorbell as i32,
-            device: device.clone(),
-            ipc_handle: Vec::new(),
-        });
-    }
     let tensors = l
         .tensors
         .iter()

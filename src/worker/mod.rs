@@ -16,7 +16,8 @@ use tonic::transport::Channel;
 pub use cuda::CudaAccess;
 pub use mapping::SegmentMap;
 
-use crate::device::host::HostRegion;
+use crate::fast::client::FastClient;
+use crate::fast::{FastError, Reply};
 use crate::proto::offload_client::OffloadClient;
 use crate::proto::{
     AttachWorkerRequest, DetachWorkerRequest, KeepAliveRequest, Lease, LeaseTensor,
@@ -40,14 +41,10 @@ pub enum WorkerError {
     OutOfBounds { name: String },
     #[error("cuda: {0}")]
     Cuda(String),
-    #[error("mapping the doorbell page: {0}")]
-    Doorbell(String),
-    #[error("this lease has no doorbell (only prefetch leases do)")]
-    NoDoorbell,
-    #[error("the lease ended while waiting on the doorbell; attach again")]
-    DoorbellClosed,
-    #[error("no answer on the doorbell within the lease's ttl")]
-    DoorbellTimeout,
+    #[error(transparent)]
+    Fast(#[from] FastError),
+    #[error("the fast path is not connected; call connect_fast first")]
+    NoFastPath,
     #[error("tensor {name:?} ({where_}): crc32c {got:#010x}, expected {want:#010x}")]
     Checksum {
         name: String,
@@ -64,8 +61,8 @@ pub struct Worker {
     maps: Vec<Option<SegmentMap>>,
     by_name: HashMap<String, usize>,
     locked_bytes: u64,
-    /// The lease's doorbell page, mapped read-write.
-    doorbell: Option<HostRegion>,
+    /// The onload fast path, once connected.
+    fast: Option<FastClient>,
     /// CUDA static buffers: the device pointer of each segment opened by IPC handle.
     device_segments: HashMap<usize, u64>,
     cuda: Option<CudaAccess>,
@@ -102,17 +99,9 @@ impl Worker {
             .into_inner();
         let mut maps = Vec::with_capacity(lease.segments.len());
         let mut locked_bytes = 0;
-        let mut doorbell = None;
         let mut device_segments = HashMap::new();
         let mut cuda = None;
         for seg in &lease.segments {
-            if seg.kind() == SegmentKind::Doorbell {
-                let page = HostRegion::open(Path::new(&seg.path))
-                    .map_err(|e| WorkerError::Doorbell(e.to_string()))?;
-                doorbell = Some(page);
-                maps.push(None);
-                continue;
-            }
             if seg.path.is_empty() {
                 if !seg.ipc_handle.is_empty() {
                     if cuda.is_none() {
@@ -159,7 +148,7 @@ impl Worker {
             maps,
             by_name,
             locked_bytes,
-            doorbell,
+            fast: None,
             device_segments,
             cuda,
         })
@@ -265,46 +254,28 @@ impl Worker {
             .into_inner())
     }
 
-    pub fn has_doorbell(&self) -> bool {
-        self.doorbell.is_some()
+    /// Opens the onload fast path for this lease on the daemon's Unix socket (the one the
+    /// channel connected to). Later `onload_fast` calls use it.
+    pub fn connect_fast(&mut self, socket: &Path) -> Result<(), WorkerError> {
+        match FastClient::connect(socket, &self.lease.lease_id)? {
+            Ok(c) => {
+                self.fast = Some(c);
+                Ok(())
+            }
+            Err(refused) => Err(refused_status(&refused).into()),
+        }
     }
 
-    /// OnloadToStatic through the lease's doorbell page: no RPC, two futex round trips. Blocks
-    /// the calling thread until the copy is complete, like the RPC. Returns the bytes copied.
-    pub fn onload_doorbell(&self, layer: u32) -> Result<u64, WorkerError> {
-        use crate::core::doorbell::{BYTES, CLOSED, DONE_SEQ, LAYER, REQ_SEQ, STATUS, wait_while};
-        use std::sync::atomic::Ordering;
-        let db = self.doorbell.as_ref().ok_or(WorkerError::NoDoorbell)?;
-        let req = db.atomic_u32(REQ_SEQ);
-        let done = db.atomic_u32(DONE_SEQ);
-        let seq = req.load(Ordering::Acquire).wrapping_add(1);
-        db.atomic_u32(LAYER).store(layer, Ordering::Release);
-        req.store(seq, Ordering::Release);
-        let _ = rustix::thread::futex::wake(req, rustix::thread::futex::Flags::empty(), 1);
-        let deadline =
-            std::time::Instant::now() + Duration::from_millis(self.lease.ttl_ms.max(1000));
-        loop {
-            let d = done.load(Ordering::Acquire);
-            if d == seq {
-                break;
-            }
-            if db.atomic_u32(CLOSED).load(Ordering::Acquire) != 0 {
-                return Err(WorkerError::DoorbellClosed);
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(WorkerError::DoorbellTimeout);
-            }
-            wait_while(done, d, Duration::from_millis(100));
+    /// OnloadToStatic over the fast path: no HTTP/2, same copy and same errors (the status and
+    /// message the RPC would give). Blocks the calling thread until the copy is complete, like
+    /// the RPC. Returns the bytes copied.
+    pub fn onload_fast(&mut self, layer: u32) -> Result<u64, WorkerError> {
+        let fast = self.fast.as_mut().ok_or(WorkerError::NoFastPath)?;
+        let reply = fast.onload(layer)?;
+        if reply.code != 0 {
+            return Err(refused_status(&reply).into());
         }
-        match db.atomic_u32(STATUS).load(Ordering::Acquire) {
-            0 => Ok(db.atomic_u64(BYTES).load(Ordering::Acquire)),
-            code => Err(WorkerError::Rpc(tonic::Status::new(
-                tonic::Code::from_i32(code as i32),
-                format!(
-                    "onload of layer {layer} through the doorbell failed; OnloadToStatic gives the full message"
-                ),
-            ))),
-        }
+        Ok(reply.bytes)
     }
 
     pub async fn keep_alive(&mut self) -> Result<u64, WorkerError> {
@@ -347,4 +318,9 @@ impl Worker {
             .await?;
         Ok(())
     }
+}
+
+/// A fast-path refusal or failure as the status the RPC would have returned.
+fn refused_status(r: &Reply) -> tonic::Status {
+    tonic::Status::new(tonic::Code::from_i32(r.code as i32), r.message.clone())
 }

@@ -380,12 +380,12 @@ def run_daemon(args, work, pinned):
     verify_prefetch(d, pool_map, label)
     verify_async(d, pool_map, label)
     # The Rust reference worker on the prefetch model: opens the static buffers by IPC handle and
-    # checks every slot's CRC over several passes, through the RPC and through the doorbell.
-    for extra in ([], ["--doorbell"]):
+    # checks every slot's CRC over several passes, through the RPC and over the fast path.
+    for extra in ([], ["--fast"]):
         r = subprocess.run([args.worker, "--uds", d.uds, "--model", "pf", "--passes", "3", *extra],
                            capture_output=True, text=True, timeout=120)
         done = [json.loads(l) for l in r.stdout.splitlines() if '"done"' in l]
-        how = "doorbell" if extra else "RPC"
+        how = "fast path" if extra else "RPC"
         if expect(r.returncode == 0 and done, f"{label}: Rust worker prefetch ({how}): {r.stdout[-500:]} {r.stderr[-500:]}"):
             print(f"  {label}: Rust reference worker, prefetch via {how}: {done[0]['tensors_verified']} tensors verified, {done[0]['onloads']} onloads", flush=True)
     verify_uva(d, pool_map, label, pinned)
