@@ -96,6 +96,15 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
         .await
         .unwrap()
         .into_inner();
+    // The same layer over the fast path, once fine and once for a layer that does not exist.
+    let mut fast = offloadd::fast::client::FastClient::connect(&d.uds, &lease.lease_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(fast.onload(1).unwrap().bytes, r.bytes);
+    assert_eq!(
+        fast.onload(99).unwrap().code,
+        tonic::Code::InvalidArgument as u32
+    );
     let _ = c
         .get_pool(GetPoolRequest {
             name: "missing".into(),
@@ -150,7 +159,20 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
     assert!(sample(&body, "offloadd_pools_budget_bytes ") >= (4 << 20) as f64);
     assert_eq!(
         sample(&body, "offloadd_onload_bytes_total "),
-        r.bytes as f64
+        (2 * r.bytes) as f64,
+        "the RPC's and the fast path's"
+    );
+    assert_eq!(sample(&body, "offloadd_fast_connections "), 1.0);
+    assert_eq!(
+        sample(&body, r#"offloadd_fast_onloads_total{code="Ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            r#"offloadd_fast_onloads_total{code="InvalidArgument"}"#
+        ),
+        1.0
     );
     assert_eq!(
         sample(

@@ -396,6 +396,16 @@ impl Leases {
     pub fn count(&self) -> usize {
         self.map.lock().expect("leases lock").len()
     }
+
+    /// Fast-path connections open over all leases.
+    pub fn fast_connections(&self) -> usize {
+        self.map
+            .lock()
+            .expect("leases lock")
+            .values()
+            .map(|l| l.connection_count())
+            .sum()
+    }
 }
 
 fn end(lease: Arc<Lease>, why: EndReason) {

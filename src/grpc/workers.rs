@@ -111,10 +111,12 @@ impl fast::serve::Session for FastSession {
         match self.lease.onload(layer) {
             Ok((bytes, slot)) => {
                 self.metrics.onload(bytes, started.elapsed());
+                self.metrics.fast_onload(tonic::Code::Ok);
                 fast::Reply::ok(bytes, slot as u32)
             }
             Err(e) => {
                 let s = Status::from(e);
+                self.metrics.fast_onload(s.code());
                 tracing::info!(lease = %self.lease.id, layer, code = ?s.code(), error = s.message(), "fast-path onload failed");
                 fast::Reply::error(s.code() as u32, s.message())
             }

@@ -26,6 +26,11 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: String,
 }
@@ -58,6 +63,8 @@ pub struct Metrics {
     rpc_seconds: Family<MethodLabels, Histogram, fn() -> Histogram>,
     onload_bytes: Counter,
     onload_seconds: CounterF,
+    fast_onloads: Family<CodeLabels, Counter>,
+    fast_connections: Gauge,
     pool_size: Family<PoolLabels, Gauge>,
     pool_used: Family<PoolLabels, Gauge>,
     pool_pinned: Family<PoolLabels, Gauge>,
@@ -96,6 +103,8 @@ impl Metrics {
             rpc_seconds: Family::new_with_constructor(rpc_histogram),
             onload_bytes: Counter::default(),
             onload_seconds: CounterF::default(),
+            fast_onloads: Family::default(),
+            fast_connections: Gauge::default(),
             pool_size: Family::default(),
             pool_used: Family::default(),
             pool_pinned: Family::default(),
@@ -126,6 +135,16 @@ impl Metrics {
             "onload_seconds",
             "Seconds spent copying into static buffers",
             m.onload_seconds.clone(),
+        );
+        r.register(
+            "fast_onloads",
+            "Onloads over the fast path on the Unix socket, by status code",
+            m.fast_onloads.clone(),
+        );
+        r.register(
+            "fast_connections",
+            "Open onload fast-path connections",
+            m.fast_connections.clone(),
         );
         r.register(
             "pool_size_bytes",
@@ -197,6 +216,15 @@ impl Metrics {
     }
 
     /// One completed OnloadToStatic.
+    /// One onload answered over the fast path (which the RPC counters do not see).
+    pub fn fast_onload(&self, code: tonic::Code) {
+        self.fast_onloads
+            .get_or_create(&CodeLabels {
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
     pub fn onload(&self, bytes: u64, took: Duration) {
         self.onload_bytes.inc_by(bytes);
         self.onload_seconds.inc_by(took.as_secs_f64());
@@ -247,6 +275,8 @@ impl Metrics {
             self.model_load_progress.get_or_create(&l).set(ratio);
         }
         self.leases_active.set(core.leases.count() as i64);
+        self.fast_connections
+            .set(core.leases.fast_connections() as i64);
         self.pools_committed.set(core.pools.committed() as i64);
         self.pools_budget.set(core.pools.budget() as i64);
         let mut out = String::new();
