@@ -308,6 +308,59 @@ async fn the_fast_path_onloads_on_the_same_socket_and_closes_with_the_lease() {
 }
 
 #[tokio::test]
+async fn python_speaks_the_fast_path_with_the_standard_library() {
+    let mut f = fixture(|b| b).await;
+    register(
+        &mut f.c,
+        "m",
+        &f.ckpt,
+        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
+    )
+    .await;
+    let lease = attach(&mut f.c, "m", "py").await;
+    let rpc =
+        f.c.onload_to_static(OnloadToStaticRequest {
+            lease_id: lease.lease_id.clone(),
+            layer: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out = tokio::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fast_client.py"))
+        .arg("--uds")
+        .arg(&f.d.uds)
+        .args(["--lease", &lease.lease_id, "2", "99"])
+        .output()
+        .await
+        .expect("python3 runs (CI installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["code"], 0);
+    assert_eq!(lines[0]["bytes"], rpc.bytes);
+    assert_eq!(lines[0]["slot"], rpc.slot);
+    assert_eq!(lines[1]["code"], Code::InvalidArgument as i32);
+    assert!(
+        lines[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("offloaded layers are"),
+        "{}",
+        lines[1]
+    );
+    assert!(f.d.terminate().await.success());
+}
+
+#[tokio::test]
 async fn fast_path_connections_per_lease_are_bounded() {
     use offloadd::core::leases::MAX_FAST_CONNECTIONS;
     use offloadd::worker::{Worker, WorkerError};
