@@ -98,7 +98,10 @@ fn start_fast(stream: UnixStream, open: FastOpen) {
     let spawned = std::thread::Builder::new()
         .name("onload-fast".into())
         .spawn(move || {
-            if let Err(e) = fast::serve::serve(stream, |id, conn| open(id, conn)) {
+            let served = fast::serve::serve(stream, fast::serve::HELLO_TIMEOUT, |id, conn| {
+                open(id, conn)
+            });
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "fast-path connection ended with an error");
             }
         });
