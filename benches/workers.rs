@@ -124,12 +124,22 @@ async fn rtt(
     (pct(&all, 0.5), pct(&all, 0.99))
 }
 
-/// Round trips of 8 bytes between two threads over a Unix socket pair, blocking reads: the floor
-/// any request/response over a Unix socket pays on this machine.
-fn ping_pong() -> (Duration, Duration) {
+fn pin_to(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).unwrap();
+}
+
+/// Round trips of 8 bytes between two threads over a Unix socket pair, blocking reads, with the
+/// two threads on the given CPUs: the floor any request/response over a Unix socket pays on this
+/// machine. Where the scheduler puts a worker and the daemon's thread is its choice, so both
+/// floors are measured: same CPU, and across CPUs (a wake-up is then an inter-processor
+/// interrupt).
+fn ping_pong(cpus: (usize, usize)) -> (Duration, Duration) {
     use std::io::{Read, Write};
     let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
     let echo = std::thread::spawn(move || {
+        pin_to(cpus.1);
         let mut buf = [0u8; 8];
         while b.read_exact(&mut buf).is_ok() {
             b.write_all(&buf).unwrap();
@@ -137,13 +147,17 @@ fn ping_pong() -> (Duration, Duration) {
     });
     let mut times = Vec::with_capacity(RTT_CALLS);
     let mut buf = [0u8; 8];
-    for _ in 0..RTT_CALLS {
-        let t = Instant::now();
-        a.write_all(&buf).unwrap();
-        a.read_exact(&mut buf).unwrap();
-        times.push(t.elapsed());
-    }
-    drop(a);
+    let caller = std::thread::spawn(move || {
+        pin_to(cpus.0);
+        for _ in 0..RTT_CALLS {
+            let t = Instant::now();
+            a.write_all(&buf).unwrap();
+            a.read_exact(&mut buf).unwrap();
+            times.push(t.elapsed());
+        }
+        times
+    });
+    let mut times = caller.join().unwrap();
     echo.join().unwrap();
     times.sort();
     (pct(&times, 0.5), pct(&times, 0.99))
@@ -280,7 +294,9 @@ fn main() {
         let fast_one = rtt(&uds, 1, None, true).await;
         let fast_paced = rtt(&uds, 32, Some(PACE), true).await;
         let fast_many = rtt(&uds, 32, None, true).await;
-        let floor = ping_pong();
+        let last_cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+        let floor_same = ping_pong((0, 0));
+        let floor_cross = ping_pong((0, last_cpu));
         child.kill().await.unwrap();
 
         let gbps = |b: f64, s: f64| b / s / 1e9;
@@ -319,8 +335,12 @@ fn main() {
         };
         println!("round trips, 4 KiB layer (targets p50 <= 100 us, p99 <= 1 ms):");
         row(
-            "  bare ping-pong, 2 threads, Unix socket pair (floor)",
-            floor,
+            "  bare ping-pong, Unix socket pair, threads on one CPU",
+            floor_same,
+        );
+        row(
+            "  bare ping-pong, Unix socket pair, threads on two CPUs",
+            floor_cross,
         );
         row("  fast path, 1 worker", fast_one);
         row(
@@ -341,8 +361,9 @@ fn main() {
             many,
         );
         println!(
-            "fast path 1 worker p50 / floor p50         : {:8.2}",
-            us(fast_one.0) / us(floor.0)
+            "fast path 1 worker p50 / ping-pong p50     : {:8.2} of one CPU, {:.2} of two",
+            us(fast_one.0) / us(floor_same.0),
+            us(fast_one.0) / us(floor_cross.0)
         );
     });
 }
