@@ -85,6 +85,19 @@ impl Reply {
         }
     }
 
+    /// The failure the RPC would have answered, as a reply.
+    pub fn from_status(s: &tonic::Status) -> Self {
+        Self::error(s.code() as u32, s.message())
+    }
+
+    /// A failed reply as the status the RPC would have returned.
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::new(
+            tonic::Code::from_i32(self.code as i32),
+            self.message.clone(),
+        )
+    }
+
     /// Writes the frame with one write, so the peer wakes once.
     pub fn write_to(&self, mut w: impl Write) -> io::Result<()> {
         let msg = &self.message.as_bytes()[..self.message.len().min(MAX_MESSAGE)];

@@ -10,9 +10,6 @@ pub trait Session {
     fn onload(&mut self, layer: u32) -> Reply;
 }
 
-/// gRPC's INVALID_ARGUMENT, for a hello this protocol cannot read.
-const INVALID_ARGUMENT: u32 = 3;
-
 /// How long a connection may take to send its hello. Until it is bound to a lease nothing else
 /// would ever end it, so a client that stalls there must not hold a thread for good.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,7 +28,8 @@ pub fn serve<S: Session>(
         Err(FastError::Io(e)) => return Err(e.into()),
         Err(e) => {
             // Tell a confused client what is wrong before closing.
-            let _ = Reply::error(INVALID_ARGUMENT, e.to_string()).write_to(&stream);
+            let _ = Reply::from_status(&tonic::Status::invalid_argument(e.to_string()))
+                .write_to(&stream);
             return Err(e);
         }
     };

@@ -50,7 +50,10 @@ pub fn route(listener: UnixListener, open: FastOpen) -> ReceiverStream<io::Resul
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "connection closed before it spoke"),
-                    Err(_) => tracing::debug!("connection sent nothing for 10 s; closed"),
+                    Err(_) => tracing::debug!(
+                        timeout_s = SNIFF_TIMEOUT.as_secs(),
+                        "connection did not send four bytes in time; closed"
+                    ),
                 }
             });
         }

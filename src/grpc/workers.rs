@@ -88,7 +88,7 @@ impl FastSession {
         lease_id: &str,
         conn: &UnixStream,
     ) -> Result<Self, fast::Reply> {
-        let refuse = |s: Status| fast::Reply::error(s.code() as u32, s.message());
+        let refuse = |s: Status| fast::Reply::from_status(&s);
         let lease = core.leases.get(lease_id).map_err(|e| refuse(e.into()))?;
         let handle = conn.try_clone().map_err(|e| {
             refuse(Status::internal(format!(
@@ -118,7 +118,7 @@ impl fast::serve::Session for FastSession {
                 let s = Status::from(e);
                 self.metrics.fast_onload(s.code());
                 tracing::info!(lease = %self.lease.id, layer, code = ?s.code(), error = s.message(), "fast-path onload failed");
-                fast::Reply::error(s.code() as u32, s.message())
+                fast::Reply::from_status(&s)
             }
         }
     }

@@ -16,8 +16,8 @@ use tonic::transport::Channel;
 pub use cuda::CudaAccess;
 pub use mapping::SegmentMap;
 
+use crate::fast::FastError;
 use crate::fast::client::FastClient;
-use crate::fast::{FastError, Reply};
 use crate::proto::offload_client::OffloadClient;
 use crate::proto::{
     AttachWorkerRequest, DetachWorkerRequest, KeepAliveRequest, Lease, LeaseTensor,
@@ -262,7 +262,7 @@ impl Worker {
                 self.fast = Some(c);
                 Ok(())
             }
-            Err(refused) => Err(refused_status(&refused).into()),
+            Err(refused) => Err(refused.to_status().into()),
         }
     }
 
@@ -273,7 +273,7 @@ impl Worker {
         let fast = self.fast.as_mut().ok_or(WorkerError::NoFastPath)?;
         let reply = fast.onload(layer)?;
         if reply.code != 0 {
-            return Err(refused_status(&reply).into());
+            return Err(reply.to_status().into());
         }
         Ok(reply.bytes)
     }
@@ -318,9 +318,4 @@ impl Worker {
             .await?;
         Ok(())
     }
-}
-
-/// A fast-path refusal or failure as the status the RPC would have returned.
-fn refused_status(r: &Reply) -> tonic::Status {
-    tonic::Status::new(tonic::Code::from_i32(r.code as i32), r.message.clone())
 }
