@@ -15,13 +15,7 @@ use tonic::Code;
 #[tokio::test]
 async fn lease_table_matches_vllm_for_five_layers_step_two() {
     let mut f = fixture(|b| b).await;
-    register(
-        &mut f.c,
-        "m",
-        &f.ckpt,
-        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
-    )
-    .await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
     let lease =
         f.c.attach_worker(AttachWorkerRequest {
             model: "m".into(),
@@ -227,13 +221,7 @@ async fn getinfo_and_leases_report_the_uva_mode() {
 async fn the_fast_path_onloads_on_the_same_socket_and_closes_with_the_lease() {
     use offloadd::worker::{Worker, WorkerError};
     let mut f = fixture(|b| b).await;
-    register(
-        &mut f.c,
-        "m",
-        &f.ckpt,
-        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
-    )
-    .await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
 
     // A worker process that onloads only over the fast path, verifying every slot.
     let done = WorkerProc::spawn(&f.d, "m", &["--passes", "3", "--fast"])
@@ -310,13 +298,7 @@ async fn the_fast_path_onloads_on_the_same_socket_and_closes_with_the_lease() {
 #[tokio::test]
 async fn python_speaks_the_fast_path_with_the_standard_library() {
     let mut f = fixture(|b| b).await;
-    register(
-        &mut f.c,
-        "m",
-        &f.ckpt,
-        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
-    )
-    .await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
     let lease = attach(&mut f.c, "m", "py").await;
     let rpc =
         f.c.onload_to_static(OnloadToStaticRequest {
@@ -366,13 +348,7 @@ async fn fast_path_connections_per_lease_are_bounded() {
     use offloadd::worker::{Worker, WorkerError};
     let f = fixture(|b| b).await;
     let mut c = f.c.clone();
-    register(
-        &mut c,
-        "m",
-        &f.ckpt,
-        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
-    )
-    .await;
+    register(&mut c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
     let mut w = Worker::attach(f.d.channel().await, "m", "w", 0)
         .await
         .unwrap();

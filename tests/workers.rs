@@ -97,15 +97,7 @@ async fn prefetch_workers_verify_every_slot_over_several_passes() {
     let mut f = fixture(|b| b).await;
     for (i, (g, n, step)) in triples.into_iter().enumerate() {
         let name = format!("m{i}");
-        register(
-            &mut f.c,
-            &name,
-            &f.ckpt,
-            Some(register_model_request::Backend::Prefetch(prefetch(
-                g, n, step,
-            ))),
-        )
-        .await;
+        register(&mut f.c, &name, &f.ckpt, prefetched(g, n, step)).await;
         let mut w = WorkerProc::spawn(
             &f.d,
             &name,
@@ -134,13 +126,7 @@ async fn prefetch_workers_verify_every_slot_over_several_passes() {
 #[tokio::test]
 async fn two_workers_share_one_host_copy() {
     let mut f = fixture(|b| b).await;
-    register(
-        &mut f.c,
-        "m",
-        &f.ckpt,
-        Some(register_model_request::Backend::Prefetch(prefetch(2, 1, 1))),
-    )
-    .await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(2, 1, 1)).await;
     let used = |c: &mut OffloadClient<Channel>| {
         let mut c = c.clone();
         async move {
@@ -179,13 +165,7 @@ async fn two_workers_share_one_host_copy() {
 #[tokio::test]
 async fn killed_worker_is_reaped_and_others_keep_going() {
     let mut f = fixture(|b| b).await;
-    register(
-        &mut f.c,
-        "m",
-        &f.ckpt,
-        Some(register_model_request::Backend::Prefetch(prefetch(1, 1, 2))),
-    )
-    .await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
     // A worker that holds a 300 ms lease, and one busy in its forward loop.
     let mut held = WorkerProc::spawn(
         &f.d,

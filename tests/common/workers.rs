@@ -134,6 +134,13 @@ pub async fn attached_workers(c: &mut OffloadClient<Channel>, model: &str) -> u3
     .attached_workers
 }
 
+/// A prefetch backend for RegisterModel, as `uva` is for uva.
+pub fn prefetched(g: u32, n: u32, step: u32) -> Option<register_model_request::Backend> {
+    Some(register_model_request::Backend::Prefetch(prefetch(
+        g, n, step,
+    )))
+}
+
 /// A uva backend with the given budget and no parameter filter.
 pub fn uva(cpu_offload_bytes: u64) -> Option<register_model_request::Backend> {
     Some(register_model_request::Backend::Uva(UvaConfig {
