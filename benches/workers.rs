@@ -17,7 +17,7 @@ use offloadd::device::host::HostRegion;
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
     AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, OnloadToStaticRequest,
-    PrefetchConfig, RegisterModelRequest, register_model_request,
+    PrefetchConfig, RegisterModelRequest,
 };
 use offloadd::worker::Worker;
 use safetensors::Dtype;
@@ -215,12 +215,15 @@ fn main() {
         .await
         .unwrap();
         let pf = |step| {
-            Some(register_model_request::Backend::Prefetch(PrefetchConfig {
-                group_size: 1,
-                num_in_group: 1,
-                prefetch_step: step,
-                params: vec![],
-            }))
+            Some(
+                PrefetchConfig {
+                    group_size: 1,
+                    num_in_group: 1,
+                    prefetch_step: step,
+                    params: vec![],
+                }
+                .into(),
+            )
         };
         for (name, file) in [("big", "big.safetensors"), ("small", "small.safetensors")] {
             c.register_model(RegisterModelRequest {

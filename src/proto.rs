@@ -14,3 +14,20 @@ pub mod build_info {
     pub const TARGET: &str = env!("BUILD_INFO_TARGET");
     pub const PROFILE: &str = env!("BUILD_INFO_PROFILE");
 }
+
+/// Clients name a backend by its settings: `Some(prefetch_config.into())`.
+impl From<UvaConfig> for Backend {
+    fn from(u: UvaConfig) -> Self {
+        Backend {
+            kind: Some(backend::Kind::Uva(u)),
+        }
+    }
+}
+
+impl From<PrefetchConfig> for Backend {
+    fn from(p: PrefetchConfig) -> Self {
+        Backend {
+            kind: Some(backend::Kind::Prefetch(p)),
+        }
+    }
+}

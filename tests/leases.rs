@@ -8,7 +8,7 @@ use std::path::Path;
 use common::workers::*;
 use offloadd::proto::{
     AttachWorkerRequest, DetachWorkerRequest, OnloadToStaticRequest, SetBackendRequest,
-    UnregisterModelRequest, UvaConfig, UvaMode, register_model_request, set_backend_request,
+    UnregisterModelRequest, UvaConfig, UvaMode,
 };
 use tonic::Code;
 
@@ -38,7 +38,7 @@ async fn lease_table_matches_vllm_for_five_layers_step_two() {
         lease
             .tensors
             .iter()
-            .find(|t| t.layer == layer as i32 && t.name.ends_with("mlp.up_proj.weight"))
+            .find(|t| t.layer == Some(layer) && t.name.ends_with("mlp.up_proj.weight"))
             .unwrap()
             .static_offset
     };
@@ -140,10 +140,13 @@ async fn attached_models_cannot_be_unregistered_or_replanned() {
         &mut f.c,
         "m",
         &f.ckpt,
-        Some(register_model_request::Backend::Uva(UvaConfig {
-            cpu_offload_bytes: 1 << 20,
-            params: vec![],
-        })),
+        Some(
+            UvaConfig {
+                cpu_offload_bytes: 1 << 20,
+                params: vec![],
+            }
+            .into(),
+        ),
     )
     .await;
     let mut w = WorkerProc::spawn(&f.d, "m", &["--hold", "--ttl-ms", "300"]);
@@ -157,7 +160,7 @@ async fn attached_models_cannot_be_unregistered_or_replanned() {
     let err =
         f.c.set_backend(SetBackendRequest {
             model: "m".into(),
-            backend: Some(set_backend_request::Backend::Prefetch(prefetch(1, 1, 1))),
+            backend: Some(prefetch(1, 1, 1).into()),
         })
         .await
         .unwrap_err();
@@ -175,7 +178,7 @@ async fn attached_models_cannot_be_unregistered_or_replanned() {
     let m =
         f.c.set_backend(SetBackendRequest {
             model: "m".into(),
-            backend: Some(set_backend_request::Backend::Prefetch(prefetch(1, 1, 2))),
+            backend: Some(prefetch(1, 1, 2).into()),
         })
         .await
         .unwrap()

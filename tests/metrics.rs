@@ -5,7 +5,7 @@ mod common;
 use common::{DaemonBuilder, Scratch, ckpt};
 use offloadd::proto::{
     AttachWorkerRequest, CreatePoolRequest, GetPoolRequest, OnloadToStaticRequest, PrefetchConfig,
-    RegisterModelRequest, register_model_request,
+    RegisterModelRequest,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -74,7 +74,7 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
         pool: "p".into(),
         path: root.join("m.safetensors").display().to_string(),
         wait: true,
-        backend: Some(register_model_request::Backend::Prefetch(pf)),
+        backend: Some(pf.into()),
     })
     .await
     .unwrap();

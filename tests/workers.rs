@@ -7,7 +7,7 @@ use common::workers::*;
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
     AttachWorkerRequest, DetachWorkerRequest, GetPoolRequest, OnloadToStaticRequest, Placement,
-    UvaConfig, UvaMode, register_model_request,
+    UvaConfig, UvaMode,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -19,13 +19,7 @@ async fn uva_worker_reads_weights_in_place_and_matches_the_checkpoint() {
         cpu_offload_bytes: 100_000,
         params: vec![],
     };
-    register(
-        &mut f.c,
-        "m",
-        &f.ckpt,
-        Some(register_model_request::Backend::Uva(uva)),
-    )
-    .await;
+    register(&mut f.c, "m", &f.ckpt, Some(uva.into())).await;
     let lease =
         f.c.attach_worker(AttachWorkerRequest {
             model: "m".into(),
@@ -257,13 +251,7 @@ async fn the_pin_decision_travels_to_the_worker() {
             cpu_offload_bytes: 200_000,
             params: vec![],
         };
-        register(
-            &mut c,
-            "m",
-            &f.ckpt,
-            Some(register_model_request::Backend::Uva(uva)),
-        )
-        .await;
+        register(&mut c, "m", &f.ckpt, Some(uva.into())).await;
         let mut w = WorkerProc::spawn(&f.d, "m", &["--hold"]);
         let a = w.next().await;
         assert_eq!(a["pinned"], !disable);

@@ -132,7 +132,8 @@ pub struct ModelsConfig {
     /// Cap on the read rate of each load, so a large registration does not starve a co-located
     /// inference server of I/O; 0 means unlimited.
     pub max_load_bytes_per_sec: u64,
-    /// Dotted prefixes followed by the layer number, tried in order.
+    /// Dotted prefixes followed by the layer number, tried in order. Empty (the default): the
+    /// first all-digit dotted segment of a tensor's name is its layer, as in vLLM.
     pub layer_patterns: Vec<String>,
     /// Models registered at startup.
     pub register: Vec<ModelSpec>,
@@ -176,10 +177,7 @@ impl Default for ModelsConfig {
             load_threads: 0,
             chunk_bytes: 16 << 20,
             max_load_bytes_per_sec: 0,
-            layer_patterns: crate::core::models::layers::DEFAULT_LAYER_PATTERNS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            layer_patterns: Vec::new(),
             register: Vec::new(),
         }
     }

@@ -9,10 +9,6 @@ use crate::core::pool::Pool;
 use crate::device::Device;
 use crate::proto;
 
-pub fn numa(node: Option<u32>) -> i32 {
-    node.map_or(-1, |n| n as i32)
-}
-
 pub fn decision(d: &PinDecision) -> proto::PinDecision {
     proto::PinDecision {
         pin: d.pin,
@@ -33,7 +29,7 @@ pub fn device(core: &Core, d: &dyn Device) -> proto::Device {
         kind: info.kind.to_string(),
         name: info.name.clone(),
         total_memory_bytes: info.total_memory_bytes,
-        numa_node: numa(info.numa_node),
+        numa_node: info.numa_node,
         capabilities: Some(proto::DeviceCapabilities {
             pin_available: caps.pin.is_ok(),
             pin_unavailable_reason: caps.pin.as_ref().err().cloned().unwrap_or_default(),
@@ -63,7 +59,7 @@ pub fn pool(p: &Pool) -> proto::Pool {
         pinned: p.pinned(),
         pin_reason: p.decision.reason.to_string(),
         path: p.path().display().to_string(),
-        numa_node: numa(p.numa_node),
+        numa_node: p.numa_node,
         registered_bytes: p.device.registered_bytes(p.region()).unwrap_or(0),
     }
 }
@@ -107,26 +103,14 @@ pub fn info(core: &Core) -> proto::GetInfoResponse {
     }
 }
 
-/// The three request oneofs and the reported `Backend` carry the same two messages.
-macro_rules! backend_from {
-    ($($oneof:path),*) => {$(
-        impl From<$oneof> for BackendConfig {
-            fn from(b: $oneof) -> Self {
-                use $oneof as B;
-                match b {
-                    B::Uva(u) => BackendConfig::Uva(uva(u)),
-                    B::Prefetch(p) => BackendConfig::Prefetch(prefetch(p)),
-                }
-            }
-        }
-    )*};
+/// RegisterModel, CreateModel and SetBackend carry the same `Backend` message; one with no kind
+/// set means no backend, as an absent one does.
+pub fn backend_config(b: Option<proto::Backend>) -> Option<BackendConfig> {
+    match b?.kind? {
+        proto::backend::Kind::Uva(u) => Some(BackendConfig::Uva(uva(u))),
+        proto::backend::Kind::Prefetch(p) => Some(BackendConfig::Prefetch(prefetch(p))),
+    }
 }
-
-backend_from!(
-    proto::register_model_request::Backend,
-    proto::create_model_request::Backend,
-    proto::set_backend_request::Backend
-);
 
 fn uva(u: proto::UvaConfig) -> UvaConfig {
     UvaConfig {
@@ -172,8 +156,8 @@ pub fn model_state(s: ModelState) -> proto::ModelState {
 pub fn progress(p: &Progress) -> proto::ModelProgress {
     proto::ModelProgress {
         state: model_state(p.state) as i32,
-        bytes_done: p.loaded_bytes,
-        bytes_total: p.total_bytes,
+        loaded_bytes: p.loaded_bytes,
+        bytes: p.total_bytes,
         error: p.error.clone().unwrap_or_default(),
     }
 }
@@ -186,7 +170,7 @@ pub fn tensor(t: &TensorEntry) -> proto::TensorInfo {
         strides: t.strides.iter().map(|&d| d as u64).collect(),
         offset: t.offset,
         length: t.len,
-        layer: t.layer.map_or(-1, |l| l as i32),
+        layer: t.layer,
         crc32c: t.crc32c.unwrap_or(0),
     }
 }

@@ -10,7 +10,6 @@ use tonic::Status;
 use super::blocking::blocking;
 use super::convert;
 use crate::core::Core;
-use crate::core::backend::BackendConfig;
 use crate::core::models::model::{Model, ModelState};
 use crate::core::models::{
     ModelError, NewPublished, PendingLoad, PublishedTensor, RegisterRequest, wait_loaded,
@@ -28,7 +27,7 @@ pub async fn register(
         name: r.name,
         pool: r.pool,
         path: PathBuf::from(r.path),
-        backend: r.backend.map(BackendConfig::from),
+        backend: convert::backend_config(r.backend),
     };
     let pending = prepare(core, req).await?;
     let model = Arc::clone(pending.model());
@@ -111,7 +110,7 @@ pub async fn create(
                 shape: t.shape.into_iter().map(|d| d as usize).collect(),
             })
             .collect(),
-        backend: r.backend.map(BackendConfig::from),
+        backend: convert::backend_config(r.backend),
     };
     let model = blocking(core, move |c| c.models.create_published(&c.pools, &req)).await?;
     Ok(convert::model(&model, true))

@@ -10,7 +10,6 @@ use super::incoming;
 use super::models::{self, ProgressStream};
 use super::workers;
 use crate::core::Core;
-use crate::core::backend::BackendConfig;
 use crate::core::pools::NewPool;
 use crate::device::cpu::CPU_DEVICE_ID;
 use crate::metrics::Metrics;
@@ -181,10 +180,11 @@ impl Offload for OffloadService {
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
     async fn set_backend(&self, request: Request<proto::SetBackendRequest>) -> Reply<proto::Model> {
         let r = request.into_inner();
-        let backend = r
-            .backend
-            .map(BackendConfig::from)
-            .ok_or_else(|| Status::invalid_argument("set uva or prefetch"))?;
+        let backend = convert::backend_config(r.backend).ok_or_else(|| {
+            Status::invalid_argument(
+                "SetBackend needs a backend: set backend.uva or backend.prefetch",
+            )
+        })?;
         let model = self.core.models.set_backend(&r.model, backend)?;
         Ok(Response::new(convert::model(&model, false)))
     }

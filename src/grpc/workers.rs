@@ -151,7 +151,7 @@ fn lease_proto(l: &Lease) -> proto::Lease {
             device: device.clone(),
             ipc_handle: s.ipc_handle(),
         });
-        (segments.len() - 1) as i32
+        (segments.len() - 1) as u32
     });
     let tensors = l
         .tensors
@@ -169,11 +169,7 @@ fn lease_proto(l: &Lease) -> proto::Lease {
                 segment: 0,
                 offset: t.offset,
                 length: t.len,
-                static_segment: if slot.is_some() {
-                    static_segment.unwrap_or(-1)
-                } else {
-                    -1
-                },
+                static_segment: slot.and(static_segment),
                 static_offset: slot.map_or(0, |s| s.offset),
                 name: info.name,
                 dtype: info.dtype,

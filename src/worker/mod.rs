@@ -195,8 +195,9 @@ impl Worker {
     /// The tensor's static slot (PREFETCH tensors): read in place on cpu, copied back from the
     /// GPU on cuda.
     pub fn static_bytes(&self, t: &LeaseTensor) -> Result<std::borrow::Cow<'_, [u8]>, WorkerError> {
-        let seg = usize::try_from(t.static_segment)
-            .map_err(|_| WorkerError::NoSuchTensor(t.name.clone()))?;
+        let seg = t
+            .static_segment
+            .ok_or_else(|| WorkerError::NoSuchTensor(t.name.clone()))? as usize;
         if let Some(&dptr) = self.device_segments.get(&seg) {
             let cuda = self
                 .cuda
@@ -238,7 +239,7 @@ impl Worker {
         self.lease
             .tensors
             .iter()
-            .filter(move |t| t.layer == layer as i32 && t.placement() == placement)
+            .filter(move |t| t.layer == Some(layer) && t.placement() == placement)
     }
 
     pub async fn onload(&mut self, layer: u32) -> Result<OnloadToStaticResponse, WorkerError> {

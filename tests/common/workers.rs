@@ -8,9 +8,9 @@ use std::process::Stdio;
 use super::{DEADLINE, Daemon, DaemonBuilder, Scratch, ckpt};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, GetModelRequest, GetPoolRequest,
-    OnloadToStaticRequest, Placement, PrefetchConfig, RegisterModelRequest, SetBackendRequest,
-    UnregisterModelRequest, UvaConfig, UvaMode, register_model_request, set_backend_request,
+    AttachWorkerRequest, Backend, CreatePoolRequest, DetachWorkerRequest, GetModelRequest,
+    GetPoolRequest, OnloadToStaticRequest, Placement, PrefetchConfig, RegisterModelRequest,
+    SetBackendRequest, UnregisterModelRequest, UvaConfig, UvaMode,
 };
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -52,7 +52,7 @@ pub async fn register(
     c: &mut OffloadClient<Channel>,
     name: &str,
     path: &Path,
-    backend: Option<register_model_request::Backend>,
+    backend: Option<Backend>,
 ) {
     c.register_model(RegisterModelRequest {
         name: name.into(),
@@ -135,18 +135,19 @@ pub async fn attached_workers(c: &mut OffloadClient<Channel>, model: &str) -> u3
 }
 
 /// A prefetch backend for RegisterModel, as `uva` is for uva.
-pub fn prefetched(g: u32, n: u32, step: u32) -> Option<register_model_request::Backend> {
-    Some(register_model_request::Backend::Prefetch(prefetch(
-        g, n, step,
-    )))
+pub fn prefetched(g: u32, n: u32, step: u32) -> Option<Backend> {
+    Some(prefetch(g, n, step).into())
 }
 
 /// A uva backend with the given budget and no parameter filter.
-pub fn uva(cpu_offload_bytes: u64) -> Option<register_model_request::Backend> {
-    Some(register_model_request::Backend::Uva(UvaConfig {
-        cpu_offload_bytes,
-        params: vec![],
-    }))
+pub fn uva(cpu_offload_bytes: u64) -> Option<Backend> {
+    Some(
+        UvaConfig {
+            cpu_offload_bytes,
+            params: vec![],
+        }
+        .into(),
+    )
 }
 
 /// Attaches as `worker` with the default ttl.

@@ -174,9 +174,9 @@ def write_models(work):
 
 def verify_prefetch(d, pool_map, label, passes=3):
     api = d.api
-    P = api.msg("PrefetchConfig")
+    P, B = api.msg("PrefetchConfig"), api.msg("Backend")
     api.call("RegisterModel", "RegisterModelRequest", "Model", name="pf", pool="gpu", path=d.small, wait=True,
-             prefetch=P(group_size=1, num_in_group=1, prefetch_step=2))
+             backend=B(prefetch=P(group_size=1, num_in_group=1, prefetch_step=2)))
     lease = api.call("AttachWorker", "AttachWorkerRequest", "Lease", model="pf", worker_name="py-" + label, ttl_ms=60000)
     expect(list(lease.prefetch_next) == [2, 3, 4, 1, 0], f"{label}: prefetch_next {list(lease.prefetch_next)}")
     static = lease.segments[1]
@@ -274,9 +274,9 @@ def async_gbps(d, label):
 
 def verify_uva(d, pool_map, label, pinned):
     api = d.api
-    U = api.msg("UvaConfig")
+    U, B = api.msg("UvaConfig"), api.msg("Backend")
     api.call("RegisterModel", "RegisterModelRequest", "Model", name="uva", pool="gpu", path=d.small, wait=True,
-             uva=U(cpu_offload_bytes=400000))
+             backend=B(uva=U(cpu_offload_bytes=400000)))
     lease = api.call("AttachWorker", "AttachWorkerRequest", "Lease", model="uva", worker_name="py-uva-" + label, ttl_ms=60000)
     REGISTERED, COPY_ON_USE = 2, 4
     want_mode = REGISTERED if pinned else COPY_ON_USE
@@ -310,9 +310,9 @@ def verify_uva(d, pool_map, label, pinned):
 
 def onload_gbps(d, label):
     api = d.api
-    P = api.msg("PrefetchConfig")
+    P, B = api.msg("PrefetchConfig"), api.msg("Backend")
     api.call("RegisterModel", "RegisterModelRequest", "Model", name="big", pool="big", path=d.big, wait=True,
-             prefetch=P(group_size=1, num_in_group=1, prefetch_step=1))
+             backend=B(prefetch=P(group_size=1, num_in_group=1, prefetch_step=1)))
     lease = api.call("AttachWorker", "AttachWorkerRequest", "Lease", model="big", worker_name="bw-" + label, ttl_ms=120000)
     best, best_copy = 0, 0
     for _ in range(3):
