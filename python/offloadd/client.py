@@ -1,0 +1,222 @@
+"""The control-plane client: one method per RPC, Python names, a timeout on every call.
+
+    import offloadd
+    client = offloadd.connect()                   # $OFFLOADD_SOCKET or /tmp/offloadd/offloadd.sock
+    client.create_pool("smol", size_bytes=1 << 30)
+    client.register_model("smol", pool="smol", path="/models/smol", backend=offloadd.prefetch(1, 1, 2))
+    with client.attach("smol", worker_name="worker-0") as lease:
+        ...
+
+Errors are :class:`offloadd.OffloaddError` subclasses carrying the daemon's message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from .errors import Internal, from_rpc_error
+from .v1 import offloadd_pb2 as pb
+from .v1 import offloadd_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from .lease import Lease
+
+DEFAULT_SOCKET = "/tmp/offloadd/offloadd.sock"
+#: Seconds a control call may take before it fails with DeadlineExceeded.
+DEFAULT_TIMEOUT = 10.0
+#: Seconds RegisterModel(wait=True) may take: a load reads the whole checkpoint.
+DEFAULT_LOAD_TIMEOUT = 3600.0
+
+Progress = Callable[[pb.ModelProgress], None]
+
+
+def uva(cpu_offload_bytes: int, params: Iterable[str] = ()) -> pb.Backend:
+    """A uva backend: layer parameters up to ``cpu_offload_bytes`` stay in host memory."""
+    return pb.Backend(uva=pb.UvaConfig(cpu_offload_bytes=cpu_offload_bytes, params=list(params)))
+
+
+def prefetch(
+    group_size: int, num_in_group: int, prefetch_step: int, params: Iterable[str] = ()
+) -> pb.Backend:
+    """A prefetch backend with vLLM's three knobs (``--offload-group-size`` and friends)."""
+    return pb.Backend(
+        prefetch=pb.PrefetchConfig(
+            group_size=group_size,
+            num_in_group=num_in_group,
+            prefetch_step=prefetch_step,
+            params=list(params),
+        )
+    )
+
+
+class Client:
+    """A connection to one daemon. Thread-safe; share one per process."""
+
+    def __init__(self, target: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        target = target or os.environ.get("OFFLOADD_SOCKET") or DEFAULT_SOCKET
+        if target.startswith("unix:"):
+            target = target[len("unix:"):]
+        options: list[tuple[str, object]] = []
+        if target.startswith("/"):
+            #: The Unix socket path, where the onload fast path is served; None over TCP.
+            self.uds_path: str | None = target
+            address = f"unix:{target}"
+            # grpcio sends the socket path as :authority, which the daemon's HTTP/2 layer rejects.
+            options.append(("grpc.default_authority", "localhost"))
+        else:
+            self.uds_path = None
+            address = target
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = pb_grpc.OffloadStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: object, timeout: float | None = None) -> object:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # node
+    def get_info(self) -> pb.GetInfoResponse:
+        return self._call("GetInfo", pb.GetInfoRequest())
+
+    # pools
+    def create_pool(self, name: str, size_bytes: int, device: str = "cpu") -> pb.Pool:
+        return self._call(
+            "CreatePool", pb.CreatePoolRequest(name=name, device=device, size_bytes=size_bytes)
+        )
+
+    def get_pool(self, name: str) -> pb.Pool:
+        return self._call("GetPool", pb.GetPoolRequest(name=name))
+
+    def list_pools(self) -> list[pb.Pool]:
+        return list(self._call("ListPools", pb.ListPoolsRequest()).pools)
+
+    def delete_pool(self, name: str) -> pb.Pool:
+        return self._call("DeletePool", pb.DeletePoolRequest(name=name))
+
+    # models
+    def register_model(
+        self,
+        name: str,
+        pool: str,
+        path: str,
+        backend: pb.Backend | None = None,
+        wait: bool = True,
+        progress: Progress | None = None,
+        timeout: float = DEFAULT_LOAD_TIMEOUT,
+    ) -> pb.Model:
+        """Registers a safetensors checkpoint. With ``wait``, returns once the model is READY
+        (``progress`` is called with each update on the way); raises if the load fails."""
+        request = pb.RegisterModelRequest(
+            name=name, pool=pool, path=path, wait=wait and progress is None, backend=backend
+        )
+        model = self._call("RegisterModel", request, timeout=timeout)
+        if not wait or progress is None:
+            return model
+        for update in self.watch_model(name, timeout=timeout):
+            progress(update)
+            if update.state == pb.MODEL_STATE_FAILED:
+                # As RegisterModel(wait=true) answers a failed load: INTERNAL.
+                raise Internal(f"model {name!r} failed to load: {update.error}")
+        return self.get_model(name)
+
+    def watch_model(
+        self, name: str, timeout: float = DEFAULT_LOAD_TIMEOUT
+    ) -> Iterator[pb.ModelProgress]:
+        """The model's progress: its current state first, then every change until READY or
+        FAILED."""
+        try:
+            yield from self._stub.WatchModel(pb.WatchModelRequest(name=name), timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def get_model(self, name: str, include_tensors: bool = False) -> pb.Model:
+        return self._call(
+            "GetModel", pb.GetModelRequest(name=name, include_tensors=include_tensors)
+        )
+
+    def list_models(self) -> list[pb.Model]:
+        return list(self._call("ListModels", pb.ListModelsRequest()).models)
+
+    def unregister_model(self, name: str) -> pb.Model:
+        return self._call("UnregisterModel", pb.UnregisterModelRequest(name=name))
+
+    def create_model(
+        self,
+        name: str,
+        pool: str,
+        tensors: Iterable[pb.TensorSpec],
+        backend: pb.Backend | None = None,
+    ) -> pb.Model:
+        """Allocates ranges for tensors the caller writes itself, then :meth:`seal_model`."""
+        return self._call(
+            "CreateModel",
+            pb.CreateModelRequest(name=name, pool=pool, tensors=list(tensors), backend=backend),
+        )
+
+    def seal_model(self, name: str) -> pb.Model:
+        return self._call("SealModel", pb.SealModelRequest(name=name), timeout=DEFAULT_LOAD_TIMEOUT)
+
+    def set_backend(self, model: str, backend: pb.Backend) -> pb.Model:
+        return self._call("SetBackend", pb.SetBackendRequest(model=model, backend=backend))
+
+    # workers
+    def attach(self, model: str, worker_name: str = "", ttl: float = 0.0) -> Lease:
+        """Attaches to a READY model and returns a :class:`~offloadd.Lease` (a context manager
+        that renews itself and detaches on close). ``ttl`` in seconds; 0 takes the daemon's
+        default."""
+        from .lease import Lease
+
+        worker_name = worker_name or f"python-{os.getpid()}"
+        raw = self.attach_worker(model, worker_name, int(ttl * 1000))
+        return Lease(self, raw)
+
+    def attach_worker(self, model: str, worker_name: str, ttl_ms: int = 0) -> pb.Lease:
+        """The raw AttachWorker call; :meth:`attach` wraps its answer."""
+        return self._call(
+            "AttachWorker",
+            pb.AttachWorkerRequest(model=model, worker_name=worker_name, ttl_ms=ttl_ms),
+        )
+
+    def keep_alive(self, lease_id: str) -> pb.KeepAliveResponse:
+        return self._call("KeepAlive", pb.KeepAliveRequest(lease_id=lease_id))
+
+    def detach_worker(self, lease_id: str) -> pb.DetachWorkerResponse:
+        return self._call("DetachWorker", pb.DetachWorkerRequest(lease_id=lease_id))
+
+    def onload_to_static(
+        self, lease_id: str, layer: int, async_copy: bool = False, slot_free_event: bytes = b""
+    ) -> pb.OnloadToStaticResponse:
+        return self._call(
+            "OnloadToStatic",
+            pb.OnloadToStaticRequest(
+                lease_id=lease_id,
+                layer=layer,
+                async_copy=async_copy,
+                slot_free_event=slot_free_event,
+            ),
+        )
+
+
+def connect(target: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Client:
+    """Connects to a daemon: a Unix socket path (``/…`` or ``unix:/…``; default
+    ``$OFFLOADD_SOCKET``, else ``/tmp/offloadd/offloadd.sock``) or ``host:port`` for TCP.
+
+    Connecting is lazy; a daemon that is not running makes the first call raise
+    :class:`~offloadd.Unavailable` (within ``timeout`` seconds)."""
+    return Client(target, timeout)

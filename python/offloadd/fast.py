@@ -1,0 +1,73 @@
+"""The onload fast path: the daemon's Unix socket, spoken without HTTP/2 on the hot loop.
+
+A connection that starts with ``OFLD`` is bound to one lease and answers one onload at a time
+with the same status codes and messages as the OnloadToStatic RPC (frames: README, "Onload fast
+path"). A round trip costs a few microseconds, against tens for gRPC.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import NamedTuple
+
+from .errors import Unavailable, error_for
+
+MAGIC = b"OFLD"
+VERSION = 1
+_REPLY = struct.Struct("<IIQI")
+_REQUEST = struct.Struct("<I")
+
+
+class Onloaded(NamedTuple):
+    """A completed onload: the slot the layer now occupies and the bytes copied."""
+
+    slot: int
+    bytes: int
+
+
+class FastPath:
+    """One connection bound to one lease. Not thread-safe: one per thread that onloads."""
+
+    def __init__(self, uds_path: str, lease_id: str, timeout: float = 10.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bounds a daemon that stopped answering; an onload is a copy, never a long wait.
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(uds_path)
+        except OSError as e:
+            self._sock.close()
+            raise Unavailable(f"cannot reach offloadd at {uds_path}: {e}") from None
+        lid = lease_id.encode()
+        self._sock.sendall(MAGIC + struct.pack("<HH", VERSION, len(lid)) + lid)
+        code, _, _, message = self._reply()
+        if code != 0:
+            self.close()
+            raise error_for(code, message)
+
+    def onload(self, layer: int) -> Onloaded:
+        """Copies a model layer into its static slot; returns when the copy is complete."""
+        self._sock.sendall(_REQUEST.pack(layer))
+        code, slot, nbytes, message = self._reply()
+        if code != 0:
+            raise error_for(code, message)
+        return Onloaded(slot, nbytes)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _reply(self) -> tuple[int, int, int, str]:
+        code, slot, nbytes, length = _REPLY.unpack(self._exact(_REPLY.size))
+        return code, slot, nbytes, self._exact(length).decode()
+
+    def _exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self._sock.recv(n - len(buf))
+            except OSError as e:
+                raise Unavailable(f"offloadd onload connection failed: {e}") from None
+            if not chunk:
+                raise Unavailable("offloadd closed the onload connection (the lease ended?)")
+            buf += chunk
+        return bytes(buf)

@@ -1,0 +1,338 @@
+"""A worker's lease: the mapped pool, the tensor table, zero-copy views, onload.
+
+The pool is mapped read-only: a view handed out by :meth:`Lease.numpy` or :meth:`Lease.torch`
+shares its memory with the daemon and every other worker, with no copy. numpy views refuse
+writes; a write through a torch view kills the process with SIGSEGV (torch cannot mark a tensor
+read-only), so treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import (
+    FailedPrecondition,
+    LeaseLost,
+    NotFound,
+    OffloaddError,
+    Unavailable,
+    UnknownTensor,
+)
+from .fast import FastPath, Onloaded
+from .v1 import offloadd_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+    from .client import Client
+
+PLACEMENT_NAMES = {
+    pb.PLACEMENT_DEVICE: "device",
+    pb.PLACEMENT_UVA: "uva",
+    pb.PLACEMENT_PREFETCH: "prefetch",
+}
+
+_NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    import torch
+
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    }
+    try:
+        return table[name]
+    except KeyError:
+        raise TypeError(f"safetensors dtype {name} has no torch equivalent") from None
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One row of the lease's tensor table."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    #: Model layer, or None outside the layer stack.
+    layer: int | None
+    #: "device" (copy once), "uva" (read in place) or "prefetch" (read from its static slot).
+    placement: str
+    segment: int
+    offset: int
+    length: int
+    static_segment: int | None
+    static_offset: int
+    crc32c: int
+
+
+class Lease:
+    """A lease on a model (see :meth:`offloadd.Client.attach`).
+
+    It renews itself on a background thread every ttl/3 and detaches on :meth:`close`, on
+    leaving a ``with`` block, and at interpreter exit. Once the daemon no longer knows it (the
+    ttl passed, the daemon restarted, someone detached it), every use raises
+    :class:`~offloadd.LeaseLost` instead of reading memory the daemon may have reused.
+    """
+
+    def __init__(self, client: Client, raw: pb.Lease) -> None:
+        self.client = client
+        self.raw = raw
+        self.id: str = raw.lease_id
+        self.model: str = raw.model
+        self.ttl: float = raw.ttl_ms / 1000.0
+        #: The shared pin decision: when False, nothing in this process pins or registers.
+        self.pinned: bool = raw.pinned
+        self.pin_reason: str = raw.pin_reason
+        self.uva_mode: int = raw.uva_mode
+        self.offloaded_layers: list[int] = list(raw.offloaded_layers)
+        #: After offloaded layer k runs, onload model layer ``prefetch_next[k]``.
+        self.prefetch_next: list[int] = list(raw.prefetch_next)
+        self.prefetch_step: int = raw.prefetch_slots
+        self.tensors: dict[str, Tensor] = {
+            t.name: Tensor(
+                name=t.name,
+                dtype=t.dtype,
+                shape=tuple(t.shape),
+                layer=t.layer if t.HasField("layer") else None,
+                placement=PLACEMENT_NAMES.get(t.placement, "device"),
+                segment=t.segment,
+                offset=t.offset,
+                length=t.length,
+                static_segment=t.static_segment if t.HasField("static_segment") else None,
+                static_offset=t.static_offset,
+                crc32c=t.crc32c,
+            )
+            for t in raw.tensors
+        }
+        self._maps: dict[int, mmap.mmap] = {}
+        self._torch_bases: dict[int, Any] = {}
+        self._fast: FastPath | None = None
+        self._lock = threading.Lock()
+        self._lost: str | None = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._renewed = time.monotonic()
+        self._thread = threading.Thread(
+            target=_renew, args=(weakref.ref(self), self._stop), name=f"offloadd-lease-{self.id[:8]}",
+            daemon=True,
+        )
+        self._thread.start()
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # lifecycle
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops renewing and detaches. Views already taken stay mapped (the memory is not freed
+        under them), but the daemon no longer serves this lease."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if self._fast is not None:
+            self._fast.close()
+        if self._lost is None:
+            try:
+                self.client.detach_worker(self.id)
+            except (NotFound, Unavailable):
+                pass  # already gone, or the daemon is: either way the lease has ended
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._lost is None
+
+    def check(self) -> None:
+        """Raises :class:`LeaseLost` if the lease has ended."""
+        if self._closed:
+            raise LeaseLost(f"lease {self.id} on {self.model!r} was closed; attach again")
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+
+    def _mark_lost(self, why: str) -> None:
+        self._lost = f"lease {self.id} on {self.model!r} is lost: {why}; attach again"
+        self._stop.set()
+
+    # table
+    def tensor(self, name: str) -> Tensor:
+        """The table row of ``name``; :class:`UnknownTensor` (a KeyError) names the closest."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise UnknownTensor(name, self.tensors) from None
+
+    def layer_tensors(self, layer: int) -> list[Tensor]:
+        return [t for t in self.tensors.values() if t.layer == layer]
+
+    # memory
+    def segment(self, index: int) -> mmap.mmap:
+        """The read-only mapping of a host segment (the pool, or cpu static buffers)."""
+        self.check()
+        with self._lock:
+            m = self._maps.get(index)
+            if m is None:
+                seg = self.raw.segments[index]
+                if not seg.path:
+                    raise FailedPrecondition(
+                        f"segment {index} of lease {self.id} is device memory ({seg.device}); "
+                        "use Lease.static() on a CUDA build"
+                    )
+                fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    m = mmap.mmap(fd, seg.size_bytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
+                finally:
+                    os.close(fd)
+                self._maps[index] = m
+            return m
+
+    def segment_range(self, index: int) -> tuple[int, int]:
+        """(address, length) of a mapped segment in this process, e.g. to check zero-copy."""
+        m = self.segment(index)
+        return np.frombuffer(m, dtype=np.uint8).ctypes.data, len(m)
+
+    def numpy(self, name: str) -> np.ndarray:
+        """A read-only numpy view of the tensor's host copy in the pool (no copy)."""
+        t = self.tensor(name)
+        if t.dtype not in _NUMPY_DTYPES:
+            raise TypeError(f"{name} is {t.dtype}, which numpy lacks; use Lease.torch()")
+        dtype = np.dtype(_NUMPY_DTYPES[t.dtype])
+        count = t.length // dtype.itemsize
+        return np.frombuffer(self.segment(t.segment), dtype, count, t.offset).reshape(t.shape)
+
+    def torch(self, name: str) -> torch.Tensor:
+        """A torch view of the tensor's host copy in the pool (no copy; never write to it)."""
+        t = self.tensor(name)
+        return self._torch_view(t.segment, t.offset, t)
+
+    def static(self, name: str) -> torch.Tensor:
+        """The tensor's static slot (prefetch tensors): a view of the lease's static buffers,
+        valid once its layer was onloaded. On cpu a view of the shared-memory file; on cuda a
+        device tensor over the daemon's buffer, opened by its CUDA IPC handle."""
+        t = self.tensor(name)
+        if t.static_segment is None:
+            raise FailedPrecondition(f"{name} is placed {t.placement}; only prefetch tensors have a static slot")
+        seg = self.raw.segments[t.static_segment]
+        if seg.ipc_handle:
+            from . import cuda
+
+            self.check()
+            base = self._torch_bases.get(t.static_segment)
+            if base is None:
+                base = cuda.open_ipc_tensor(seg.ipc_handle, seg.size_bytes, seg.device)
+                self._torch_bases[t.static_segment] = base
+            return _typed(base, t.static_offset, t)
+        return self._torch_view(t.static_segment, t.static_offset, t)
+
+    def _torch_view(self, index: int, offset: int, t: Tensor) -> torch.Tensor:
+        import torch
+
+        base = self._torch_bases.get(index)
+        if base is None:
+            m = self.segment(index)
+            with warnings.catch_warnings():
+                # The mapping is read-only on purpose; the class docstring says so.
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                base = torch.frombuffer(m, dtype=torch.uint8)
+            self._torch_bases[index] = base
+        return _typed(base, offset, t)
+
+    # onload
+    def onload(self, layer: int) -> Onloaded:
+        """Copies a model layer into its static slot and returns once the copy is complete: over
+        the daemon's Unix socket (the fast path) when connected that way, else the RPC."""
+        self.check()
+        if self.client.uds_path is None:
+            r = self._rpc_onload(layer)
+            return Onloaded(r.slot, r.bytes)
+        try:
+            if self._fast is None:
+                self._fast = FastPath(self.client.uds_path, self.id)
+            return self._fast.onload(layer)
+        except Unavailable:
+            self._fast = None
+            self._confirm_alive()
+            raise
+        except NotFound as e:
+            self._mark_lost(e.message)
+            raise LeaseLost(self._lost or e.message) from None
+
+    def _rpc_onload(self, layer: int) -> pb.OnloadToStaticResponse:
+        try:
+            return self.client.onload_to_static(self.id, layer)
+        except NotFound as e:
+            self._mark_lost(e.message)
+            raise LeaseLost(self._lost or e.message) from None
+
+    def _confirm_alive(self) -> None:
+        """After a broken onload connection: a lease the daemon no longer knows is lost."""
+        try:
+            self.client.keep_alive(self.id)
+        except NotFound as e:
+            self._mark_lost(e.message)
+            raise LeaseLost(self._lost or e.message) from None
+        except OffloaddError:
+            pass
+
+
+def _typed(base: torch.Tensor, offset: int, t: Tensor) -> torch.Tensor:
+    dtype = torch_dtype(t.dtype)
+    return base[offset : offset + t.length].view(dtype).view(t.shape)
+
+
+def _renew(ref: weakref.ref[Lease], stop: threading.Event) -> None:
+    """Keeps the lease alive at ttl/3 until it is closed, collected or lost."""
+    while True:
+        lease = ref()
+        if lease is None:
+            return
+        interval, client, lease_id = max(lease.ttl / 3, 0.01), lease.client, lease.id
+        del lease  # hold no reference while waiting, so an abandoned lease can be collected
+        if stop.wait(interval):
+            return
+        lease = ref()
+        if lease is None:
+            return
+        try:
+            client.keep_alive(lease_id)
+            lease._renewed = time.monotonic()
+        except NotFound as e:
+            lease._mark_lost(e.message)
+            return
+        except OffloaddError as e:
+            if time.monotonic() - lease._renewed > lease.ttl:
+                lease._mark_lost(f"not renewed within its ttl of {lease.ttl:.1f} s ({e})")
+                return
+        del lease
+
+
+def _close_at_exit(ref: weakref.ref[Lease]) -> None:
+    lease = ref()
+    if lease is not None:
+        try:
+            lease.close()
+        except OffloaddError:
+            pass  # the daemon may be gone at exit; its reaper ends the lease after the ttl
