@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from .errors import Internal, from_rpc_error
+from .errors import Internal, Unavailable, from_rpc_error
 from .v1 import offloadd_pb2 as pb
 from .v1 import offloadd_pb2_grpc as pb_grpc
 
@@ -72,10 +72,12 @@ class Client:
             address = target
         self.target = target
         self.timeout = timeout
+        self._closed = False
         self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.OffloadStub(self._channel)
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -85,6 +87,8 @@ class Client:
         self.close()
 
     def _call(self, method: str, request: object, timeout: float | None = None) -> object:
+        if self._closed:
+            raise Unavailable(f"this client of {self.target} was closed; connect again")
         try:
             return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:

@@ -47,7 +47,10 @@ class FastPath:
 
     def onload(self, layer: int) -> Onloaded:
         """Copies a model layer into its static slot; returns when the copy is complete."""
-        self._sock.sendall(_REQUEST.pack(layer))
+        try:
+            self._sock.sendall(_REQUEST.pack(layer))
+        except OSError as e:
+            raise Unavailable(f"offloadd onload connection failed: {e} (the lease ended?)") from None
         code, slot, nbytes, message = self._reply()
         if code != 0:
             raise error_for(code, message)

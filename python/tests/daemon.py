@@ -25,10 +25,10 @@ class Daemon:
     directories, with the given model roots. Stop it with :meth:`stop`."""
 
     def __init__(self, roots: list[str], tcp: bool = False, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, uds: str | None = None) -> None:
         self.scratch = tempfile.TemporaryDirectory(prefix="offloadd-py-")
         self.pools = tempfile.TemporaryDirectory(prefix="offloadd-py-", dir="/dev/shm")
-        self.uds = os.path.join(self.scratch.name, "offloadd.sock")
+        self.uds = uds or os.path.join(self.scratch.name, "offloadd.sock")
         cmd = [str(binary()), "serve", "--uds-path", self.uds, "--pools-dir", self.pools.name,
                "--set", f"models.roots={','.join(roots)}", *(args or [])]
         if tcp:

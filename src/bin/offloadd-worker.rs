@@ -48,6 +48,10 @@ struct Args {
     /// Instead of verifying, onload every offloaded layer this many times and print GB/s.
     #[arg(long)]
     onload_bench: Option<u32>,
+    /// Instead of verifying, time this many fast-path onloads (offloaded layers in turn) and
+    /// print the round trip's p50 and p99 in microseconds.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    latency: Option<u32>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -107,8 +111,26 @@ async fn run(args: Args) -> Result<()> {
         w.detach().await?;
         return Ok(());
     }
-    if args.fast {
+    if args.fast || args.latency.is_some() {
         w.connect_fast(&args.uds)?;
+    }
+    if let Some(calls) = args.latency {
+        let layers = w.lease.offloaded_layers.clone();
+        let mut micros = Vec::with_capacity(calls as usize);
+        for &layer in layers.iter().cycle().take(calls as usize) {
+            let t = std::time::Instant::now();
+            w.onload_fast(layer)?;
+            micros.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        micros.sort_by(f64::total_cmp);
+        let at = |q: f64| micros[((micros.len() - 1) as f64 * q) as usize];
+        println!(
+            "{}",
+            serde_json::json!({"event": "latency", "calls": calls, "p50_us": at(0.5), "p99_us": at(0.99)})
+        );
+        keepalive.abort();
+        w.detach().await?;
+        return Ok(());
     }
     let stats = forward_passes(&mut w, args.passes, args.fast).await?;
     let matched = match &args.checkpoint {

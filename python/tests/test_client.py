@@ -1,0 +1,199 @@
+"""The client against the real daemon: every RPC, errors with the daemon's message, leases,
+zero-copy views, the onload fast path and its RPC fallback over TCP."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import offloadd
+from daemon import Daemon
+
+LAYERS = 5
+
+
+def tiny_checkpoint(root: Path) -> dict[str, np.ndarray]:
+    """Five 'layers' of two tensors each, plus an embedding; every byte distinct per layer."""
+    tensors = {"model.embed_tokens.weight": np.arange(64, dtype=np.float32).reshape(8, 8)}
+    for layer in range(LAYERS):
+        tensors[f"model.layers.{layer}.mlp.up_proj.weight"] = np.full((32, 32), layer, np.float32)
+        tensors[f"model.layers.{layer}.mlp.down_proj.weight"] = np.full((32, 16), -layer, np.float16)
+    save_file(tensors, str(root / "tiny.safetensors"))
+    return tensors
+
+
+def register(client: offloadd.Client, root: Path, backend=None, name: str = "tiny") -> dict[str, np.ndarray]:
+    tensors = tiny_checkpoint(root)
+    try:
+        client.create_pool("p", size_bytes=1 << 20)
+    except offloadd.AlreadyExists:
+        pass
+    client.register_model(name, pool="p", path=str(root / "tiny.safetensors"), backend=backend)
+    return tensors
+
+
+def test_every_rpc_round_trips(client: offloadd.Client, tmp_path: Path):
+    info = client.get_info()
+    assert info.devices[0].id == "cpu"
+    pool = client.create_pool("p", size_bytes=1 << 20)
+    assert pool.size_bytes == 1 << 20 and client.get_pool("p").name == "p"
+    assert [p.name for p in client.list_pools()] == ["p"]
+    seen: list[int] = []
+    tiny_checkpoint(tmp_path)
+    m = client.register_model("tiny", pool="p", path=str(tmp_path / "tiny.safetensors"),
+                              backend=offloadd.prefetch(1, 1, 2), progress=lambda u: seen.append(u.state))
+    assert m.state == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
+    assert seen[-1] == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
+    assert [x.name for x in client.list_models()] == ["tiny"]
+    full = client.get_model("tiny", include_tensors=True)
+    assert {t.layer for t in full.tensors if t.HasField("layer")} == set(range(LAYERS))
+    assert client.set_backend("tiny", offloadd.uva(0)).backend.HasField("uva")
+    assert client.unregister_model("tiny").name == "tiny"
+    assert client.delete_pool("p").name == "p"
+    spec = offloadd.v1.offloadd_pb2.TensorSpec(name="w", dtype="F32", shape=[4])
+    client.create_pool("q", size_bytes=1 << 16)
+    created = client.create_model("pub", pool="q", tensors=[spec])
+    assert created.state == offloadd.v1.offloadd_pb2.MODEL_STATE_AWAITING_SEAL
+    assert client.seal_model("pub").state == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
+
+
+def test_errors_carry_the_daemons_message(client: offloadd.Client, tmp_path: Path):
+    with pytest.raises(offloadd.NotFound, match="nope"):
+        client.attach("nope")
+    with pytest.raises(offloadd.NotFound):
+        client.get_pool("nope")
+    client.create_pool("p", size_bytes=1 << 20)
+    with pytest.raises(offloadd.AlreadyExists, match="p"):
+        client.create_pool("p", size_bytes=1 << 20)
+    with pytest.raises(offloadd.ResourceExhausted):
+        client.create_pool("huge", size_bytes=1 << 60)
+    with pytest.raises(offloadd.PermissionDenied):
+        client.register_model("etc", pool="p", path="/etc/hostname")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(offloadd.InvalidArgument, match="bad.safetensors") as e:
+        client.register_model("bad", pool="p", path=str(tmp_path / "bad.safetensors"))
+    assert isinstance(e.value, offloadd.OffloaddError) and e.value.message in str(e.value)
+    with pytest.raises(offloadd.InvalidArgument):
+        client.set_backend("x", offloadd.v1.offloadd_pb2.Backend())
+
+
+def test_a_daemon_that_is_not_running_is_unavailable_within_the_timeout(tmp_path: Path):
+    with offloadd.connect(str(tmp_path / "none.sock"), timeout=2.0) as c:
+        t = time.monotonic()
+        with pytest.raises(offloadd.Unavailable):
+            c.get_info()
+        assert time.monotonic() - t < 2.5
+    with socket.socket() as s:  # a TCP port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with offloadd.connect(f"127.0.0.1:{port}", timeout=2.0) as c:
+        with pytest.raises(offloadd.Unavailable):
+            c.list_pools()
+
+
+def test_views_are_zero_copy_and_read_only(client: offloadd.Client, tmp_path: Path):
+    tensors = register(client, tmp_path, offloadd.uva(1 << 30))
+    with client.attach("tiny", worker_name="views", ttl=5) as lease:
+        start, length = lease.segment_range(0)
+        for name, want in tensors.items():
+            view = lease.numpy(name)
+            np.testing.assert_array_equal(view, want)
+            assert start <= view.ctypes.data < start + length
+            t = lease.torch(name)
+            assert start <= t.data_ptr() < start + length
+            assert t.numpy().tobytes() == want.tobytes()
+        with pytest.raises(ValueError):
+            lease.numpy("model.embed_tokens.weight")[0, 0] = 1.0
+        with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+            lease.torch("model.layers.1.mlp.up_proj.weights")
+        assert all(t.placement == "uva" for t in lease.tensors.values() if t.layer is not None)
+
+
+@pytest.mark.parametrize("transport", ["uds", "tcp"])
+def test_onload_fills_each_static_slot(daemon: Daemon, tmp_path: Path, transport: str):
+    """Over the Unix socket the fast path serves onload; over TCP the RPC does. Same bytes."""
+    with offloadd.connect(daemon.uds) as c:
+        tensors = register(c, tmp_path, offloadd.prefetch(1, 1, 2))
+    target = daemon.uds if transport == "uds" else daemon.tcp
+    with offloadd.connect(target) as c, c.attach("tiny", ttl=5) as lease:
+        assert lease.prefetch_next == [2, 3, 4, 1, 0]
+        for k, layer in enumerate(lease.offloaded_layers):
+            done = lease.onload(layer)
+            assert done.slot == k % 2 and done.bytes > 0
+            for name in (f"model.layers.{layer}.mlp.up_proj.weight", f"model.layers.{layer}.mlp.down_proj.weight"):
+                assert lease.static(name).numpy().tobytes() == tensors[name].tobytes()
+        assert (lease._fast is not None) == (transport == "uds")
+        with pytest.raises(offloadd.InvalidArgument, match="99"):
+            lease.onload(99)
+
+
+def test_a_lease_reaped_while_in_use_fails_the_next_onload(client: offloadd.Client, tmp_path: Path):
+    register(client, tmp_path, offloadd.prefetch(1, 1, 1))
+    lease = client.attach("tiny", ttl=0.3)
+    lease.onload(0)
+    lease._stop.set()  # the worker stops renewing, as a hung process would
+    deadline = time.monotonic() + 10
+    while client.get_model("tiny").attached_workers and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the daemon's state, not a sleep standing in for it
+    assert client.get_model("tiny").attached_workers == 0, "the daemon reaped the lease"
+    with pytest.raises(offloadd.LeaseLost, match="attach again"):
+        lease.onload(1)
+    with pytest.raises(offloadd.LeaseLost):
+        lease.torch("model.layers.1.mlp.up_proj.weight")
+    lease.close()
+
+
+def test_a_lease_renews_itself_and_detaches_on_close(client: offloadd.Client, tmp_path: Path):
+    register(client, tmp_path, offloadd.prefetch(1, 1, 1))
+    with client.attach("tiny", ttl=0.3) as lease:
+        renewed = lease._renewed
+        deadline = time.monotonic() + 10
+        while lease._renewed == renewed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lease._renewed > renewed, "the background thread renewed the lease"
+        lease.onload(0)
+        assert client.get_model("tiny").attached_workers == 1
+    assert client.get_model("tiny").attached_workers == 0
+    with pytest.raises(offloadd.LeaseLost, match="closed"):
+        lease.onload(0)
+
+
+def test_a_daemon_restart_loses_the_lease(tmp_path: Path):
+    uds = str(tmp_path / "offloadd.sock")
+    d = Daemon([str(tmp_path)], uds=uds)
+    with offloadd.connect(uds) as c:
+        register(c, tmp_path, offloadd.prefetch(1, 1, 1))
+        lease = c.attach("tiny", ttl=30)
+        lease.onload(0)
+        assert d.stop() == 0
+        with pytest.raises(offloadd.Unavailable):
+            lease.onload(1)  # no daemon at all: not lost yet, the daemon may come back
+        d = Daemon([str(tmp_path)], uds=uds)
+        try:
+            with pytest.raises(offloadd.LeaseLost, match="attach again"):
+                lease.onload(1)  # a new daemon that never granted this lease
+            with pytest.raises(offloadd.LeaseLost):
+                lease.numpy("model.layers.1.mlp.up_proj.weight")
+            lease.close()
+        finally:
+            assert d.stop() == 0
+
+
+def test_nothing_is_pinned_when_the_policy_says_no(tmp_path: Path):
+    d = Daemon([str(tmp_path)], env={"VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY": "1"})
+    try:
+        with offloadd.connect(d.uds) as c:
+            register(c, tmp_path, offloadd.uva(1 << 30))
+            with c.attach("tiny") as lease:
+                assert not lease.pinned
+                assert "VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY" in lease.pin_reason
+                lease.torch("model.layers.0.mlp.up_proj.weight").sum()
+                locked = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmLck")]
+                assert locked == ["VmLck:\t       0 kB"], locked
+    finally:
+        assert d.stop() == 0
