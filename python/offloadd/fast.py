@@ -60,17 +60,21 @@ class FastPath:
         self._sock.close()
 
     def _reply(self) -> tuple[int, int, int, str]:
-        code, slot, nbytes, length = _REPLY.unpack(self._exact(_REPLY.size))
-        return code, slot, nbytes, self._exact(length).decode()
+        # One request is in flight at a time, so whatever arrives belongs to this reply; it
+        # nearly always comes in one piece, and one recv is most of a call's cost in Python.
+        buf = self._recv()
+        while len(buf) < _REPLY.size:
+            buf += self._recv()
+        code, slot, nbytes, length = _REPLY.unpack_from(buf)
+        while len(buf) < _REPLY.size + length:
+            buf += self._recv()
+        return code, slot, nbytes, buf[_REPLY.size : _REPLY.size + length].decode()
 
-    def _exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                chunk = self._sock.recv(n - len(buf))
-            except OSError as e:
-                raise Unavailable(f"offloadd onload connection failed: {e}") from None
-            if not chunk:
-                raise Unavailable("offloadd closed the onload connection (the lease ended?)")
-            buf += chunk
-        return bytes(buf)
+    def _recv(self) -> bytes:
+        try:
+            chunk = self._sock.recv(4096)
+        except OSError as e:
+            raise Unavailable(f"offloadd onload connection failed: {e}") from None
+        if not chunk:
+            raise Unavailable("offloadd closed the onload connection (the lease ended?)")
+        return chunk

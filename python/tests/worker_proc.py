@@ -4,7 +4,8 @@ weights, generate, report, then hold the lease until stdin closes.
     python worker_proc.py UDS MODEL CONFIG_DIR PROMPT NEW_TOKENS
 
 Prints one JSON line: tokens, the anonymous memory before and after, the lease's static bytes,
-and seconds from interpreter start to the first generated token.
+seconds from interpreter start to the first generated token, and seconds to build and bind
+the model (from_daemon).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def since_process_start() -> float:
@@ -42,8 +44,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(config_dir)
     offloadd.hf.model_class(AutoConfig.from_pretrained(config_dir))
     before = anon_kb()
+    started = time.perf_counter()
     client = offloadd.connect(uds)
     model = offloadd.hf.from_daemon(client, model_name, config_dir, worker_name=f"worker-{model_name}")
+    load_s = time.perf_counter() - started
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         first = model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -54,7 +58,7 @@ def main() -> None:
     print(json.dumps({
         "tokens": out[0, ids.shape[1]:].tolist(), "first": first[0, -1].item(),
         "anon_before_kb": before, "anon_after_kb": anon_kb(), "static_bytes": statics,
-        "first_token_s": first_token_s,
+        "first_token_s": first_token_s, "load_s": load_s,
     }), flush=True)
     sys.stdin.read()
     lease.close()
