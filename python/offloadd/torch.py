@@ -55,10 +55,21 @@ def placed(lease: Lease, t: Tensor, device: torch.device) -> torch.Tensor:
 
 
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replaces the parameter ``name`` (dotted, under ``root``) with one over ``value``."""
+    """Points the parameter ``name`` (dotted, under ``root``) at ``value``. A materialised
+    parameter keeps its object (engines hang attributes on it, e.g. vLLM's weight loaders) and
+    gets new data; a meta parameter is replaced."""
     owner, _, leaf = name.rpartition(".")
     module = root.get_submodule(owner) if owner else root
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    old = module._parameters[leaf]
+    if old is None or old.is_meta:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    elif old.shape == value.shape and old.dtype == value.dtype:
+        old.data = value
+    else:
+        raise InvalidArgument(
+            f"{name} is {tuple(old.shape)} {old.dtype} in the model but "
+            f"{tuple(value.shape)} {value.dtype} in the lease: not the same model"
+        )
 
 
 class Binding:
@@ -108,11 +119,23 @@ def bind(
     prefetch, installs the onload hooks. ``prefix`` defaults to the checkpoint's layer stack."""
     device = torch.device(device)
     prefix = prefix if prefix is not None else layer_prefix(lease)
-    binding = Binding(lease, layers, device)
     for i, layer in enumerate(layers):
-        for name, _ in list(layer.named_parameters()):
-            t = lease.tensor(f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}")
-            set_tensor(layer, name, placed(lease, t, device))
+        bind_layer(layer, i, lease, prefix, device)
+    return install_hooks(layers, lease, prefix, device)
+
+
+def bind_layer(layer: nn.Module, index: int, lease: Lease, prefix: str, device: torch.device) -> None:
+    """Points the parameters of one layer at ``{prefix}.{index}.{name}`` of the lease. Engines
+    that build layers one at a time (vLLM's ``wrap_modules``) call it per layer, so device
+    memory of offloaded weights is released as the model is built."""
+    for name, _ in list(layer.named_parameters()):
+        t = lease.tensor(f"{prefix}.{index}.{name}" if prefix else f"{index}.{name}")
+        set_tensor(layer, name, placed(lease, t, device))
+
+
+def install_hooks(layers: nn.ModuleList, lease: Lease, prefix: str, device: torch.device) -> Binding:
+    """The prefetch onload hooks (vLLM's order) and the copy-on-use hooks for bound layers."""
+    binding = Binding(lease, layers, device)
     _copy_on_use_hooks(binding, layers, prefix)
     if lease.offloaded_layers:
         binding.handles.append(layers[0].register_forward_pre_hook(binding._before_stack))

@@ -10,27 +10,9 @@ from pathlib import Path
 import offloadd
 from conftest import PROMPTS
 from daemon import Daemon
+from measure import pss_of_files_under, shmem_kb
 
 HERE = Path(__file__).resolve().parent
-
-
-def shmem_kb() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("Shmem:"):
-            return int(line.split()[1])
-    raise RuntimeError("no Shmem in /proc/meminfo")
-
-
-def pss_of_files_under(pid: int, directory: str) -> int:
-    """Pss (kB) of every mapping of a file under ``directory`` in process ``pid``."""
-    total, counting = 0, False
-    for line in open(f"/proc/{pid}/smaps"):
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-            counting = len(fields) >= 6 and fields[5].startswith(directory)
-        elif counting and fields[0] == "Pss:":
-            total += int(fields[1])
-    return total
 
 
 def test_two_workers_share_one_host_copy(smol_dir, reference):

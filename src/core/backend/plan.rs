@@ -85,17 +85,17 @@ pub fn plan(config: Option<&BackendConfig>, tensors: &[TensorEntry]) -> Plan {
     }
 }
 
-/// Layer tensors in layer order, by name within a layer.
+/// Layer tensors in layer order, in table order within a layer. vLLM walks a layer's
+/// `named_parameters()`, i.e. module definition order; a model published with CreateModel lists
+/// its tensors in that order, so the budget walk crosses the same parameter vLLM's would. A
+/// checkpoint's table is in the file's order.
 fn layer_order(tensors: &[TensorEntry]) -> Vec<(usize, u32)> {
     let mut order: Vec<(usize, u32)> = tensors
         .iter()
         .enumerate()
         .filter_map(|(i, t)| t.layer.map(|l| (i, l)))
         .collect();
-    order.sort_by(|a, b| {
-        a.1.cmp(&b.1)
-            .then_with(|| tensors[a.0].name.cmp(&tensors[b.0].name))
-    });
+    order.sort_by_key(|&(_, layer)| layer); // stable: keeps table order within a layer
     order
 }
 
@@ -304,6 +304,34 @@ mod tests {
         // Embeddings and lm_head never move.
         assert_eq!(plan.placements[0], Placement::Device);
         assert_eq!(*plan.placements.last().unwrap(), Placement::Device);
+    }
+
+    #[test]
+    fn uva_walks_a_layer_in_table_order_as_vllm_walks_named_parameters() {
+        // Module order, not name order: qkv before o_proj before the MLP, as CreateModel lists
+        // a vLLM model's parameters.
+        let ts: Vec<TensorEntry> = [
+            "self_attn.qkv_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.down_proj.weight",
+        ]
+        .iter()
+        .map(|p| t(&format!("model.layers.0.{p}"), Some(0), 16))
+        .collect();
+        let plan = plan_uva(
+            &UvaConfig {
+                cpu_offload_bytes: 20,
+                params: vec![],
+            },
+            &ts,
+        );
+        assert_eq!(
+            uva_names(&ts, &plan),
+            [
+                "model.layers.0.self_attn.qkv_proj.weight",
+                "model.layers.0.self_attn.o_proj.weight"
+            ]
+        );
     }
 
     #[test]
