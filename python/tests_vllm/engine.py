@@ -107,9 +107,20 @@ def main() -> None:
             seconds = time.perf_counter() - started
             checkpoint_opens = opens.count()
             opens.close()
+            hijacked = []
+            if spec.get("hijack"):
+                # Another offloader takes the place of ours after loading, as when a vLLM
+                # release moves where the runner installs it (vLLM #51396).
+                ours = model.offloadd_offloader
+                set_offloader(NoopOffloader())
+                for check in (ours.post_init, ours.check_active):
+                    try:
+                        check()
+                    except RuntimeError as e:
+                        hijacked.append(str(e))
             get_offloader().post_init()  # as GPUModelRunner.load_model does
-            print(json.dumps({**report(model, loader, spec, seconds, before), "checkpoint_opens": checkpoint_opens}),
-                  flush=True)
+            print(json.dumps({**report(model, loader, spec, seconds, before), "checkpoint_opens": checkpoint_opens,
+                              "hijacked": hijacked}), flush=True)
     if spec.get("hold"):
         sys.stdin.read()
 

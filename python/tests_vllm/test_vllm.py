@@ -92,6 +92,15 @@ def test_two_engines_share_one_host_copy(ckpt, daemon, default_digests):
         assert g < 0.25 * model_bytes / 1024, f"an engine made a private copy ({g} kB)"
 
 
+def test_another_offloader_in_our_place_fails_loudly(ckpt, daemon):
+    require_publication(daemon)
+    r = run_engine(spec(ckpt, daemon.uds, offload=PREFETCH, hijack=True))
+    assert r["outcome"] == "attached"
+    post_init, before_forward = r["hijacked"]
+    assert "not the one vLLM uses (NoopOffloader is)" in post_init
+    assert "did not run its post_init" in before_forward
+
+
 def test_another_dtype_never_binds(ckpt, daemon):
     require_publication(daemon)
     r = run_engine(spec(ckpt, daemon.uds, dtype="bfloat16"))
