@@ -249,7 +249,52 @@ fn build_cases(root: &Path, outside: &Path) -> Vec<Case> {
         Code::NotFound,
         &[],
     ));
+    // Files that are not regular files are refused at once, never opened for a blocking read.
+    mkfifo(&p("fifo.safetensors"));
+    cases.push(case(
+        "a FIFO",
+        p("fifo.safetensors"),
+        Code::InvalidArgument,
+        &["is a FIFO, not a regular file"],
+    ));
+    std::fs::create_dir_all(p("fifodir")).unwrap();
+    mkfifo(&p("fifodir/model.safetensors"));
+    cases.push(case(
+        "a directory whose model.safetensors is a FIFO",
+        p("fifodir"),
+        Code::InvalidArgument,
+        &["model.safetensors is a FIFO"],
+    ));
+    std::fs::create_dir_all(p("fifoindex")).unwrap();
+    mkfifo(&p("fifoindex/model.safetensors.index.json"));
+    cases.push(case(
+        "a FIFO as the index",
+        p("fifoindex"),
+        Code::InvalidArgument,
+        &["index.json is a FIFO"],
+    ));
+    std::fs::create_dir_all(p("dirshard/shard.safetensors")).unwrap();
+    std::fs::write(
+        p("dirshard/model.safetensors.index.json"),
+        r#"{"weight_map":{"w":"shard.safetensors"}}"#,
+    )
+    .unwrap();
+    cases.push(case(
+        "a directory named as a shard",
+        p("dirshard"),
+        Code::InvalidArgument,
+        &["shard.safetensors is a directory"],
+    ));
     cases
+}
+
+fn mkfifo(path: &Path) {
+    let ok = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo {}", path.display());
 }
 
 #[tokio::test]
@@ -340,4 +385,85 @@ async fn futures_used(
         );
     }
     out
+}
+
+/// A checkpoint rewritten and truncated by someone else while it is registered, over and over:
+/// every registration ends OK or with a status naming the file, the daemon never dies (the
+/// header is read, not mapped, so truncation cannot SIGBUS it), and no pool bytes leak.
+#[tokio::test]
+async fn a_checkpoint_truncated_during_registration_never_kills_the_daemon() {
+    let s = Scratch::new();
+    let root = s.models();
+    let path = root.join("racy.safetensors");
+    let good = ckpt::llama(2, 64, 64);
+    ckpt::write_file(&path, &good);
+    let full = std::fs::read(&path).unwrap();
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    c.create_pool(CreatePoolRequest {
+        name: "p".into(),
+        device: "cpu".into(),
+        size_bytes: 8 << 20,
+    })
+    .await
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path, full) = (stop.clone(), path.clone(), full.clone());
+        std::thread::spawn(move || {
+            let mut cut = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::write(&path, &full).unwrap();
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                cut = (cut + 7919) % full.len();
+                f.set_len(cut as u64).unwrap();
+            }
+        })
+    };
+    let mut outcomes = std::collections::BTreeMap::new();
+    for i in 0..400 {
+        let req = RegisterModelRequest {
+            name: format!("m{i}"),
+            pool: "p".into(),
+            path: path.display().to_string(),
+            wait: true,
+            backend: None,
+        };
+        let code = match c.register_model(req).await {
+            Ok(_) => {
+                c.unregister_model(offloadd::proto::UnregisterModelRequest {
+                    name: format!("m{i}"),
+                })
+                .await
+                .unwrap();
+                Code::Ok
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), Code::InvalidArgument | Code::Internal),
+                    "{:?}: {}",
+                    e.code(),
+                    e.message()
+                );
+                assert!(e.message().contains("racy.safetensors"), "{}", e.message());
+                e.code()
+            }
+        };
+        *outcomes.entry(format!("{code:?}")).or_insert(0) += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(outcomes.len() > 1, "the race was exercised: {outcomes:?}");
+    let pool = c
+        .get_pool(GetPoolRequest { name: "p".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pool.used_bytes, 0, "no pool bytes leaked: {outcomes:?}");
+    c.get_info(GetInfoRequest {}).await.unwrap();
+    assert!(d.terminate().await.success());
 }

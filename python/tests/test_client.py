@@ -80,6 +80,11 @@ def test_errors_carry_the_daemons_message(client: offloadd.Client, tmp_path: Pat
     assert isinstance(e.value, offloadd.OffloaddError) and e.value.message in str(e.value)
     with pytest.raises(offloadd.InvalidArgument):
         client.set_backend("x", offloadd.v1.offloadd_pb2.Backend())
+    # A 16 KiB name is refused with its own error, the echo clipped to fit an HTTP/2 header.
+    with pytest.raises(offloadd.InvalidArgument, match="more bytes cut") as e:
+        client.create_pool("n" * 16384, size_bytes=1 << 20)
+    assert len(e.value.message) < 1200
+    client.get_info()  # still serving
 
 
 def test_a_daemon_that_is_not_running_is_unavailable_within_the_timeout(tmp_path: Path):

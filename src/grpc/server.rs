@@ -16,6 +16,12 @@ use super::incoming;
 use super::trace::RpcTraceLayer;
 use crate::proto::{self, offload_server::OffloadServer};
 
+/// Requests are names, paths and tensor specs: CreateModel of a 100k-tensor MoE checkpoint is
+/// the largest, a few MiB. Anything bigger is refused before it is buffered.
+const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// The largest answers are tensor tables (GetModel, AttachWorker) of such checkpoints.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
 /// The name health checks use for the whole daemon, besides the per-service name.
 const OVERALL: &str = "";
 
@@ -65,7 +71,11 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(OffloadServer::new(service.clone()));
+        .add_service(
+            OffloadServer::new(service.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

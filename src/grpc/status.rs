@@ -35,13 +35,13 @@ impl From<PoolError> for Status {
             } => io_code(source),
             PoolError::HostMem { .. } | PoolError::Dir { .. } => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        status(code, e.to_string())
     }
 }
 
 impl From<AllocError> for Status {
     fn from(e: AllocError) -> Self {
-        Status::new(alloc_code(&e), e.to_string())
+        status(alloc_code(&e), e.to_string())
     }
 }
 
@@ -59,7 +59,7 @@ impl From<ModelError> for Status {
         if let ModelError::Alloc(a) = e {
             return Status::from(a);
         }
-        Status::new(model_code(&e), e.to_string())
+        status(model_code(&e), e.to_string())
     }
 }
 
@@ -73,6 +73,7 @@ fn model_code(e: &ModelError) -> Code {
         | E::TensorNotInShard { .. }
         | E::DuplicateTensor { .. }
         | E::BadFile { .. }
+        | E::NotRegularFile { .. }
         | E::BadTensorSpec { .. }
         | E::Backend(_) => Code::InvalidArgument,
         E::AlreadyExists(_) => Code::AlreadyExists,
@@ -104,7 +105,7 @@ impl From<LeaseError> for Status {
             LeaseError::TooManyConnections(_) => Code::ResourceExhausted,
             LeaseError::Device(d) => device_code(d),
         };
-        Status::new(code, e.to_string())
+        status(code, e.to_string())
     }
 }
 
@@ -124,4 +125,42 @@ fn device_code(d: &DeviceError) -> Code {
 /// A blocking task that panicked or was cancelled: the daemon stays up, the caller learns.
 pub fn join_error(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("internal task failed: {e}"))
+}
+
+/// The most bytes of a message sent back. Messages echo what the caller sent (a name, a path),
+/// and an echoed 16 KiB name would push the answer past what HTTP/2 clients accept for
+/// headers, so the client would see "Stream removed" instead of the error.
+const MAX_MESSAGE: usize = 1024;
+
+/// Every error's Status is made here, so every message is bounded.
+fn status(code: Code, message: String) -> Status {
+    Status::new(code, clip(message))
+}
+
+fn clip(mut message: String) -> String {
+    if message.len() <= MAX_MESSAGE {
+        return message;
+    }
+    let total = message.len();
+    let mut cut = MAX_MESSAGE;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message.push_str(&format!("… ({} more bytes cut)", total - cut));
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_clipped_on_a_char_boundary() {
+        assert_eq!(clip("short".into()), "short");
+        let long = "é".repeat(2000); // 4000 bytes, 2 per char
+        let c = clip(long);
+        assert!(c.starts_with(&"é".repeat(512)));
+        assert!(c.ends_with("(2976 more bytes cut)"), "{c}");
+    }
 }

@@ -1,8 +1,14 @@
 //! Reading and validating one safetensors file with the `safetensors` crate. The crate does the
 //! parsing and the format checks; this module adds the file name, and the tensor name where the
 //! crate's error does not carry one.
+//!
+//! Only regular files are opened, without blocking (a FIFO under the roots would otherwise hang
+//! the call), and the header is read into memory rather than mapped: a file truncated by someone
+//! else while it is parsed gives an error naming it, never a SIGBUS in the daemon.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -29,15 +35,64 @@ pub struct Shard {
     pub tensors: Vec<ShardTensor>,
 }
 
-/// Opens and validates a safetensors file. The file is memory-mapped only while its header is
-/// checked (the crate wants the whole buffer to verify the total length); no data is read.
+/// The most header bytes the safetensors format allows (the crate's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Opens a regular file for reading without blocking; FIFOs, devices, sockets and directories
+/// are refused with what they are.
+pub fn open_regular(path: &Path) -> Result<File, ModelError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| ModelError::io(path, e))?;
+    let kind = file
+        .metadata()
+        .map_err(|e| ModelError::io(path, e))?
+        .file_type();
+    let what = if kind.is_file() {
+        return Ok(file);
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "not a file"
+    };
+    Err(ModelError::NotRegularFile {
+        path: path.to_path_buf(),
+        kind: what,
+    })
+}
+
+/// Reads a small metadata file (an index) through [`open_regular`], refusing one over `limit`.
+pub fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, ModelError> {
+    let mut text = Vec::new();
+    open_regular(path)?
+        .take(limit + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| ModelError::io(path, e))?;
+    if text.len() as u64 > limit {
+        return Err(ModelError::BadIndex {
+            path: path.to_path_buf(),
+            why: format!("larger than {limit} bytes; not a checkpoint index"),
+        });
+    }
+    Ok(text)
+}
+
+/// Opens and validates a safetensors file, reading its header only.
 pub fn read_shard(path: &Path) -> Result<Shard, ModelError> {
     let bad = |why: String, tensor: Option<String>| ModelError::BadFile {
         path: path.to_path_buf(),
         tensor,
         why,
     };
-    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let file = open_regular(path)?;
     let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
     if len == 0 {
         return Err(bad(
@@ -45,15 +100,45 @@ pub fn read_shard(path: &Path) -> Result<Shard, ModelError> {
             None,
         ));
     }
-    // SAFETY: the file is opened read-only and we only read the header; if someone truncates it
-    // underneath us we could fault, which is the accepted risk of mapping any file.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-        let tensor = diagnose_tensor(&map, &e);
-        bad(describe(&e), tensor)
-    })?;
-    let data_start = 8 + header_len as u64;
-    let tensors = tensors_in_order(&metadata, data_start);
+    let mut n = [0u8; 8];
+    if len < 8 {
+        return Err(bad(describe(&SafeTensorError::HeaderTooSmall), None));
+    }
+    read_at(&file, path, &mut n, 0)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER {
+        return Err(bad(describe(&SafeTensorError::HeaderTooLarge), None));
+    }
+    if 8 + n > len {
+        return Err(bad(describe(&SafeTensorError::InvalidHeaderLength), None));
+    }
+    let mut head = vec![0u8; 8 + n as usize];
+    read_at(&file, path, &mut head, 0)?;
+    let data_len = len - 8 - n;
+    // The crate checks the header against a buffer; given the header alone it can only
+    // disagree about where the data ends, which is checked below against the file's length.
+    let metadata = match SafeTensors::read_metadata(&head) {
+        Ok((_, m)) => m,
+        Err(SafeTensorError::MetadataIncompleteBuffer) => {
+            serde_json::from_slice::<Metadata>(&head[8..])
+                .map_err(|e| bad(format!("header is not valid safetensors JSON: {e}"), None))?
+        }
+        Err(e) => {
+            let tensor = diagnose_tensor(&head, data_len, &e);
+            return Err(bad(describe(&e), tensor));
+        }
+    };
+    let end = metadata
+        .tensors()
+        .values()
+        .map(|i| i.data_offsets.1 as u64)
+        .max()
+        .unwrap_or(0);
+    if end != data_len {
+        let e = SafeTensorError::MetadataIncompleteBuffer;
+        return Err(bad(describe(&e), diagnose_tensor(&head, data_len, &e)));
+    }
+    let tensors = tensors_in_order(&metadata, 8 + n);
     Ok(Shard {
         path: path.to_path_buf(),
         file,
@@ -96,9 +181,25 @@ fn describe(e: &SafeTensorError) -> String {
     }
 }
 
+/// Reads exactly `buf.len()` bytes at `offset`; a file that shrank meanwhile is named.
+fn read_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), ModelError> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ModelError::BadFile {
+                path: path.to_path_buf(),
+                tensor: None,
+                why: "the file changed (shrank) while its header was read; register it again once it is complete".into(),
+            }
+        } else {
+            ModelError::io(path, e)
+        }
+    })
+}
+
 /// The crate reports some errors without the tensor; find it by re-reading the (already parsed
-/// once) JSON header entry by entry.
-fn diagnose_tensor(buf: &[u8], e: &SafeTensorError) -> Option<String> {
+/// once) JSON header entry by entry. `buf` is the length and the header; `data_len` the bytes
+/// after it in the file.
+fn diagnose_tensor(buf: &[u8], data_len: u64, e: &SafeTensorError) -> Option<String> {
     if let SafeTensorError::InvalidOffset(t) = e {
         return Some(t.clone());
     }
@@ -115,7 +216,7 @@ fn diagnose_tensor(buf: &[u8], e: &SafeTensorError) -> Option<String> {
     let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(buf.get(8..8 + n)?).ok()?;
-    let data_len = buf.len() - 8 - n;
+    let data_len = usize::try_from(data_len).ok()?;
     header
         .into_iter()
         .filter(|(k, _)| k != "__metadata__")

@@ -38,6 +38,8 @@ pub enum LoadError {
     Cancelled,
     #[error("reading {what}: {source}")]
     Io {
+        /// Index into `LoadJob::files` of the file that failed.
+        file: usize,
         what: String,
         source: std::io::Error,
     },
@@ -99,6 +101,7 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
                             Err(source) => {
                                 failed.store(true, Ordering::Relaxed);
                                 return Err(LoadError::Io {
+                                    file: c.file,
                                     what: format!("{} bytes at offset {}", c.len, c.file_offset),
                                     source,
                                 });

@@ -73,6 +73,10 @@ pub enum ModelError {
         tensor: Option<String>,
         why: String,
     },
+    #[error(
+        "{path} is {kind}, not a regular file; point path at a .safetensors file or a checkpoint directory"
+    )]
+    NotRegularFile { path: PathBuf, kind: &'static str },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

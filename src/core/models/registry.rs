@@ -66,6 +66,8 @@ pub struct Models {
 pub struct PendingLoad {
     model: Arc<Model>,
     files: Vec<std::fs::File>,
+    /// The shard path of each file, to name the one that fails.
+    paths: Vec<std::path::PathBuf>,
     chunks: Vec<Vec<Chunk>>,
     done: watch::Sender<bool>,
 }
@@ -162,6 +164,7 @@ impl Models {
         tracing::info!(model = %req.name, pool = %req.pool, path = %ckpt.path.display(), bytes, shards = ckpt.shards.len(), "registering model");
         Ok(PendingLoad {
             model,
+            paths: ckpt.shards.iter().map(|s| s.path.clone()).collect(),
             files: ckpt.shards.into_iter().map(|s| s.file).collect(),
             chunks,
             done,
@@ -174,6 +177,7 @@ impl Models {
         let PendingLoad {
             model,
             files,
+            paths,
             chunks,
             done,
         } = job;
@@ -221,7 +225,18 @@ impl Models {
             Err(e) => {
                 let why = match &e {
                     LoadError::Cancelled => "cancelled: the model was unregistered".to_string(),
-                    LoadError::Io { .. } => e.to_string(),
+                    LoadError::Io { file, source, .. } => {
+                        let path = paths
+                            .get(*file)
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default();
+                        let hint = if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                            "; the checkpoint changed while it was loaded: register it again once it is complete"
+                        } else {
+                            ""
+                        };
+                        format!("{path}: {e}{hint}")
+                    }
                 };
                 tracing::warn!(model = %model.name, error = %why, "model load failed; removing it");
                 self.remove_if_same(&model);

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::ModelError;
-use super::header::{Shard, read_shard};
+use super::header::{Shard, read_shard, read_small};
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// A sharded index lists tensor names and shard files: megabytes even for 100k tensors.
+const INDEX_LIMIT: u64 = 256 << 20;
 
 /// The shards of a checkpoint, validated, in a stable order.
 #[derive(Debug)]
@@ -89,7 +91,7 @@ pub fn open(path: &Path, roots: &[PathBuf]) -> Result<Checkpoint, ModelError> {
 }
 
 fn open_sharded(index_path: &Path, roots: &[PathBuf]) -> Result<Vec<Shard>, ModelError> {
-    let text = std::fs::read(index_path).map_err(|e| ModelError::io(index_path, e))?;
+    let text = read_small(index_path, INDEX_LIMIT)?;
     let index: Index = serde_json::from_slice(&text).map_err(|e| ModelError::BadIndex {
         path: index_path.to_path_buf(),
         why: e.to_string(),
