@@ -88,6 +88,8 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     let startup_models = config.models.register.clone();
     let leases = Arc::new(Leases::new(LeasesParams {
         default_ttl: Duration::from_millis(config.leases.default_ttl_ms),
+        max_per_model: config.leases.max_per_model,
+        max_total: config.leases.max_total,
         static_dir: config.pools.dir.clone(),
         disable_uva: vllm_env.disable_uva,
     }));

@@ -386,3 +386,99 @@ async fn fast_path_connections_per_lease_are_bounded() {
     assert!(w.onload_fast(0).unwrap() > 0);
     assert!(f.d.terminate().await.success());
 }
+
+async fn try_attach(
+    c: &mut offloadd::proto::offload_client::OffloadClient<tonic::transport::Channel>,
+    worker: &str,
+) -> Result<offloadd::proto::Lease, tonic::Status> {
+    c.attach_worker(AttachWorkerRequest {
+        model: "m".into(),
+        worker_name: worker.into(),
+        ttl_ms: 60_000,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn detach(
+    c: &mut offloadd::proto::offload_client::OffloadClient<tonic::transport::Channel>,
+    lease: &offloadd::proto::Lease,
+) {
+    c.detach_worker(DetachWorkerRequest {
+        lease_id: lease.lease_id.clone(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn leases_are_refused_past_the_per_model_and_total_limits() {
+    let mut f = fixture(|b| b.set("leases.max_per_model=2").set("leases.max_total=3")).await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
+    register(&mut f.c, "n", &f.ckpt, None).await;
+    let a = try_attach(&mut f.c, "a").await.unwrap();
+    let _b = try_attach(&mut f.c, "b").await.unwrap();
+    let refused = try_attach(&mut f.c, "c").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("model \"m\" already has 2 leases")
+            && refused.message().contains("leases.max_per_model"),
+        "{}",
+        refused.message()
+    );
+    attach(&mut f.c, "n", "on-n").await;
+    let total =
+        f.c.attach_worker(AttachWorkerRequest {
+            model: "n".into(),
+            worker_name: "second-on-n".into(),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(total.code(), Code::ResourceExhausted);
+    assert!(
+        total.message().contains("leases.max_total"),
+        "{}",
+        total.message()
+    );
+    detach(&mut f.c, &a).await;
+    try_attach(&mut f.c, "c")
+        .await
+        .expect("a detach makes room");
+}
+
+#[tokio::test]
+async fn cpu_static_buffers_count_against_the_host_budget() {
+    // The 8 MiB pool leaves 1 MiB of the budget for static buffers.
+    let mut f = fixture(|b| b.set("pools.max_host_bytes=9437184")).await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
+    let mut granted = Vec::new();
+    let refused = loop {
+        match try_attach(&mut f.c, &format!("w{}", granted.len())).await {
+            Ok(lease) => granted.push(lease),
+            Err(e) => break e,
+        }
+        assert!(granted.len() < 100, "static buffers were never refused");
+    };
+    let each = granted[0].segments[1].size_bytes;
+    assert!(!granted.is_empty() && granted.len() as u64 * each <= 1 << 20);
+    assert!(
+        (granted.len() as u64 + 1) * each > 1 << 20,
+        "refused only when full"
+    );
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("static buffers need")
+            && refused.message().contains("pools.max_host_bytes"),
+        "{}",
+        refused.message()
+    );
+    for lease in &granted {
+        detach(&mut f.c, lease).await;
+    }
+    try_attach(&mut f.c, "again")
+        .await
+        .expect("detaching returned the bytes");
+}

@@ -154,7 +154,8 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
     assert_eq!(sample(&body, "offloadd_leases_active "), 1.0);
     assert_eq!(
         sample(&body, "offloadd_pools_committed_bytes "),
-        (4 << 20) as f64
+        ((4 << 20) + lease.segments[1].size_bytes) as f64,
+        "the pool and the lease's cpu static buffers"
     );
     assert!(sample(&body, "offloadd_pools_budget_bytes ") >= (4 << 20) as f64);
     assert_eq!(

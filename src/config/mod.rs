@@ -189,12 +189,18 @@ impl Default for ModelsConfig {
 pub struct LeasesConfig {
     /// Lease time-to-live used when a worker asks for 0.
     pub default_ttl_ms: u64,
+    /// Most leases one model may have at once (one per worker process).
+    pub max_per_model: usize,
+    /// Most leases the daemon grants at once, over all models.
+    pub max_total: usize,
 }
 
 impl Default for LeasesConfig {
     fn default() -> Self {
         Self {
             default_ttl_ms: 10_000,
+            max_per_model: 64,
+            max_total: 1024,
         }
     }
 }

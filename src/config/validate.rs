@@ -82,6 +82,12 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
         }
         require_absolute("models.register.path", &m.path)?;
     }
+    if c.leases.max_per_model == 0 || c.leases.max_total == 0 {
+        return invalid(format!(
+            "leases.max_per_model = {} and leases.max_total = {} must both be at least 1",
+            c.leases.max_per_model, c.leases.max_total
+        ));
+    }
     if c.leases.default_ttl_ms == 0 {
         return invalid("leases.default_ttl_ms must be > 0".into());
     }

@@ -19,7 +19,8 @@ use super::backend::plan::{self, Placement, Plan};
 use super::models::model::{Model, TensorEntry};
 use super::models::{ModelError, Models};
 use super::pin_policy::PinDecision;
-use crate::device::{AsyncCopy, CopyOp, DeviceError, StaticBuffer};
+use super::pools::{HostReservation, PoolError, Pools};
+use crate::device::{AsyncCopy, CopyOp, DeviceError, DeviceKind, StaticBuffer};
 
 /// Static buffer files live beside the pools and are swept with them after a crash.
 pub const STATIC_FILE_PREFIX: &str = "offloadd-static-";
@@ -57,6 +58,16 @@ pub enum LeaseError {
     TooManyConnections(String),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(
+        "{scope} already has {count} leases, the most {setting} allows; detach idle workers (DetachWorker) or raise {setting}"
+    )]
+    TooMany {
+        scope: String,
+        count: usize,
+        setting: &'static str,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +97,9 @@ pub struct Lease {
     /// Per tensor, its slot in `statics` (PREFETCH tensors only).
     pub static_slots: Vec<Option<StaticSlot>>,
     pub statics: Option<Box<dyn StaticBuffer>>,
+    /// The host budget the cpu static buffers hold; declared after `statics` so the buffers
+    /// are freed before their bytes return to the budget.
+    pub host_reservation: Option<HostReservation>,
     /// Open fast-path connections by number, shut down when the lease ends; None once ended.
     connections: Mutex<Option<FastConnections>>,
     /// Per offloaded layer index k, the copies that onload it.
@@ -209,6 +223,8 @@ pub enum EndReason {
 
 pub struct LeasesParams {
     pub default_ttl: Duration,
+    pub max_per_model: usize,
+    pub max_total: usize,
     pub static_dir: PathBuf,
     pub disable_uva: bool,
 }
@@ -216,6 +232,8 @@ pub struct LeasesParams {
 pub struct Leases {
     params: LeasesParams,
     map: Mutex<HashMap<String, Arc<Lease>>>,
+    /// Serializes attaches, so the limits are checked and the new lease inserted as one step.
+    attaching: Mutex<()>,
     changed: Notify,
 }
 
@@ -238,15 +256,23 @@ impl Leases {
         Self {
             params,
             map: Mutex::new(HashMap::new()),
+            attaching: Mutex::new(()),
             changed: Notify::new(),
         }
     }
 
     /// Grants a lease: plans the model's backend and allocates the static buffers. Blocking.
-    pub fn attach(&self, models: &Models, req: &AttachRequest) -> Result<Arc<Lease>, LeaseError> {
+    pub fn attach(
+        &self,
+        models: &Models,
+        pools: &Pools,
+        req: &AttachRequest,
+    ) -> Result<Arc<Lease>, LeaseError> {
         if req.worker_name.is_empty() {
             return Err(LeaseError::NoWorkerName);
         }
+        let _one_at_a_time = self.attaching.lock().expect("attach lock");
+        self.check_limits(&req.model)?;
         let model = models.attach(&req.model, |m| {
             let state = m.state();
             (state != super::models::model::ModelState::Ready).then(|| LeaseError::NotReady {
@@ -254,7 +280,7 @@ impl Leases {
                 state: super::models::state_name(state),
             })
         })?;
-        match self.build(model.clone(), req) {
+        match self.build(model.clone(), pools, req) {
             Ok(lease) => {
                 let lease = Arc::new(lease);
                 self.map
@@ -272,7 +298,34 @@ impl Leases {
         }
     }
 
-    fn build(&self, model: Arc<Model>, req: &AttachRequest) -> Result<Lease, LeaseError> {
+    /// Refuses a lease over leases.max_total or leases.max_per_model: each lease holds static
+    /// buffers, files and threads, so an unbounded number would exhaust the node.
+    fn check_limits(&self, model: &str) -> Result<(), LeaseError> {
+        let map = self.map.lock().expect("leases lock");
+        if map.len() >= self.params.max_total {
+            return Err(LeaseError::TooMany {
+                scope: "the daemon".into(),
+                count: map.len(),
+                setting: "leases.max_total",
+            });
+        }
+        let on_model = map.values().filter(|l| l.model.name == model).count();
+        if on_model >= self.params.max_per_model {
+            return Err(LeaseError::TooMany {
+                scope: format!("model {model:?}"),
+                count: on_model,
+                setting: "leases.max_per_model",
+            });
+        }
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        model: Arc<Model>,
+        pools: &Pools,
+        req: &AttachRequest,
+    ) -> Result<Lease, LeaseError> {
         let backend = model.backend();
         let tensors = model.tensors();
         let plan = plan::plan(backend.as_ref(), &tensors);
@@ -281,6 +334,7 @@ impl Leases {
         let mut static_slots = vec![None; tensors.len()];
         let mut onload_ops: HashMap<u32, Vec<CopyOp>> = HashMap::new();
         let mut statics = None;
+        let mut host_reservation = None;
         if let Some(pf) = &plan.prefetch {
             // Layout: slot-major, each (key, slot) buffer 256-byte aligned.
             let mut key_offsets = Vec::with_capacity(pf.keys.len());
@@ -306,6 +360,10 @@ impl Leases {
                 .params
                 .static_dir
                 .join(format!("{STATIC_FILE_PREFIX}{id}"));
+            // cpu static buffers are host memory: they count against pools.max_host_bytes.
+            if pool.device.info().kind == DeviceKind::Cpu {
+                host_reservation = Some(pools.reserve_host(total)?);
+            }
             statics = Some(pool.device.alloc_static(&path, total, pf.slots)?);
         }
         let pinned = pool.pinned();
@@ -319,6 +377,7 @@ impl Leases {
             uva_mode: uva_mode(pool.device.info(), pinned, self.params.disable_uva),
             static_slots,
             statics,
+            host_reservation,
             connections: Mutex::new(Some(FastConnections::default())),
             onload_ops,
             expires: Mutex::new(Instant::now() + ttl),

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -33,10 +34,19 @@ pub enum PoolError {
     #[error("size_bytes must be greater than 0")]
     ZeroSize,
     #[error(
-        "pool {name:?} needs {requested} bytes but only {available} of the {budget}-byte host budget are free ({committed} committed to other pools); delete a pool or raise pools.max_host_bytes"
+        "pool {name:?} needs {requested} bytes but only {available} of the {budget}-byte host budget are free ({committed} committed to other pools and leases); delete a pool or raise pools.max_host_bytes"
     )]
     OverBudget {
         name: String,
+        requested: u64,
+        committed: u64,
+        available: u64,
+        budget: u64,
+    },
+    #[error(
+        "the lease's static buffers need {requested} bytes of host memory but only {available} of the {budget}-byte host budget are free ({committed} committed to pools and other leases); detach idle workers, use a smaller prefetch_step, or raise pools.max_host_bytes"
+    )]
+    StaticsOverBudget {
         requested: u64,
         committed: u64,
         available: u64,
@@ -81,11 +91,30 @@ struct Inner {
     pools: BTreeMap<String, Arc<Pool>>,
     /// Names and sizes of pools being created, so concurrent creations see each other.
     creating: HashMap<String, u64>,
+    /// Host bytes held outside pools: the cpu static buffers of leases. Shared with each
+    /// [`HostReservation`], which gives its bytes back when dropped.
+    outside: Arc<AtomicU64>,
 }
 
 impl Inner {
     fn committed(&self) -> u64 {
-        self.pools.values().map(|p| p.size_bytes).sum::<u64>() + self.creating.values().sum::<u64>()
+        self.pools.values().map(|p| p.size_bytes).sum::<u64>()
+            + self.creating.values().sum::<u64>()
+            + self.outside.load(Ordering::Acquire)
+    }
+}
+
+/// Host bytes a lease holds against pools.max_host_bytes (its cpu static buffers); returned to
+/// the budget when dropped.
+#[derive(Debug)]
+pub struct HostReservation {
+    outside: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for HostReservation {
+    fn drop(&mut self) {
+        self.outside.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -142,6 +171,27 @@ impl Pools {
 
     pub fn budget(&self) -> u64 {
         self.params.budget
+    }
+
+    /// Reserves host bytes outside any pool (a lease's cpu static buffers) against the same
+    /// budget as pools, under the same lock, so the two cannot overcommit it together.
+    pub fn reserve_host(&self, bytes: u64) -> Result<HostReservation, PoolError> {
+        let inner = self.inner.lock().expect("pools lock");
+        let committed = inner.committed();
+        let available = self.params.budget.saturating_sub(committed);
+        if bytes > available {
+            return Err(PoolError::StaticsOverBudget {
+                requested: bytes,
+                committed,
+                available,
+                budget: self.params.budget,
+            });
+        }
+        inner.outside.fetch_add(bytes, Ordering::AcqRel);
+        Ok(HostReservation {
+            outside: Arc::clone(&inner.outside),
+            bytes,
+        })
     }
 
     pub fn devices(&self) -> &Devices {

@@ -73,26 +73,25 @@ impl Device for CpuDevice {
         len: u64,
         _slots: usize,
     ) -> Result<Box<dyn StaticBuffer>, DeviceError> {
-        // Pre-faulted in the background: attach answers at once, and the first copies into a
-        // slot do not pay for page faults (single-threaded first-touch faults on tmpfs ran at
-        // a twentieth of memcpy speed on the benchmark machine). Copies racing the prefault
-        // simply fault the pages themselves.
-        let region = Arc::new(HostRegion::create(path, len.max(1))?);
-        let background = Arc::clone(&region);
+        // Backed (fallocate) and pre-faulted before attach answers: a full pools.dir is a
+        // RESOURCE_EXHAUSTED now rather than a SIGBUS at the first onload, the first copies do
+        // not pay for page faults (single-threaded first-touch faults on tmpfs ran at a
+        // twentieth of memcpy speed on the benchmark machine), and nothing keeps faulting a
+        // lease's pages after it has ended.
+        let region = HostRegion::create_backed(path, len.max(1))?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::thread::Builder::new()
-            .name("static-prefault".into())
-            .spawn(move || {
-                if let Err(e) = background.prefault(threads) {
-                    tracing::warn!(path = %background.path().display(), error = %e, "pre-faulting static buffers failed");
-                }
-            })
-            .map_err(|source| super::host::HostMemError::Io {
+        if let Err(source) = region.prefault(threads) {
+            let _ = region.unlink(); // the error below is the one to report
+            return Err(super::host::HostMemError::Io {
                 path: path.to_path_buf(),
-                op: "spawn pre-fault thread",
+                op: "pre-fault",
                 source,
-            })?;
-        Ok(Box::new(CpuStatic { region }))
+            }
+            .into());
+        }
+        Ok(Box::new(CpuStatic {
+            region: Arc::new(region),
+        }))
     }
 }
 

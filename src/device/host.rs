@@ -72,6 +72,23 @@ impl HostRegion {
         region
     }
 
+    /// Like [`HostRegion::create`], with every byte given backing memory now (fallocate): a full
+    /// filesystem fails here with ENOSPC, instead of with SIGBUS at the first write.
+    pub fn create_backed(path: &Path, len: u64) -> Result<Self, HostMemError> {
+        let region = Self::create(path, len)?;
+        rustix::fs::fallocate(&region._file, rustix::fs::FallocateFlags::empty(), 0, len).map_err(
+            |e| {
+                let _ = std::fs::remove_file(path);
+                HostMemError::Io {
+                    path: path.to_path_buf(),
+                    op: "fallocate",
+                    source: e.into(),
+                }
+            },
+        )?;
+        Ok(region)
+    }
+
     /// Maps an existing file (made by another process) shared and writable, for its whole length.
     pub fn open(path: &Path) -> Result<Self, HostMemError> {
         let file = OpenOptions::new()

@@ -20,22 +20,27 @@ fn io_code(e: &std::io::Error) -> Code {
 
 impl From<PoolError> for Status {
     fn from(e: PoolError) -> Self {
-        let code = match &e {
-            PoolError::InvalidName(_) | PoolError::UnknownDevice { .. } | PoolError::ZeroSize => {
-                Code::InvalidArgument
-            }
-            PoolError::AlreadyExists(_) => Code::AlreadyExists,
-            PoolError::OverBudget { .. } => Code::ResourceExhausted,
-            PoolError::NotFound(_) => Code::NotFound,
-            PoolError::DeviceFaulted { .. } => Code::Unavailable,
-            PoolError::InUse { .. } => Code::FailedPrecondition,
-            PoolError::HostMem {
-                source: HostMemError::Io { source, .. },
-                ..
-            } => io_code(source),
-            PoolError::HostMem { .. } | PoolError::Dir { .. } => Code::Internal,
-        };
-        status(code, e.to_string())
+        status(pool_code(&e), e.to_string())
+    }
+}
+
+fn pool_code(e: &PoolError) -> Code {
+    match e {
+        PoolError::InvalidName(_) | PoolError::UnknownDevice { .. } | PoolError::ZeroSize => {
+            Code::InvalidArgument
+        }
+        PoolError::AlreadyExists(_) => Code::AlreadyExists,
+        PoolError::OverBudget { .. } | PoolError::StaticsOverBudget { .. } => {
+            Code::ResourceExhausted
+        }
+        PoolError::NotFound(_) => Code::NotFound,
+        PoolError::DeviceFaulted { .. } => Code::Unavailable,
+        PoolError::InUse { .. } => Code::FailedPrecondition,
+        PoolError::HostMem {
+            source: HostMemError::Io { source, .. },
+            ..
+        } => io_code(source),
+        PoolError::HostMem { .. } | PoolError::Dir { .. } => Code::Internal,
     }
 }
 
@@ -97,6 +102,8 @@ impl From<LeaseError> for Status {
     fn from(e: LeaseError) -> Self {
         let code = match &e {
             LeaseError::NotFound(_) => Code::NotFound,
+            LeaseError::TooMany { .. } => Code::ResourceExhausted,
+            LeaseError::Pool(p) => pool_code(p),
             LeaseError::Model(m) => model_code(m),
             LeaseError::NotReady { .. } | LeaseError::NotPrefetch(_) => Code::FailedPrecondition,
             LeaseError::LayerNotOffloaded { .. }

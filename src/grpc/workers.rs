@@ -30,7 +30,7 @@ pub async fn attach(
         worker_name: r.worker_name,
         ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
     };
-    let lease = blocking(core, move |c| c.leases.attach(&c.models, &req)).await?;
+    let lease = blocking(core, move |c| c.leases.attach(&c.models, &c.pools, &req)).await?;
     Ok(lease_proto(&lease))
 }
 

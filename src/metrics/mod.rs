@@ -188,7 +188,7 @@ impl Metrics {
         );
         r.register(
             "pools_committed_bytes",
-            "Bytes promised to pools (existing and being created)",
+            "Host bytes promised to pools (existing and being created) and to the cpu static buffers of leases",
             m.pools_committed.clone(),
         );
         r.register(
