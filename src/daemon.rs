@@ -93,6 +93,8 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         static_dir: config.pools.dir.clone(),
         disable_uva: vllm_env.disable_uva,
     }));
+    let spares = leases.spares();
+    pools.set_reclaimer(Box::new(move || spares.clear()));
     let models = Models::new(ModelsParams {
         roots: config.models.roots.clone(),
         layer_patterns: config.models.layer_patterns.clone(),

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use common::workers::*;
 use offloadd::proto::{
-    AttachWorkerRequest, DetachWorkerRequest, OnloadToStaticRequest, SetBackendRequest,
-    UnregisterModelRequest, UvaConfig, UvaMode,
+    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, OnloadToStaticRequest,
+    SetBackendRequest, UnregisterModelRequest, UvaConfig, UvaMode,
 };
 use tonic::Code;
 
@@ -481,4 +481,45 @@ async fn cpu_static_buffers_count_against_the_host_budget() {
     try_attach(&mut f.c, "again")
         .await
         .expect("detaching returned the bytes");
+}
+
+fn files_with(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_reattaching_worker_gets_the_ended_leases_buffers_and_a_pool_can_take_them_back() {
+    let mut f = fixture(|b| b.set("pools.max_host_bytes=9437184")).await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
+    let dir = f.s.pools_dir();
+    let first = try_attach(&mut f.c, "w").await.unwrap();
+    let each = first.segments[1].size_bytes;
+    detach(&mut f.c, &first).await;
+    assert_eq!(
+        files_with(&dir, "offloadd-static-"),
+        ["offloadd-static-spare-0"],
+        "the ended lease's buffers are kept, under a name no worker maps"
+    );
+    let second = try_attach(&mut f.c, "w").await.unwrap();
+    assert_eq!(
+        files_with(&dir, "offloadd-static-"),
+        [format!("offloadd-static-{}", second.lease_id)],
+        "the restarted worker got them back under its own lease's name"
+    );
+    detach(&mut f.c, &second).await;
+    // A pool that needs the kept bytes gets them: 1 MiB of budget is left beside the first pool.
+    f.c.create_pool(CreatePoolRequest {
+        name: "q".into(),
+        device: "cpu".into(),
+        size_bytes: (1 << 20) - each + 4096,
+    })
+    .await
+    .expect("the kept buffers are freed for a pool");
+    assert!(files_with(&dir, "offloadd-static-").is_empty());
 }

@@ -208,18 +208,19 @@ async fn killed_worker_is_reaped_and_others_keep_going() {
     assert_eq!(err.code(), Code::NotFound, "the reaped lease is gone");
     let done = survivor.wait_done().await;
     assert_eq!(done["passes"], 20);
-    let statics: Vec<_> = std::fs::read_dir(f.s.pools_dir())
+    let statics: Vec<String> = std::fs::read_dir(f.s.pools_dir())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("offloadd-static-")
-        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("offloadd-static-"))
         .collect();
+    // Freed, or (at most two) kept for a re-attach under a name no worker maps.
     assert!(
-        statics.is_empty(),
-        "static buffers of reaped and detached leases are freed: {statics:?}"
+        statics.len() <= 2
+            && statics
+                .iter()
+                .all(|n| n.starts_with("offloadd-static-spare-")),
+        "static buffers of reaped and detached leases are released: {statics:?}"
     );
     assert_eq!(attached_workers(&mut f.c, "m").await, 0);
 

@@ -20,6 +20,7 @@ use super::models::model::{Model, TensorEntry};
 use super::models::{ModelError, Models};
 use super::pin_policy::PinDecision;
 use super::pools::{HostReservation, PoolError, Pools};
+use super::spares::Spares;
 use crate::device::{AsyncCopy, CopyOp, DeviceError, DeviceKind, StaticBuffer};
 
 /// Static buffer files live beside the pools and are swept with them after a crash.
@@ -97,9 +98,10 @@ pub struct Lease {
     /// Per tensor, its slot in `statics` (PREFETCH tensors only).
     pub static_slots: Vec<Option<StaticSlot>>,
     pub statics: Option<Box<dyn StaticBuffer>>,
-    /// The host budget the cpu static buffers hold; declared after `statics` so the buffers
-    /// are freed before their bytes return to the budget.
+    /// The host budget the cpu static buffers hold; handed on with them.
     pub host_reservation: Option<HostReservation>,
+    /// Where the static buffers go when the lease ends.
+    spares: Arc<Spares>,
     /// Open fast-path connections by number, shut down when the lease ends; None once ended.
     connections: Mutex<Option<FastConnections>>,
     /// Per offloaded layer index k, the copies that onload it.
@@ -214,6 +216,16 @@ impl Lease {
     }
 }
 
+impl Drop for Lease {
+    /// The static buffers go first (to be kept for the next attach, or freed), before the
+    /// model's pool ranges can be reused: a copy into them must never outlive its source.
+    fn drop(&mut self) {
+        if let Some(statics) = self.statics.take() {
+            self.spares.put(statics, self.host_reservation.take());
+        }
+    }
+}
+
 /// Why a lease ended, for the log.
 #[derive(Debug, Clone, Copy)]
 pub enum EndReason {
@@ -231,6 +243,7 @@ pub struct LeasesParams {
 
 pub struct Leases {
     params: LeasesParams,
+    spares: Arc<Spares>,
     map: Mutex<HashMap<String, Arc<Lease>>>,
     /// Serializes attaches, so the limits are checked and the new lease inserted as one step.
     attaching: Mutex<()>,
@@ -254,6 +267,7 @@ pub struct AttachRequest {
 impl Leases {
     pub fn new(params: LeasesParams) -> Self {
         Self {
+            spares: Arc::new(Spares::new(params.static_dir.clone())),
             params,
             map: Mutex::new(HashMap::new()),
             attaching: Mutex::new(()),
@@ -360,11 +374,18 @@ impl Leases {
                 .params
                 .static_dir
                 .join(format!("{STATIC_FILE_PREFIX}{id}"));
-            // cpu static buffers are host memory: they count against pools.max_host_bytes.
-            if pool.device.info().kind == DeviceKind::Cpu {
-                host_reservation = Some(pools.reserve_host(total)?);
+            let cpu = pool.device.info().kind == DeviceKind::Cpu;
+            if let Some((kept, reservation)) = cpu.then(|| self.spares.take(total, &path)).flatten()
+            {
+                statics = Some(kept);
+                host_reservation = reservation;
+            } else {
+                // cpu static buffers are host memory: they count against pools.max_host_bytes.
+                if cpu {
+                    host_reservation = Some(pools.reserve_host(total)?);
+                }
+                statics = Some(pool.device.alloc_static(&path, total, pf.slots)?);
             }
-            statics = Some(pool.device.alloc_static(&path, total, pf.slots)?);
         }
         let pinned = pool.pinned();
         let ttl = req.ttl.unwrap_or(self.params.default_ttl);
@@ -378,6 +399,7 @@ impl Leases {
             static_slots,
             statics,
             host_reservation,
+            spares: Arc::clone(&self.spares),
             connections: Mutex::new(Some(FastConnections::default())),
             onload_ops,
             expires: Mutex::new(Instant::now() + ttl),
@@ -386,6 +408,11 @@ impl Leases {
             model,
             id,
         })
+    }
+
+    /// The buffers kept for re-attaching workers; the pools' reclaimer frees them.
+    pub fn spares(&self) -> Arc<Spares> {
+        Arc::clone(&self.spares)
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Lease>, LeaseError> {

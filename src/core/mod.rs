@@ -9,6 +9,7 @@ mod node;
 pub mod pin_policy;
 pub mod pool;
 pub mod pools;
+pub mod spares;
 
 pub use node::{Node, NodeParams};
 

@@ -118,9 +118,13 @@ impl Drop for HostReservation {
     }
 }
 
+/// Frees host memory held for later use (the static buffers kept for re-attaching workers).
+pub type Reclaimer = Box<dyn Fn() + Send + Sync>;
+
 pub struct Pools {
     params: PoolsParams,
     inner: Mutex<Inner>,
+    reclaim: Mutex<Option<Reclaimer>>,
     _lock: File,
 }
 
@@ -165,6 +169,7 @@ impl Pools {
         Ok(Self {
             params,
             inner: Mutex::new(Inner::default()),
+            reclaim: Mutex::new(None),
             _lock: lock,
         })
     }
@@ -173,9 +178,27 @@ impl Pools {
         self.params.budget
     }
 
+    /// Called when the budget is short, before refusing: whatever it frees is tried again.
+    pub fn set_reclaimer(&self, reclaimer: Reclaimer) {
+        *self.reclaim.lock().expect("reclaim lock") = Some(reclaimer);
+    }
+
+    fn reclaim(&self) {
+        if let Some(f) = &*self.reclaim.lock().expect("reclaim lock") {
+            f();
+        }
+    }
+
     /// Reserves host bytes outside any pool (a lease's cpu static buffers) against the same
     /// budget as pools, under the same lock, so the two cannot overcommit it together.
     pub fn reserve_host(&self, bytes: u64) -> Result<HostReservation, PoolError> {
+        self.try_reserve_host(bytes).or_else(|_| {
+            self.reclaim();
+            self.try_reserve_host(bytes)
+        })
+    }
+
+    fn try_reserve_host(&self, bytes: u64) -> Result<HostReservation, PoolError> {
         let inner = self.inner.lock().expect("pools lock");
         let committed = inner.committed();
         let available = self.params.budget.saturating_sub(committed);
@@ -231,6 +254,9 @@ impl Pools {
                 device: req.device.clone(),
                 cause,
             });
+        }
+        if self.params.budget.saturating_sub(self.committed()) < req.size_bytes {
+            self.reclaim();
         }
         {
             let mut inner = self.inner.lock().expect("pools lock");

@@ -110,6 +110,13 @@ impl StaticBuffer for CpuStatic {
         Some(self.region.path())
     }
 
+    fn rename(&mut self, to: &std::path::Path) -> Result<(), DeviceError> {
+        Arc::get_mut(&mut self.region)
+            .ok_or_else(|| DeviceError::Unsupported("static buffer is still in use".into()))?
+            .rename(to)?;
+        Ok(())
+    }
+
     fn ipc_handle(&self) -> Vec<u8> {
         Vec::new()
     }

@@ -137,6 +137,14 @@ impl HostRegion {
         &self.path
     }
 
+    /// Renames the file (the mapping stays): a buffer handed from one lease to the next takes
+    /// the new lease's file name, which is what its worker maps.
+    pub fn rename(&mut self, to: &Path) -> Result<(), HostMemError> {
+        std::fs::rename(&self.path, to).map_err(io(&self.path, "rename"))?;
+        self.path = to.to_path_buf();
+        Ok(())
+    }
+
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }

@@ -88,6 +88,13 @@ pub trait StaticBuffer: Send + Sync + fmt::Debug {
     }
     /// Shared-memory file the worker maps (cpu); None where the worker opens `ipc_handle`.
     fn path(&self) -> Option<&std::path::Path>;
+    /// Moves the buffer's file to `to`, so another lease can take it over (cpu). Buffers a
+    /// worker opens by IPC handle are not handed over.
+    fn rename(&mut self, _to: &std::path::Path) -> Result<(), DeviceError> {
+        Err(DeviceError::Unsupported(
+            "only cpu static buffers are handed from one lease to the next".into(),
+        ))
+    }
     /// CUDA IPC memory handle (cuda); empty on cpu.
     fn ipc_handle(&self) -> Vec<u8>;
     /// Per slot, the IPC handle of the inter-process event recorded after each copy into that

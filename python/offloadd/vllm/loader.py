@@ -25,6 +25,7 @@ import offloadd
 
 from .. import torch as ot
 from ..errors import NotFound, OffloaddError
+from ..v1 import offloadd_pb2 as pb
 from . import fingerprint
 from .offloader import OffloaddOffloader, backend_of, daemon_backend
 from .publish import BindError, check_fits, publish, published_fingerprint
@@ -72,7 +73,7 @@ class OffloaddModelLoader(BaseModelLoader):
         except OffloaddError as e:
             return self._disk(vllm_config, model_config, prefix, f"offloadd is unreachable ({e})")
         try:
-            client.get_model(fp.model_name)
+            _wait_until_sealed(client, fp.model_name)
         except NotFound:
             other = _same_path_other_fingerprint(client, fp)
             if other is not None:
@@ -146,6 +147,24 @@ def _wanted_backend(vllm_config: VllmConfig) -> object:
     """The daemon's backend for this engine: vLLM's offload settings, or uva with a zero budget
     (everything on the device) when offloading is off."""
     return daemon_backend(vllm_config.offload_config) or offloadd.uva(0)
+
+
+#: How long a start waits for another engine's publication of the same fingerprint.
+PUBLISH_WAIT_S = 600.0
+
+
+def _wait_until_sealed(client: offloadd.Client, name: str) -> None:
+    """Returns once ``name`` is READY. Replicas started together find the first one's
+    publication in progress (AWAITING_SEAL) and wait for it instead of each reading the
+    checkpoint; NotFound when there is none."""
+    model = client.get_model(name)
+    if model.state == pb.MODEL_STATE_READY:
+        return
+    log.info("offloadd: waiting for another engine to finish publishing %s", name)
+    for update in client.watch_model(name, timeout=PUBLISH_WAIT_S):
+        if update.state == pb.MODEL_STATE_READY:
+            return
+    raise NotFound(f"the publication of {name} did not complete (the publishing engine failed?)")
 
 
 def _layer_registry(vllm_config: VllmConfig) -> dict:
