@@ -239,13 +239,19 @@ fn main() {
 
         // 1. attach -> first byte readable.
         let mut attach_best = f64::MAX;
-        for _ in 0..5 {
+        let mut attach_first = 0.0;
+        for i in 0..5 {
             let t = Instant::now();
             let w = Worker::attach(channel.clone(), "big", "bench", 0)
                 .await
                 .unwrap();
             let first = w.tensors().iter().find(|t| t.length > 0).unwrap();
             std::hint::black_box(w.host_bytes(first).unwrap()[0]);
+            // The first attach allocates and faults the lease's static buffers; later ones,
+            // like a restarted worker's, get the ended lease's back.
+            if i == 0 {
+                attach_first = t.elapsed().as_secs_f64();
+            }
             attach_best = attach_best.min(t.elapsed().as_secs_f64());
             w.detach().await.unwrap();
         }
@@ -304,17 +310,22 @@ fn main() {
 
         let gbps = |b: f64, s: f64| b / s / 1e9;
         println!(
-            "attach -> first byte, {:.2} GiB model : {:8.3} ms",
+            "attach -> first byte, {:.2} GiB model : {:8.3} ms (re-attach, as a restarted worker)",
             big_bytes as f64 / (1u64 << 30) as f64,
             attach_best * 1e3
+        );
+        println!(
+            "first attach (allocates its statics): {:8.3} ms",
+            attach_first * 1e3
         );
         println!(
             "read checkpoint from page cache    : {:8.3} ms",
             read_secs * 1e3
         );
         println!(
-            "ratio (read / attach)              : {:8.0}x (target >= 100x)",
-            read_secs / attach_best
+            "ratio (read / attach)              : {:8.0}x (target >= 100x; first attach {:.0}x)",
+            read_secs / attach_best,
+            read_secs / attach_first
         );
         println!(
             "memcpy shm->shm, 1 thread          : {:8.2} GB/s",
