@@ -467,3 +467,103 @@ async fn a_checkpoint_truncated_during_registration_never_kills_the_daemon() {
     c.get_info(GetInfoRequest {}).await.unwrap();
     assert!(d.terminate().await.success());
 }
+
+/// A name under the roots swapped between a regular file and a symlink that leads outside them,
+/// thousands of times while it is registered: the outside file is never loaded (the open
+/// resolves beneath the root, whatever the name pointed to when it was checked).
+#[tokio::test]
+async fn swapping_a_symlink_during_registration_never_escapes_the_roots() {
+    let s = Scratch::new();
+    let root = s.models();
+    let outside = s.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let secret = |name: &str| ckpt::Tensor {
+        name: name.into(),
+        dtype: safetensors::Dtype::U8,
+        shape: vec![64],
+        data: vec![7; 64],
+    };
+    ckpt::write_file(&outside.join("secret.safetensors"), &[secret("secret")]);
+    ckpt::write_file(&root.join("inside.safetensors"), &[secret("inside")]);
+    let swap = root.join("swap.safetensors");
+    std::fs::copy(root.join("inside.safetensors"), &swap).unwrap();
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    c.create_pool(CreatePoolRequest {
+        name: "p".into(),
+        device: "cpu".into(),
+        size_bytes: 1 << 20,
+    })
+    .await
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, root, swap) = (stop.clone(), root.clone(), swap.clone());
+        let target = outside.join("secret.safetensors");
+        std::thread::spawn(move || {
+            let (link, file) = (root.join(".link"), root.join(".file"));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(&target, &link).unwrap();
+                std::fs::rename(&link, &swap).unwrap();
+                std::fs::copy(root.join("inside.safetensors"), &file).unwrap();
+                std::fs::rename(&file, &swap).unwrap();
+            }
+        })
+    };
+    let (mut loaded, mut refused) = (0, 0);
+    for i in 0..3000 {
+        let name = format!("m{i}");
+        let r = c
+            .register_model(RegisterModelRequest {
+                name: name.clone(),
+                pool: "p".into(),
+                path: swap.display().to_string(),
+                wait: true,
+                backend: None,
+            })
+            .await;
+        match r {
+            Ok(_) => {
+                let m = c
+                    .get_model(offloadd::proto::GetModelRequest {
+                        name: name.clone(),
+                        include_tensors: true,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let names: Vec<&str> = m.tensors.iter().map(|t| t.name.as_str()).collect();
+                assert_eq!(
+                    names,
+                    ["inside"],
+                    "registration {i} loaded a file outside the roots"
+                );
+                c.unregister_model(offloadd::proto::UnregisterModelRequest { name })
+                    .await
+                    .unwrap();
+                loaded += 1;
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e.code(), Code::PermissionDenied | Code::NotFound),
+                    "{:?}: {}",
+                    e.code(),
+                    e.message()
+                );
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(
+        loaded > 0 && refused > 0,
+        "the race was exercised: {loaded} loaded, {refused} refused"
+    );
+    assert!(d.terminate().await.success());
+}

@@ -39,13 +39,11 @@ pub struct Shard {
 const MAX_HEADER: u64 = 100_000_000;
 
 /// Opens a regular file for reading without blocking; FIFOs, devices, sockets and directories
-/// are refused with what they are.
-pub fn open_regular(path: &Path) -> Result<File, ModelError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| ModelError::io(path, e))?;
+/// are refused with what they are. `path` was confined to one of `roots` by name; the open
+/// itself resolves it beneath that root (openat2 RESOLVE_BENEATH), so a symlink swapped in
+/// after the check cannot lead out of the roots.
+pub fn open_regular(path: &Path, roots: &[PathBuf]) -> Result<File, ModelError> {
+    let file = open_beneath(path, roots)?;
     let kind = file
         .metadata()
         .map_err(|e| ModelError::io(path, e))?
@@ -69,10 +67,53 @@ pub fn open_regular(path: &Path) -> Result<File, ModelError> {
     })
 }
 
+fn open_beneath(path: &Path, roots: &[PathBuf]) -> Result<File, ModelError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let outside = || ModelError::OutsideRoots {
+        path: path.to_path_buf(),
+        resolved: path.to_path_buf(),
+        roots: roots.to_vec(),
+    };
+    let (root, rel) = roots
+        .iter()
+        .filter_map(|r| r.canonicalize().ok())
+        .find_map(|r| Some((r.clone(), path.strip_prefix(&r).ok()?.to_path_buf())))
+        .ok_or_else(outside)?;
+    let dir = rustix::fs::open(
+        &root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| ModelError::io(&root, e.into()))?;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        &rel
+    };
+    match rustix::fs::openat2(
+        &dir,
+        rel,
+        flags,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(rustix::io::Errno::XDEV) => Err(outside()),
+        // Kernels before 5.6: the name-based check above is all there is.
+        Err(rustix::io::Errno::NOSYS) => OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| ModelError::io(path, e)),
+        Err(e) => Err(ModelError::io(path, e.into())),
+    }
+}
+
 /// Reads a small metadata file (an index) through [`open_regular`], refusing one over `limit`.
-pub fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, ModelError> {
+pub fn read_small(path: &Path, limit: u64, roots: &[PathBuf]) -> Result<Vec<u8>, ModelError> {
     let mut text = Vec::new();
-    open_regular(path)?
+    open_regular(path, roots)?
         .take(limit + 1)
         .read_to_end(&mut text)
         .map_err(|e| ModelError::io(path, e))?;
@@ -85,14 +126,14 @@ pub fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, ModelError> {
     Ok(text)
 }
 
-/// Opens and validates a safetensors file, reading its header only.
-pub fn read_shard(path: &Path) -> Result<Shard, ModelError> {
+/// Opens and validates a safetensors file (confined to `roots`), reading its header only.
+pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
     let bad = |why: String, tensor: Option<String>| ModelError::BadFile {
         path: path.to_path_buf(),
         tensor,
         why,
     };
-    let file = open_regular(path)?;
+    let file = open_regular(path, roots)?;
     let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
     if len == 0 {
         return Err(bad(

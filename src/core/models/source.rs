@@ -68,12 +68,12 @@ pub fn open(path: &Path, roots: &[PathBuf]) -> Result<Checkpoint, ModelError> {
         if index.exists() {
             open_sharded(&confine(&index, roots)?, roots)?
         } else if single.exists() {
-            vec![read_shard(&confine(&single, roots)?)?]
+            vec![read_shard(&confine(&single, roots)?, roots)?]
         } else {
             return Err(ModelError::NoWeights(path));
         }
     } else {
-        vec![read_shard(&path)?]
+        vec![read_shard(&path, roots)?]
     };
     let mut seen: HashMap<&str, &Path> = HashMap::new();
     for shard in &shards {
@@ -91,7 +91,7 @@ pub fn open(path: &Path, roots: &[PathBuf]) -> Result<Checkpoint, ModelError> {
 }
 
 fn open_sharded(index_path: &Path, roots: &[PathBuf]) -> Result<Vec<Shard>, ModelError> {
-    let text = read_small(index_path, INDEX_LIMIT)?;
+    let text = read_small(index_path, INDEX_LIMIT, roots)?;
     let index: Index = serde_json::from_slice(&text).map_err(|e| ModelError::BadIndex {
         path: index_path.to_path_buf(),
         why: e.to_string(),
@@ -120,7 +120,7 @@ fn open_sharded(index_path: &Path, roots: &[PathBuf]) -> Result<Vec<Shard>, Mode
             }
             other => other?,
         };
-        let shard = read_shard(&shard_path)?;
+        let shard = read_shard(&shard_path, roots)?;
         for t in tensors {
             if !shard.tensors.iter().any(|st| st.name == t) {
                 return Err(ModelError::TensorNotInShard {
