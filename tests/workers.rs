@@ -276,3 +276,29 @@ async fn the_pin_decision_travels_to_the_worker() {
         assert!(f.d.terminate().await.success());
     }
 }
+
+/// A worker holding a lease lets go when its daemon dies (SIGKILL): within about its ttl it
+/// exits non-zero, saying why, instead of keeping the dead daemon's shared memory mapped.
+#[tokio::test]
+async fn a_holding_worker_lets_go_when_its_daemon_dies() {
+    let mut f = fixture(|b| b).await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 1)).await;
+    let mut w = WorkerProc::spawn(&f.d, "m", &["--hold", "--ttl-ms", "1000"]);
+    let attached = w.next().await;
+    assert_eq!(attached["event"], "attached", "{attached}");
+    f.d.signal(rustix::process::Signal::KILL);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), w.child.wait())
+        .await
+        .expect("the worker exits once its lease cannot be renewed")
+        .unwrap();
+    assert!(!status.success());
+    let last = w.next().await;
+    assert_eq!(last["event"], "error", "{last}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .contains("was not renewed within its ttl"),
+        "{last}"
+    );
+}

@@ -33,7 +33,8 @@ struct Args {
     /// Forward passes to run.
     #[arg(long, default_value_t = 3)]
     passes: u32,
-    /// Attach, then hold the lease (renewing it) until killed.
+    /// Attach, then hold the lease (renewing it) until killed, or until the lease is lost (the
+    /// daemon forgot it or was unreachable for a whole ttl): then exit non-zero.
     #[arg(long)]
     hold: bool,
     /// With --hold: never renew, so the lease lapses.
@@ -88,8 +89,11 @@ async fn run(args: Args) -> Result<()> {
     );
     let every = Duration::from_millis(w.lease.ttl_ms / 3).max(Duration::from_millis(10));
     if args.hold {
-        let _keepalive = (!args.no_keepalive).then(|| w.spawn_keep_alive(every));
-        std::future::pending::<()>().await;
+        if args.no_keepalive {
+            std::future::pending::<()>().await;
+        }
+        let why = w.spawn_keep_alive(every).await?;
+        bail!("stopped holding the lease: {why}");
     }
     let keepalive = w.spawn_keep_alive(every);
     if let Some(rounds) = args.onload_bench {

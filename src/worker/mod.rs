@@ -291,21 +291,33 @@ impl Worker {
     }
 
     /// Renews the lease every `every` in the background until the task is dropped/aborted.
-    pub fn spawn_keep_alive(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Renews the lease every `every` until it is lost, and returns why: the daemon no longer
+    /// knows it, or could not be reached for a whole ttl (it died). A worker then lets go of its
+    /// mappings instead of holding a dead daemon's deleted shared memory.
+    pub fn spawn_keep_alive(&self, every: Duration) -> tokio::task::JoinHandle<String> {
         let mut client = self.client.clone();
         let lease_id = self.lease.lease_id.clone();
+        let ttl = Duration::from_millis(self.lease.ttl_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut renewed = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
-                if client
-                    .keep_alive(KeepAliveRequest {
-                        lease_id: lease_id.clone(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    break;
+                let request = KeepAliveRequest {
+                    lease_id: lease_id.clone(),
+                };
+                match client.keep_alive(request).await {
+                    Ok(_) => renewed = tokio::time::Instant::now(),
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        return format!("lease {lease_id} is gone: {}", s.message());
+                    }
+                    Err(s) if renewed.elapsed() >= ttl => {
+                        return format!(
+                            "lease {lease_id} was not renewed within its ttl of {ttl:?}: {}",
+                            s.message()
+                        );
+                    }
+                    Err(_) => {} // a daemon restarting within the ttl: try again
                 }
             }
         })
