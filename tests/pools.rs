@@ -26,8 +26,33 @@ fn create(name: &str, size_bytes: u64) -> CreatePoolRequest {
     }
 }
 
+/// Pinning a test's pools needs CAP_IPC_LOCK or a memlock limit of at least `bytes`; without
+/// either the test cannot pass, so it says why and skips.
+fn skip_unless_lockable(bytes: u64) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_IPC_LOCK: u64 = 1 << 14;
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock)
+        .current
+        .unwrap_or(u64::MAX);
+    if cap_eff & CAP_IPC_LOCK != 0 || limit >= bytes {
+        return false;
+    }
+    eprintln!(
+        "SKIPPED: pinning needs CAP_IPC_LOCK or a memlock limit of {bytes} bytes; this process has neither (limit {limit})"
+    );
+    true
+}
+
 #[tokio::test]
 async fn pinned_pool_locks_exactly_its_size() {
+    if skip_unless_lockable(24 * MIB + 4096) {
+        return;
+    }
     let s = Scratch::new();
     let d = DaemonBuilder::new(&s).start().await.unwrap();
     let mut c = d.client().await;
@@ -310,6 +335,9 @@ async fn pool_files_do_not_survive_a_crash_and_restart() {
 
 #[tokio::test]
 async fn pools_declared_in_toml_are_created_at_startup() {
+    if skip_unless_lockable(3 * MIB) {
+        return;
+    }
     let s = Scratch::new();
     let cfg = s.path("offloadd.toml");
     write(
