@@ -35,8 +35,11 @@ def test_first_start_publishes_and_the_second_attaches_without_reading_the_check
     assert set(second["where"].values()) == {"pool"}, "every parameter is a view of the pool"
 
 
-@pytest.mark.parametrize("offload", [PREFETCH, {**PREFETCH, "group_size": 4, "prefetch_step": 3}, UVA],
-                         ids=["prefetch-2-1-2", "prefetch-4-1-3", "uva-0.1GB"])
+UVA_ALL = {"backend": "uva", "cpu_offload_gb": 1.0}  # more than every layer: all offloaded
+
+
+@pytest.mark.parametrize("offload", [PREFETCH, {**PREFETCH, "group_size": 4, "prefetch_step": 3}, UVA, UVA_ALL],
+                         ids=["prefetch-2-1-2", "prefetch-4-1-3", "uva-0.1GB", "uva-1GB"])
 def test_offloaded_parameters_live_in_the_pool_and_slots_hold_vllms_weights(ckpt, daemon, default_digests, offload):
     require_publication(daemon)
     r = run_engine(spec(ckpt, daemon.uds, offload=offload, onload=True))
@@ -51,7 +54,11 @@ def test_offloaded_parameters_live_in_the_pool_and_slots_hold_vllms_weights(ckpt
     else:
         uva = [k for k, v in r["placements"].items() if v == "uva"]
         assert uva and all(r["where"][k] == "pool" for k in uva)
-        assert "device" in kinds, "the budget leaves later layers on the device"
+        layer_params = [k for k in r["placements"] if ".layers." in k]
+        if offload is UVA:
+            assert "device" in kinds, "the budget leaves later layers on the device"
+        else:
+            assert set(uva) == set(layer_params), "a budget above the model offloads every layer"
     # Every slot was compared right after its layer's onload; the rest in place.
     assert r["digests"] == default_digests
 
