@@ -109,6 +109,6 @@ def uva_view(lease: Lease, t: Tensor, device: torch.device) -> torch.Tensor:
             raise FailedPrecondition(f"uva mode {lease.uva_mode} has no in-place device access")
         base = _as_tensor(addr, len(m), device, owner=host)
         lease._torch_bases[key] = base
-    from .lease import torch_dtype
+    from .lease import _typed
 
-    return base[t.offset : t.offset + t.length].view(torch_dtype(t.dtype)).view(t.shape)
+    return _typed(base, t.offset, t)

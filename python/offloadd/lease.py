@@ -9,6 +9,7 @@ read-only), so treat them as read-only.
 from __future__ import annotations
 
 import atexit
+import functools
 import mmap
 import os
 import threading
@@ -49,19 +50,24 @@ _NUMPY_DTYPES = {
 }
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name."""
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype (built once: torch is imported only when needed)."""
     import torch
 
-    table = {
+    return {
         "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
         "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
         "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
         "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
         "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
     }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
     try:
-        return table[name]
+        return torch_dtypes()[name]
     except KeyError:
         raise TypeError(f"safetensors dtype {name} has no torch equivalent") from None
 
@@ -173,9 +179,11 @@ class Lease:
         if self._lost is not None:
             raise LeaseLost(self._lost)
 
-    def _mark_lost(self, why: str) -> None:
+    def _mark_lost(self, why: str) -> LeaseLost:
+        """Records that the lease ended and returns the error every later use raises."""
         self._lost = f"lease {self.id} on {self.model!r} is lost: {why}; attach again"
         self._stop.set()
+        return LeaseLost(self._lost)
 
     # table
     def tensor(self, name: str) -> Tensor:
@@ -277,23 +285,20 @@ class Lease:
             self._confirm_alive()
             raise
         except NotFound as e:
-            self._mark_lost(e.message)
-            raise LeaseLost(self._lost or e.message) from None
+            raise self._mark_lost(e.message) from None
 
     def _rpc_onload(self, layer: int) -> pb.OnloadToStaticResponse:
         try:
             return self.client.onload_to_static(self.id, layer)
         except NotFound as e:
-            self._mark_lost(e.message)
-            raise LeaseLost(self._lost or e.message) from None
+            raise self._mark_lost(e.message) from None
 
     def _confirm_alive(self) -> None:
         """After a broken onload connection: a lease the daemon no longer knows is lost."""
         try:
             self.client.keep_alive(self.id)
         except NotFound as e:
-            self._mark_lost(e.message)
-            raise LeaseLost(self._lost or e.message) from None
+            raise self._mark_lost(e.message) from None
         except OffloaddError:
             pass
 

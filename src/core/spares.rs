@@ -52,14 +52,16 @@ impl Spares {
         if statics.rename(&name).is_err() {
             return;
         }
-        let mut kept = self.kept.lock().expect("spares lock");
-        kept.push(Spare {
-            statics,
-            reservation,
-        });
-        if kept.len() > MAX_SPARES {
-            kept.remove(0);
-        }
+        let evicted = {
+            let mut kept = self.kept.lock().expect("spares lock");
+            kept.push(Spare {
+                statics,
+                reservation,
+            });
+            (kept.len() > MAX_SPARES).then(|| kept.remove(0))
+        };
+        // Freed (unmapped, unlinked) outside the lock, as in `clear`.
+        drop(evicted);
     }
 
     /// A kept buffer of exactly `len` bytes, renamed to `path`, with its reservation.

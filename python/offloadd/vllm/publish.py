@@ -11,15 +11,12 @@ from torch import nn
 
 from ..client import Client
 from ..errors import AlreadyExists, NotFound
+from ..lease import torch_dtypes
 from ..v1 import offloadd_pb2 as pb
 from .fingerprint import FINGERPRINT_TENSOR, Fingerprint
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+#: torch dtype -> safetensors dtype name: the inverse of the lease's table.
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in torch_dtypes().items()}
 ALIGN = 256
 
 
