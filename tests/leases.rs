@@ -256,6 +256,42 @@ async fn the_fast_path_onloads_on_the_same_socket_and_closes_with_the_lease() {
         other => panic!("{other:?}"),
     }
 
+    // Async requests (flags in the layer word) get exactly the RPC's answers: on the cpu device
+    // an async copy is FAILED_PRECONDITION, a slot-free event without async INVALID_ARGUMENT.
+    {
+        use offloadd::fast::{EVENT_HANDLE, Request, client::FastClient};
+        let mut raw = FastClient::connect(&f.d.uds, &w.lease.lease_id)
+            .unwrap()
+            .unwrap();
+        for (async_copy, slot_free, code) in [
+            (true, None, Code::FailedPrecondition),
+            (true, Some([3u8; EVENT_HANDLE]), Code::FailedPrecondition),
+            (false, Some([3u8; EVENT_HANDLE]), Code::InvalidArgument),
+        ] {
+            let rpc_err =
+                f.c.onload_to_static(OnloadToStaticRequest {
+                    lease_id: w.lease.lease_id.clone(),
+                    layer: 3,
+                    async_copy,
+                    slot_free_event: slot_free.map(|h| h.to_vec()).unwrap_or_default(),
+                })
+                .await
+                .unwrap_err();
+            let reply = raw
+                .request(&Request {
+                    layer: 3,
+                    async_copy,
+                    slot_free,
+                })
+                .unwrap();
+            assert_eq!(rpc_err.code(), code, "{}", rpc_err.message());
+            assert_eq!(reply.to_status().code(), code);
+            assert_eq!(reply.message, rpc_err.message(), "the RPC's own message");
+        }
+        // The connection still serves plain onloads after the refusals.
+        assert_eq!(raw.onload(3).unwrap().bytes, rpc.bytes);
+    }
+
     // A hello for a lease that does not exist is refused with the RPC's NOT_FOUND.
     let mut stranger = Worker::attach(f.d.channel().await, "m", "stranger", 0)
         .await

@@ -1,6 +1,7 @@
 """CUDA without torch internals: IPC memory handles and host registration through the CUDA
 runtime that torch already loaded (ctypes), wrapped as torch tensors through
-``__cuda_array_interface__``.
+``__cuda_array_interface__``; inter-process events through torch's public
+``torch.cuda.Event(interprocess=True)`` and ``Event.from_ipc_handle``.
 
 torch's own ``rebuild_cuda_tensor`` is not used: it expects torch's private ref-counter file
 and event handle, which the daemon does not (and should not) fake.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -54,22 +55,52 @@ def _check(rc: int, what: str) -> None:
 
 
 class _DeviceBuffer:
-    """Raw device memory described for ``torch.as_tensor`` (no copy)."""
+    """Device-accessible memory described for ``torch.as_tensor`` (no copy). torch holds this
+    object until the last tensor over it is freed; then ``release`` undoes the mapping, before
+    ``owner`` (the host mapping behind a registration) goes. Undoing it matters: a registration
+    that outlived its mmap would let a later mapping at the same address be read through the
+    old, still pinned pages, and an IPC mapping left open keeps the daemon's buffer allocated
+    after the daemon freed it."""
 
-    def __init__(self, ptr: int, size: int, owner: object = None) -> None:
+    def __init__(
+        self,
+        ptr: int,
+        size: int,
+        device: torch.device,
+        release: Callable[[], int] | None = None,
+        owner: object = None,
+    ) -> None:
         self.__cuda_array_interface__ = {
             "shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3,
             "strides": None, "stream": None,
         }
+        self._device = device
+        self._release = release
         self._owner = owner  # keeps the mapping that backs the pointer alive
 
+    def __del__(self) -> None:
+        if self._release is None:
+            return
+        try:
+            with torch.cuda.device(self._device):
+                self._release()
+        except (AttributeError, RuntimeError, TypeError):
+            pass  # interpreter teardown: torch is half gone, and the process with its mappings
 
-def _as_tensor(ptr: int, size: int, device: torch.device, owner: object = None) -> torch.Tensor:
-    return torch.as_tensor(_DeviceBuffer(ptr, size, owner), device=device)
+
+def _as_tensor(
+    ptr: int,
+    size: int,
+    device: torch.device,
+    release: Callable[[], int] | None = None,
+    owner: object = None,
+) -> torch.Tensor:
+    return torch.as_tensor(_DeviceBuffer(ptr, size, device, release, owner), device=device)
 
 
 def open_ipc_tensor(handle: bytes, size: int, device: str) -> torch.Tensor:
-    """A uint8 device tensor over a buffer another process exported with cuIpcGetMemHandle."""
+    """A uint8 device tensor over a buffer another process exported with cuIpcGetMemHandle;
+    the handle is closed when the last tensor over it is freed."""
     dev = torch.device(device)
     lib = _cudart()
     with torch.cuda.device(dev):
@@ -77,7 +108,8 @@ def open_ipc_tensor(handle: bytes, size: int, device: str) -> torch.Tensor:
         h = _IpcMemHandle.from_buffer_copy(handle)
         _check(lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), h, _IPC_LAZY_ENABLE_PEER_ACCESS),
                "cudaIpcOpenMemHandle")
-    return _as_tensor(ptr.value or 0, size, dev)
+    opened = ctypes.c_void_p(ptr.value)
+    return _as_tensor(ptr.value or 0, size, dev, release=lambda: lib.cudaIpcCloseMemHandle(opened))
 
 
 def uva_view(lease: Lease, t: Tensor, device: torch.device) -> torch.Tensor:
@@ -104,11 +136,48 @@ def uva_view(lease: Lease, t: Tensor, device: torch.device) -> torch.Tensor:
             dptr = ctypes.c_void_p()
             _check(lib.cudaHostGetDevicePointer(ctypes.byref(dptr), ctypes.c_void_p(addr), 0),
                    "cudaHostGetDevicePointer")
+            registered = ctypes.c_void_p(addr)
+            release: Callable[[], int] | None = lambda: lib.cudaHostUnregister(registered)
             addr = dptr.value or 0
-        elif lease.uva_mode != pb.UVA_MODE_PAGEABLE:
+        elif lease.uva_mode == pb.UVA_MODE_PAGEABLE:
+            release = None
+        else:
             raise FailedPrecondition(f"uva mode {lease.uva_mode} has no in-place device access")
-        base = _as_tensor(addr, len(m), device, owner=host)
+        base = _as_tensor(addr, len(m), device, release=release, owner=host)
         lease._torch_bases[key] = base
     from .lease import _typed
 
     return _typed(base, t.offset, t)
+
+
+class SlotEvents:
+    """The events of vLLM's fork/join, across processes: per static slot, the daemon's "copy
+    done" (opened from the lease's handles) and this worker's "slot free" (exported to the
+    daemon). Before a layer reads its slot the stream waits on "copy done"; before the next
+    copy into that slot the worker records "slot free" and sends its handle with the onload,
+    and the daemon's copy waits on it. No call ever blocks the CPU on the GPU."""
+
+    def __init__(self, lease: Lease, device: torch.device) -> None:
+        if not lease.copy_done_events:
+            raise FailedPrecondition(
+                f"lease {lease.id} has no copy-done events: async onload needs a cuda pool"
+            )
+        self.device = device
+        self.done = [torch.cuda.Event.from_ipc_handle(device, h) for h in lease.copy_done_events]
+        self.free = [
+            torch.cuda.Event(interprocess=True) for _ in lease.copy_done_events
+        ]
+        stream = torch.cuda.current_stream(device)
+        for ev in self.free:
+            ev.record(stream)  # every slot starts free; creates the event on our device
+        self.free_handles = [bytes(ev.ipc_handle()) for ev in self.free]
+
+    def slot_free(self, slot: int) -> bytes:
+        """Marks ``slot`` free once the current stream's work so far is done; returns the
+        handle to send with the onload that overwrites it."""
+        self.free[slot].record(torch.cuda.current_stream(self.device))
+        return self.free_handles[slot]
+
+    def wait_copied(self, slot: int) -> None:
+        """Makes the current stream wait until the daemon's last copy into ``slot`` is done."""
+        torch.cuda.current_stream(self.device).wait_event(self.done[slot])

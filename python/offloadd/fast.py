@@ -15,6 +15,9 @@ from .errors import Unavailable, error_for
 
 MAGIC = b"OFLD"
 VERSION = 1
+#: Request flags in the layer word: an async copy (cuda), and a slot-free event handle follows.
+ASYNC, SLOT_FREE = 1 << 31, 1 << 30
+EVENT_HANDLE = 64
 _REPLY = struct.Struct("<IIQI")
 _REQUEST = struct.Struct("<I")
 
@@ -45,10 +48,23 @@ class FastPath:
             self.close()
             raise error_for(code, message)
 
-    def onload(self, layer: int) -> Onloaded:
-        """Copies a model layer into its static slot; returns when the copy is complete."""
+    def onload(self, layer: int, async_copy: bool = False, slot_free_event: bytes = b"") -> Onloaded:
+        """Copies a model layer into its static slot; returns when the copy is complete, or,
+        with ``async_copy`` (cuda), once it is enqueued behind ``slot_free_event``."""
+        if layer & (ASYNC | SLOT_FREE) or layer < 0:
+            raise ValueError(f"layer {layer} is beyond what the onload fast path addresses")
+        word = layer | (ASYNC if async_copy else 0)
+        frame = b""
+        if slot_free_event:
+            if len(slot_free_event) != EVENT_HANDLE:
+                raise ValueError(
+                    f"slot_free_event must be a {EVENT_HANDLE}-byte CUDA IPC event handle, "
+                    f"got {len(slot_free_event)} bytes"
+                )
+            word |= SLOT_FREE
+            frame = slot_free_event
         try:
-            self._sock.sendall(_REQUEST.pack(layer))
+            self._sock.sendall(_REQUEST.pack(word) + frame)
         except OSError as e:
             raise Unavailable(f"offloadd onload connection failed: {e} (the lease ended?)") from None
         code, slot, nbytes, message = self._reply()

@@ -40,12 +40,14 @@ def from_daemon(
     worker_name: str = "",
     ttl: float = 0.0,
     cls: type[transformers.PreTrainedModel] | None = None,
+    async_copy: bool | None = None,
 ) -> transformers.PreTrainedModel:
     """A ready-to-run transformers model (``eval()`` mode) over the weights of ``model``.
 
     ``config_dir`` holds ``config.json`` (the checkpoint's own directory will do). The lease is
     kept on the result as ``model.offloadd_lease`` and its hooks as ``model.offloadd_binding``;
-    close the lease when done (it also detaches at exit)."""
+    close the lease when done (it also detaches at exit). ``async_copy``: see
+    :func:`offloadd.torch.bind` (default: events on cuda, synchronous on cpu)."""
     device = torch.device(device)
     config = transformers.AutoConfig.from_pretrained(config_dir)
     cls = cls or model_class(config)
@@ -56,7 +58,7 @@ def from_daemon(
     m.tie_weights()
     lease = client.attach(model, worker_name=worker_name, ttl=ttl)
     try:
-        binding = bind_model(m, lease, device)
+        binding = bind_model(m, lease, device, async_copy)
     except BaseException:
         lease.close()
         raise
@@ -65,7 +67,9 @@ def from_daemon(
     return m.eval()
 
 
-def bind_model(m: nn.Module, lease: Lease, device: torch.device) -> Binding:
+def bind_model(
+    m: nn.Module, lease: Lease, device: torch.device, async_copy: bool | None = None
+) -> Binding:
     """Binds every parameter of ``m`` from ``lease``; shared (tied) parameters stay shared."""
     prefix = layer_prefix(lease)
     layers = m.get_submodule(prefix)
@@ -74,7 +78,7 @@ def bind_model(m: nn.Module, lease: Lease, device: torch.device) -> Binding:
     groups: dict[int, list[str]] = defaultdict(list)
     for name, p in m.named_parameters(remove_duplicate=False):
         groups[id(p)].append(name)
-    binding = bind(layers, lease, prefix, device)
+    binding = bind(layers, lease, prefix, device, async_copy)
     for names in groups.values():
         if any(n.startswith(prefix + ".") for n in names):
             continue  # bound with the layer stack
@@ -85,6 +89,12 @@ def bind_model(m: nn.Module, lease: Lease, device: torch.device) -> Binding:
         value = placed(lease, lease.tensor(held[0]), device)
         for n in names:
             set_tensor(m, n, value)
+    # Buffers (rotary frequencies, position ids) were computed on the host; parameters are
+    # placed already, and a copy-on-use parameter must stay on the host, so not m.to(device).
+    for module in m.modules():
+        for bname, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[bname] = buf.to(device)
     # Tied names now hold distinct Parameter objects over one tensor; make them one again.
     for names in groups.values():
         if len(names) > 1:

@@ -111,9 +111,12 @@ class Lease:
         self.pin_reason: str = raw.pin_reason
         self.uva_mode: int = raw.uva_mode
         self.offloaded_layers: list[int] = list(raw.offloaded_layers)
-        #: After offloaded layer k runs, onload model layer ``prefetch_next[k]``.
+        #: After offloaded layer k runs, onload model layer ``prefetch_next[k]``; offloaded layer
+        #: k always occupies static slot ``k % prefetch_step``.
         self.prefetch_next: list[int] = list(raw.prefetch_next)
         self.prefetch_step: int = raw.prefetch_slots
+        #: cuda: IPC handles of the daemon's per-slot "copy done" events (async onloads).
+        self.copy_done_events: list[bytes] = list(raw.copy_done_events)
         self.tensors: dict[str, Tensor] = {
             t.name: Tensor(
                 name=t.name,
@@ -269,17 +272,22 @@ class Lease:
         return _typed(base, offset, t)
 
     # onload
-    def onload(self, layer: int) -> Onloaded:
+    def onload(self, layer: int, async_copy: bool = False, slot_free_event: bytes = b"") -> Onloaded:
         """Copies a model layer into its static slot and returns once the copy is complete: over
-        the daemon's Unix socket (the fast path) when connected that way, else the RPC."""
+        the daemon's Unix socket (the fast path) when connected that way, else the RPC.
+
+        With ``async_copy`` (cuda) it returns once the copy is enqueued: the daemon's copy
+        first waits on ``slot_free_event`` (the IPC handle of an event this worker recorded
+        after its last read of the slot), and the worker's stream must wait on
+        ``copy_done_events[slot]`` before reading the slot (see :mod:`offloadd.cuda`)."""
         self.check()
         if self.client.uds_path is None:
-            r = self._rpc_onload(layer)
+            r = self._rpc_onload(layer, async_copy, slot_free_event)
             return Onloaded(r.slot, r.bytes)
         try:
             if self._fast is None:
                 self._fast = FastPath(self.client.uds_path, self.id)
-            return self._fast.onload(layer)
+            return self._fast.onload(layer, async_copy, slot_free_event)
         except Unavailable:
             self._fast = None
             self._confirm_alive()
@@ -287,9 +295,9 @@ class Lease:
         except NotFound as e:
             raise self._mark_lost(e.message) from None
 
-    def _rpc_onload(self, layer: int) -> pb.OnloadToStaticResponse:
+    def _rpc_onload(self, layer: int, async_copy: bool, slot_free_event: bytes) -> pb.OnloadToStaticResponse:
         try:
-            return self.client.onload_to_static(self.id, layer)
+            return self.client.onload_to_static(self.id, layer, async_copy, slot_free_event)
         except NotFound as e:
             raise self._mark_lost(e.message) from None
 

@@ -11,8 +11,11 @@ parameter at the memory the lease says:
   the device around each forward when the lease says copy-on-use.
 - ``prefetch``: the parameter is a view of its static slot. Forward hooks onload in vLLM's order:
   the first ``prefetch_step`` offloaded layers before the first forward, then, after offloaded
-  layer ``k`` runs, layer ``prefetch_next[k]``. Each onload returns once the copy is complete, so
-  a layer never runs on a slot that is still being written.
+  layer ``k`` runs, layer ``prefetch_next[k]``. On cpu (and on cuda with ``async_copy=False``)
+  each onload returns once the copy is complete, so a layer never runs on a slot that is still
+  being written. On cuda the default is vLLM's asynchronous fork/join across processes: the
+  onload returns once the daemon enqueued the copy behind this worker's "slot free" event, and
+  the layer's stream waits on the daemon's "copy done" event (:class:`offloadd.cuda.SlotEvents`).
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
 class Binding:
     """The hooks :func:`bind` installed; :meth:`remove` takes them out again."""
 
-    def __init__(self, lease: Lease, layers: nn.ModuleList, device: torch.device) -> None:
+    def __init__(
+        self, lease: Lease, layers: nn.ModuleList, device: torch.device, async_copy: bool
+    ) -> None:
         self.lease = lease
         self.device = device
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -84,18 +89,35 @@ class Binding:
         self._primed = False
         self._k_of = {layer: k for k, layer in enumerate(lease.offloaded_layers)}
         self._layers = layers
+        self._events = None
+        if async_copy:
+            from .cuda import SlotEvents
+
+            self._events = SlotEvents(lease, device)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
 
+    @property
+    def async_copy(self) -> bool:
+        return self._events is not None
+
     def _onload(self, layer: int) -> None:
-        if self.device.type == "cuda":
-            # The synchronous onload overwrites a slot the stream may still be reading.
-            torch.cuda.current_stream(self.device).synchronize()
-        self.lease.onload(layer)
+        if self._events is not None:
+            slot = self._k_of[layer] % self.lease.prefetch_step
+            self.lease.onload(layer, async_copy=True, slot_free_event=self._events.slot_free(slot))
+        else:
+            if self.device.type == "cuda":
+                # The synchronous onload overwrites a slot the stream may still be reading.
+                torch.cuda.current_stream(self.device).synchronize()
+            self.lease.onload(layer)
         self.onloads += 1
+
+    def _before_layer(self, k: int) -> None:
+        if self._events is not None:
+            self._events.wait_copied(k % self.lease.prefetch_step)
 
     def _before_stack(self, module: nn.Module, args: object) -> None:
         # A forward that stopped half way (an exception) left the slots mid-cycle: start over.
@@ -114,14 +136,16 @@ def bind(
     lease: Lease,
     prefix: str | None = None,
     device: str | torch.device = "cpu",
+    async_copy: bool | None = None,
 ) -> Binding:
     """Points every parameter of ``layers[i]`` at ``{prefix}.{i}.{name}`` of the lease and, for
-    prefetch, installs the onload hooks. ``prefix`` defaults to the checkpoint's layer stack."""
+    prefetch, installs the onload hooks. ``prefix`` defaults to the checkpoint's layer stack.
+    ``async_copy`` defaults to True on cuda (events, see the module doc) and is False on cpu."""
     device = torch.device(device)
     prefix = prefix if prefix is not None else layer_prefix(lease)
     for i, layer in enumerate(layers):
         bind_layer(layer, i, lease, prefix, device)
-    return install_hooks(layers, lease, prefix, device)
+    return install_hooks(layers, lease, prefix, device, async_copy)
 
 
 def bind_layer(layer: nn.Module, index: int, lease: Lease, prefix: str, device: torch.device) -> None:
@@ -133,13 +157,30 @@ def bind_layer(layer: nn.Module, index: int, lease: Lease, prefix: str, device: 
         set_tensor(layer, name, placed(lease, t, device))
 
 
-def install_hooks(layers: nn.ModuleList, lease: Lease, prefix: str, device: torch.device) -> Binding:
+def install_hooks(
+    layers: nn.ModuleList,
+    lease: Lease,
+    prefix: str,
+    device: torch.device,
+    async_copy: bool | None = None,
+) -> Binding:
     """The prefetch onload hooks (vLLM's order) and the copy-on-use hooks for bound layers."""
-    binding = Binding(lease, layers, device)
+    if async_copy is None:
+        async_copy = device.type == "cuda" and bool(lease.offloaded_layers)
+    if async_copy and device.type != "cuda":
+        raise InvalidArgument(f"async onload needs a cuda device, not {device}")
+    binding = Binding(lease, layers, device, async_copy and bool(lease.offloaded_layers))
     _copy_on_use_hooks(binding, layers, prefix)
     if lease.offloaded_layers:
+        # Registered first, so on layer 0 the priming onloads come before the wait for them.
         binding.handles.append(layers[0].register_forward_pre_hook(binding._before_stack))
         for k, layer in enumerate(lease.offloaded_layers):
+            if binding.async_copy:
+                binding.handles.append(
+                    layers[layer].register_forward_pre_hook(
+                        lambda _m, _a, k=k: binding._before_layer(k)
+                    )
+                )
             binding.handles.append(
                 layers[layer].register_forward_hook(
                     lambda _m, _a, _o, k=k: binding._after_layer(k)

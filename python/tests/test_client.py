@@ -137,6 +137,34 @@ def test_onload_fills_each_static_slot(daemon: Daemon, tmp_path: Path, transport
             lease.onload(99)
 
 
+def test_async_onload_gets_the_rpcs_answer_on_either_transport(daemon: Daemon, tmp_path: Path):
+    """Async onload (cuda) rides the fast path as flags in the layer word. On the cpu device the
+    daemon refuses it, and the fast path gives exactly the RPC's code and message; the
+    connection goes on serving synchronous onloads."""
+    with offloadd.connect(daemon.uds) as c:
+        register(c, tmp_path, offloadd.prefetch(1, 1, 2))
+    handle = bytes(range(64))
+    answers = {}
+    for transport, target in (("uds", daemon.uds), ("tcp", daemon.tcp)):
+        with offloadd.connect(target) as c, c.attach("tiny", ttl=5) as lease:
+            got = []
+            for kwargs, err in (
+                ({"async_copy": True}, offloadd.FailedPrecondition),
+                ({"async_copy": True, "slot_free_event": handle}, offloadd.FailedPrecondition),
+                ({"slot_free_event": handle}, offloadd.InvalidArgument),
+            ):
+                with pytest.raises(err) as e:
+                    lease.onload(1, **kwargs)
+                got.append(e.value.message)
+            assert lease.onload(1).bytes > 0
+            answers[transport] = got
+    assert answers["uds"] == answers["tcp"], answers
+    assert "async" in answers["uds"][0], answers
+    with offloadd.connect(daemon.uds) as c, c.attach("tiny", ttl=5) as lease:
+        with pytest.raises(ValueError, match="64-byte"):
+            lease.onload(1, async_copy=True, slot_free_event=b"short")
+
+
 def test_a_lease_reaped_while_in_use_fails_the_next_onload(client: offloadd.Client, tmp_path: Path):
     register(client, tmp_path, offloadd.prefetch(1, 1, 1))
     lease = client.attach("tiny", ttl=0.3)

@@ -3,7 +3,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use super::{FastError, Reply, write_hello, write_request};
+use super::{FastError, Reply, Request, write_hello, write_request};
 
 #[derive(Debug)]
 pub struct FastClient {
@@ -27,7 +27,12 @@ impl FastClient {
     /// Onloads a model layer into its static slot; returns when the copy is complete. `&mut`:
     /// one request at a time per connection.
     pub fn onload(&mut self, layer: u32) -> Result<Reply, FastError> {
-        write_request(&self.stream, layer)?;
+        self.request(&Request::sync(layer))
+    }
+
+    /// Sends any request (e.g. an async copy behind a slot-free event) and reads its reply.
+    pub fn request(&mut self, req: &Request) -> Result<Reply, FastError> {
+        write_request(&self.stream, req)?;
         Reply::read_from(&self.stream)
     }
 }

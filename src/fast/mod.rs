@@ -15,12 +15,16 @@
 //! | --- | --- | --- |
 //! | hello | worker → daemon, once | `OFLD`, u16 version (1), u16 length, lease id (UTF-8) |
 //! | reply to hello | daemon → worker | a reply frame: code 0 once the lease is bound |
-//! | request | worker → daemon | u32 model layer |
+//! | request | worker → daemon | u32 model layer, or'd with [`ASYNC`] and [`SLOT_FREE`]; with `SLOT_FREE`, a 64-byte CUDA IPC event handle |
 //! | reply | daemon → worker | u32 gRPC code (0 = OK), u32 slot, u64 bytes copied, u32 length, message (UTF-8) |
 //!
-//! A request is answered when the layer's copy into its static slot is complete, as with
-//! `OnloadToStatic{async_copy: false}`. One request at a time per connection. The daemon closes
-//! the connection when the lease ends; a hello that names no live lease gets NOT_FOUND.
+//! A plain request is answered when the layer's copy into its static slot is complete, as with
+//! `OnloadToStatic{async_copy: false}`. With `ASYNC` (cuda) it is answered once the copy is
+//! enqueued, behind the worker's "slot free" event when `SLOT_FREE` sends one, exactly as
+//! `OnloadToStatic{async_copy: true, slot_free_event}`: the flags ride in the layer word, whose
+//! top bits no model uses, so a plain request is the same four bytes it always was. One request
+//! at a time per connection. The daemon closes the connection when the lease ends; a hello that
+//! names no live lease gets NOT_FOUND.
 
 pub mod client;
 pub mod serve;
@@ -36,6 +40,32 @@ pub const VERSION: u16 = 1;
 const MAX_LEASE_ID: usize = 256;
 const MAX_MESSAGE: usize = 64 << 10;
 const REPLY_HEADER: usize = 20;
+/// Request flag: enqueue the copy and answer at once (the RPC's `async_copy`).
+pub const ASYNC: u32 = 1 << 31;
+/// Request flag: a CUDA IPC event handle follows the word (the RPC's `slot_free_event`).
+pub const SLOT_FREE: u32 = 1 << 30;
+/// Bytes of a CUDA IPC event handle (`CUipcEventHandle`).
+pub const EVENT_HANDLE: usize = 64;
+
+/// One onload request: the RPC's OnloadToStaticRequest without the lease id, which the
+/// connection is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub layer: u32,
+    pub async_copy: bool,
+    pub slot_free: Option<[u8; EVENT_HANDLE]>,
+}
+
+impl Request {
+    /// A synchronous onload of `layer`.
+    pub fn sync(layer: u32) -> Self {
+        Self {
+            layer,
+            async_copy: false,
+            slot_free: None,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum FastError {
@@ -173,12 +203,32 @@ pub fn read_hello(mut r: impl Read) -> Result<String, FastError> {
     String::from_utf8(id).map_err(|_| FastError::NotUtf8("lease id"))
 }
 
-pub fn write_request(mut w: impl Write, layer: u32) -> io::Result<()> {
-    w.write_all(&layer.to_le_bytes())
+/// Writes a request with one write. A layer that collides with the flag bits is refused here
+/// rather than sent as a different request.
+pub fn write_request(mut w: impl Write, req: &Request) -> io::Result<()> {
+    if req.layer & (ASYNC | SLOT_FREE) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("layer {} is beyond what the fast path addresses", req.layer),
+        ));
+    }
+    let mut word = req.layer;
+    if req.async_copy {
+        word |= ASYNC;
+    }
+    let mut frame = Vec::with_capacity(4 + EVENT_HANDLE);
+    if let Some(handle) = &req.slot_free {
+        word |= SLOT_FREE;
+        frame.extend_from_slice(&word.to_le_bytes());
+        frame.extend_from_slice(handle);
+    } else {
+        frame.extend_from_slice(&word.to_le_bytes());
+    }
+    w.write_all(&frame)
 }
 
 /// Reads a request; None when the peer closed the connection between requests.
-pub fn read_request(mut r: impl Read) -> io::Result<Option<u32>> {
+pub fn read_request(mut r: impl Read) -> io::Result<Option<Request>> {
     let mut b = [0u8; 4];
     let mut got = 0;
     while got < b.len() {
@@ -190,7 +240,19 @@ pub fn read_request(mut r: impl Read) -> io::Result<Option<u32>> {
             Err(e) => return Err(e),
         }
     }
-    Ok(Some(u32::from_le_bytes(b)))
+    let word = u32::from_le_bytes(b);
+    let slot_free = if word & SLOT_FREE != 0 {
+        let mut handle = [0u8; EVENT_HANDLE];
+        r.read_exact(&mut handle)?;
+        Some(handle)
+    } else {
+        None
+    };
+    Ok(Some(Request {
+        layer: word & !(ASYNC | SLOT_FREE),
+        async_copy: word & ASYNC != 0,
+        slot_free,
+    }))
 }
 
 #[cfg(test)]
@@ -211,13 +273,51 @@ mod tests {
         assert_eq!(Reply::read_from(&buf[..]).unwrap(), reply);
 
         let mut buf = Vec::new();
-        write_request(&mut buf, 7).unwrap();
-        assert_eq!(read_request(&buf[..]).unwrap(), Some(7));
+        write_request(&mut buf, &Request::sync(7)).unwrap();
+        assert_eq!(
+            buf,
+            7u32.to_le_bytes(),
+            "a plain request is the layer alone"
+        );
+        assert_eq!(read_request(&buf[..]).unwrap(), Some(Request::sync(7)));
         assert_eq!(read_request(&[][..]).unwrap(), None);
         assert!(
             read_request(&buf[..2]).is_err(),
             "a torn request is an error, not a close"
         );
+    }
+
+    #[test]
+    fn async_requests_carry_their_flags_and_event() {
+        for req in [
+            Request {
+                layer: 5,
+                async_copy: true,
+                slot_free: None,
+            },
+            Request {
+                layer: 6,
+                async_copy: true,
+                slot_free: Some([7; EVENT_HANDLE]),
+            },
+            // Refused by the daemon as the RPC refuses it, so it must arrive as sent.
+            Request {
+                layer: 0,
+                async_copy: false,
+                slot_free: Some([1; EVENT_HANDLE]),
+            },
+        ] {
+            let mut buf = Vec::new();
+            write_request(&mut buf, &req).unwrap();
+            assert_eq!(buf.len(), 4 + req.slot_free.map_or(0, |_| EVENT_HANDLE));
+            assert_eq!(read_request(&buf[..]).unwrap(), Some(req.clone()));
+            assert!(
+                read_request(&buf[..buf.len() - 1]).is_err(),
+                "a torn request is an error"
+            );
+        }
+        let err = write_request(Vec::new(), &Request::sync(ASYNC | 3)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

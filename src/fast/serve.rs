@@ -3,11 +3,11 @@
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use super::{FastError, Reply, read_hello, read_request};
+use super::{FastError, Reply, Request, read_hello, read_request};
 
 /// What a bound connection answers requests with (the lease, for the daemon).
 pub trait Session {
-    fn onload(&mut self, layer: u32) -> Reply;
+    fn onload(&mut self, req: Request) -> Reply;
 }
 
 /// How long a connection may take to send its hello. Until it is bound to a lease nothing else
@@ -41,8 +41,8 @@ pub fn serve<S: Session>(
     // for as long as it likes.
     stream.set_read_timeout(None)?;
     Reply::ok(0, 0).write_to(&stream)?;
-    while let Some(layer) = read_request(&stream)? {
-        session.onload(layer).write_to(&stream)?;
+    while let Some(req) = read_request(&stream)? {
+        session.onload(req).write_to(&stream)?;
     }
     Ok(())
 }
@@ -52,12 +52,13 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+    use crate::fast::Request;
     use crate::fast::{read_request, write_hello, write_request};
 
     struct Echo;
     impl Session for Echo {
-        fn onload(&mut self, layer: u32) -> Reply {
-            Reply::ok(u64::from(layer) * 10, layer % 2)
+        fn onload(&mut self, req: Request) -> Reply {
+            Reply::ok(u64::from(req.layer) * 10, req.layer % 2)
         }
     }
 
@@ -73,8 +74,8 @@ mod tests {
         write_hello(&worker, "lease").unwrap();
         assert_eq!(Reply::read_from(&worker).unwrap().code, 0);
         // Two requests written before reading either: answered in order.
-        write_request(&worker, 3).unwrap();
-        write_request(&worker, 4).unwrap();
+        write_request(&worker, &Request::sync(3)).unwrap();
+        write_request(&worker, &Request::sync(4)).unwrap();
         assert_eq!(Reply::read_from(&worker).unwrap(), Reply::ok(30, 1));
         assert_eq!(Reply::read_from(&worker).unwrap(), Reply::ok(40, 0));
         drop(worker);

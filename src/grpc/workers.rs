@@ -52,11 +52,7 @@ pub async fn onload(
     let layer = r.layer;
     let started = Instant::now();
     let slot_free = (!r.slot_free_event.is_empty()).then_some(r.slot_free_event);
-    let run = move |l: &Lease| match (r.async_copy, slot_free) {
-        (true, free) => l.onload_async(layer, free.as_deref()),
-        (false, None) => l.onload(layer),
-        (false, Some(_)) => Err(LeaseError::SlotFreeWithoutAsync),
-    };
+    let run = move |l: &Lease| onload_on(l, layer, r.async_copy, slot_free.as_deref());
     let (bytes, slot) = if lease.onload_bytes(layer) <= INLINE_COPY_BYTES {
         run(&lease)?
     } else {
@@ -71,6 +67,20 @@ pub async fn onload(
         slot,
         copy_micros: started.elapsed().as_micros() as u64,
     })
+}
+
+/// One onload, as the RPC and the fast path both ask for it. Returns the bytes and the slot.
+fn onload_on(
+    l: &Lease,
+    layer: u32,
+    async_copy: bool,
+    slot_free: Option<&[u8]>,
+) -> Result<(u64, usize), LeaseError> {
+    match (async_copy, slot_free) {
+        (true, free) => l.onload_async(layer, free),
+        (false, None) => l.onload(layer),
+        (false, Some(_)) => Err(LeaseError::SlotFreeWithoutAsync),
+    }
 }
 
 /// A fast-path connection bound to a lease: the same copy and errors as [`onload`].
@@ -106,9 +116,14 @@ impl FastSession {
 }
 
 impl fast::serve::Session for FastSession {
-    fn onload(&mut self, layer: u32) -> fast::Reply {
+    fn onload(&mut self, req: fast::Request) -> fast::Reply {
         let started = Instant::now();
-        match self.lease.onload(layer) {
+        let layer = req.layer;
+        let slot_free = req
+            .slot_free
+            .as_ref()
+            .map(<[u8; fast::EVENT_HANDLE]>::as_slice);
+        match onload_on(&self.lease, layer, req.async_copy, slot_free) {
             Ok((bytes, slot)) => {
                 self.metrics.onload(bytes, started.elapsed());
                 self.metrics.fast_onload(tonic::Code::Ok);
