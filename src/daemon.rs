@@ -14,6 +14,7 @@ use crate::core::models::{Models, ModelsParams, RegisterRequest};
 use crate::core::pools::{NewPool, PoolError, Pools, PoolsParams};
 use crate::core::{Core, Node, NodeParams};
 use crate::device::{Device, Devices, cpu, cuda};
+use crate::grpc::auth::AuthPolicy;
 use crate::grpc::{OffloadService, listen, server};
 use crate::metrics::Metrics;
 use crate::vllm_env::VllmEnv;
@@ -34,6 +35,48 @@ pub enum DaemonError {
     StartupPool(PoolError),
     #[error("models.register: model {name:?}: {message}")]
     StartupModel { name: String, message: String },
+    #[error("server.auth_token_file {}: {reason}", path.display())]
+    TokenFile { path: PathBuf, reason: String },
+}
+
+/// The server's connection limits and auth policy; reads the token file.
+fn serve_options(config: &Config) -> Result<server::ServeOptions, DaemonError> {
+    let s = &config.server;
+    let token = match &s.auth_token_file {
+        Some(path) => {
+            let raw = std::fs::read_to_string(path).map_err(|e| DaemonError::TokenFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let token = raw.trim().to_string();
+            if token.len() < 16 || token.bytes().any(|b| !b.is_ascii_graphic()) {
+                return Err(DaemonError::TokenFile {
+                    path: path.clone(),
+                    reason: "the token must be at least 16 printable ASCII characters without spaces (e.g. `openssl rand -hex 32`)".into(),
+                });
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    if let Some(addr) = s.tcp_addr.filter(|a| !a.ip().is_loopback()) {
+        if token.is_none() {
+            tracing::warn!(%addr, "server.tcp_insecure: serving TCP on a non-loopback address WITHOUT authentication; anyone who reaches it controls this daemon");
+        }
+    }
+    let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+    Ok(server::ServeOptions {
+        drain_timeout: Duration::from_millis(s.drain_timeout_ms),
+        max_connections: s.max_connections,
+        idle_timeout: ms(s.idle_timeout_ms),
+        keepalive: ms(s.keepalive_ms),
+        max_fast_connections: s.max_fast_connections,
+        auth: AuthPolicy {
+            token,
+            allowed_uids: s.allowed_uids.clone(),
+            allowed_gids: s.allowed_gids.clone(),
+        },
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains and cleans up.
@@ -57,6 +100,8 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         devices.push(Arc::new(cuda::CudaDevice::new(info, ordinal as i32)?));
     }
 
+    // Before binding anything: a bad token file stops startup with nothing to clean up.
+    let serve_options = serve_options(&config)?;
     let uds_path = config.server.uds_path.clone();
     let uds = listen::bind_uds(&uds_path)?;
     let socket = SocketFile::new(uds_path.clone())?;
@@ -74,7 +119,6 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         .map(|l| l.local_addr())
         .transpose()?;
     let max_host_bytes = config.pools.max_host_bytes.unwrap_or_else(default_budget);
-    let drain_timeout = Duration::from_millis(config.server.drain_timeout_ms);
 
     let pools = Pools::open(PoolsParams {
         dir: config.pools.dir.clone(),
@@ -135,7 +179,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         OffloadService::new(Arc::clone(&core), metrics),
         listeners,
         shutdown,
-        drain_timeout,
+        serve_options,
     )
     .await?;
     core.models.cancel_all();

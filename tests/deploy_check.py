@@ -66,6 +66,28 @@ def main():
             for e in c.get("env", []):
                 check_env(f"{rel} [{c['name']}]", e["name"], e.get("value", ""))
 
+    # Network exposure: TCP needs a token from a Secret, probes use health only, and a
+    # NetworkPolicy admits nothing but the metrics port.
+    cm = next(d for p, d in resources() if d["kind"] == "ConfigMap")
+    toml_text = cm["data"]["offloadd.toml"]
+    check("ConfigMap: TCP on 0.0.0.0 comes with server.auth_token_file", "auth_token_file" in toml_text)
+    for path, doc in resources():
+        rel = os.path.relpath(path, ROOT)
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        secrets = [v for v in spec.get("volumes", []) if v.get("secret", {}).get("secretName") == "offloadd-token"]
+        check(f"{rel}: the token comes from the offloadd-token Secret", len(secrets) == 1)
+        off = next(c for c in containers(doc) if c["name"] == "offloadd")
+        mounts = {m["name"]: m["mountPath"] for m in off.get("volumeMounts", [])}
+        check(f"{rel}: the token is mounted where auth_token_file points",
+              secrets and mounts.get(secrets[0]["name"]) == "/etc/offloadd-token")
+        for probe in ("readinessProbe", "livenessProbe"):
+            check(f"{rel}: {probe} is a gRPC health probe", "grpc" in off.get(probe, {}), json.dumps(off.get(probe)))
+    policies = [d for p, d in resources() if d["kind"] == "NetworkPolicy"]
+    check("a NetworkPolicy admits only the metrics port",
+          len(policies) == 1 and [p["port"] for r in policies[0]["spec"]["ingress"] for p in r["ports"]] == [9400])
+
     # Render the GH200 overlay: base Deployment + JSON6902 replace ops.
     base = next(d for p, d in resources() if d["kind"] == "Deployment" and "/base/" in p)
     rendered = copy.deepcopy(base)

@@ -56,8 +56,16 @@ def prefetch(
 class Client:
     """A connection to one daemon. Thread-safe; share one per process."""
 
-    def __init__(self, target: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, target: str | None = None, timeout: float = DEFAULT_TIMEOUT, token: str | None = None
+    ) -> None:
         target = target or os.environ.get("OFFLOADD_SOCKET") or DEFAULT_SOCKET
+        token = token or _token_from_env()
+        #: Sent as ``authorization: Bearer <token>`` on every call (TCP listeners with
+        #: ``server.auth_token_file``); the Unix socket does not need it.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         if target.startswith("unix:"):
             target = target[len("unix:"):]
         options: list[tuple[str, object]] = []
@@ -90,7 +98,9 @@ class Client:
         if self._closed:
             raise Unavailable(f"this client of {self.target} was closed; connect again")
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
+            return getattr(self._stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -145,7 +155,9 @@ class Client:
         """The model's progress: its current state first, then every change until READY or
         FAILED."""
         try:
-            yield from self._stub.WatchModel(pb.WatchModelRequest(name=name), timeout=timeout)
+            yield from self._stub.WatchModel(
+                pb.WatchModelRequest(name=name), timeout=timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -217,10 +229,26 @@ class Client:
         )
 
 
-def connect(target: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Client:
+def _token_from_env() -> str | None:
+    """``$OFFLOADD_TOKEN``, else the contents of ``$OFFLOADD_TOKEN_FILE`` (a mounted Secret)."""
+    token = os.environ.get("OFFLOADD_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("OFFLOADD_TOKEN_FILE")
+    if path:
+        with open(path) as f:
+            return f.read().strip()
+    return None
+
+
+def connect(
+    target: str | None = None, timeout: float = DEFAULT_TIMEOUT, token: str | None = None
+) -> Client:
     """Connects to a daemon: a Unix socket path (``/…`` or ``unix:/…``; default
     ``$OFFLOADD_SOCKET``, else ``/tmp/offloadd/offloadd.sock``) or ``host:port`` for TCP.
+    ``token`` (default ``$OFFLOADD_TOKEN`` or the file ``$OFFLOADD_TOKEN_FILE``) is the bearer
+    token a TCP listener with ``server.auth_token_file`` asks for.
 
     Connecting is lazy; a daemon that is not running makes the first call raise
     :class:`~offloadd.Unavailable` (within ``timeout`` seconds)."""
-    return Client(target, timeout)
+    return Client(target, timeout, token)

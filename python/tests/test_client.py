@@ -87,6 +87,26 @@ def test_errors_carry_the_daemons_message(client: offloadd.Client, tmp_path: Pat
     client.get_info()  # still serving
 
 
+def test_a_tcp_listener_with_a_token_needs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    token = "py-" + "0123456789abcdef" * 2
+    (tmp_path / "token").write_text(token + "\n")
+    d = Daemon([str(tmp_path)], tcp=True, args=["--set", f"server.auth_token_file={tmp_path / 'token'}"])
+    try:
+        with offloadd.connect(d.tcp) as c, pytest.raises(offloadd.Unauthenticated, match="bearer token"):
+            c.get_info()
+        with offloadd.connect(d.tcp, token=token) as c:
+            c.create_pool("p", size_bytes=1 << 20)
+            with pytest.raises(offloadd.NotFound):  # the stream carries the token too
+                list(c.watch_model("nope-missing", timeout=5))
+        monkeypatch.setenv("OFFLOADD_TOKEN_FILE", str(tmp_path / "token"))
+        with offloadd.connect(d.tcp) as c:
+            assert [p.name for p in c.list_pools()] == ["p"]
+        with offloadd.connect(d.uds) as c:
+            c.get_info()  # the Unix socket is guarded by its mode, not the token
+    finally:
+        assert d.stop() == 0
+
+
 def test_a_daemon_that_is_not_running_is_unavailable_within_the_timeout(tmp_path: Path):
     with offloadd.connect(str(tmp_path / "none.sock"), timeout=2.0) as c:
         t = time.monotonic()

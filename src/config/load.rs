@@ -12,7 +12,7 @@ use super::{Config, ConfigError};
 const NOT_CONFIG_KEYS: &[&str] = &["OFFLOADD_CONFIG", "OFFLOADD_LOG"];
 
 /// Keys whose environment or flag values are comma-separated lists.
-const LIST_KEYS: &[&str] = &["models.roots"];
+const LIST_KEYS: &[&str] = &["models.roots", "server.allowed_uids", "server.allowed_gids"];
 
 /// Everything `load` reads, passed in so that tests and `config check` control it exactly.
 #[derive(Debug, Default, Clone)]

@@ -39,6 +39,27 @@ pub struct ServerConfig {
     /// driver calls run on their own threads, so the control plane needs few: on 2 cores one
     /// thread gave the lowest OnloadToStatic latency (p50 35 µs vs 59 µs with two).
     pub worker_threads: usize,
+    /// gRPC connections each listener serves at once; more are closed as they arrive, so a
+    /// flood of idle connections cannot take every fd (the other listener keeps answering).
+    pub max_connections: usize,
+    /// A gRPC connection with no call in flight for this long is closed; clients reconnect on
+    /// their next call. 0 keeps idle connections open.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keepalive ping interval; a peer that does not answer within 20 s is dropped.
+    /// 0 turns pings off.
+    pub keepalive_ms: u64,
+    /// Onload fast-path connections (each holds a daemon thread) across all leases.
+    pub max_fast_connections: usize,
+    /// File holding the bearer token that TCP callers must send (`authorization: Bearer
+    /// <token>`) for every offloadd.v1.Offload method; health and reflection stay open.
+    pub auth_token_file: Option<PathBuf>,
+    /// Serve TCP on a non-loopback address without a token. Refused unless set explicitly.
+    pub tcp_insecure: bool,
+    /// Unix-socket callers allowed by uid (SO_PEERCRED), besides the socket's 0660 mode.
+    /// Empty together with `allowed_gids`: anyone who can open the socket.
+    pub allowed_uids: Vec<u32>,
+    /// Unix-socket callers allowed by primary gid.
+    pub allowed_gids: Vec<u32>,
 }
 
 /// The default socket lives under /tmp so `offloadd serve` works for any user on a development
@@ -52,6 +73,14 @@ impl Default for ServerConfig {
             tcp_addr: None,
             drain_timeout_ms: 10_000,
             worker_threads: 1,
+            max_connections: 512,
+            idle_timeout_ms: 300_000,
+            keepalive_ms: 30_000,
+            max_fast_connections: 256,
+            auth_token_file: None,
+            tcp_insecure: false,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
         }
     }
 }

@@ -20,6 +20,27 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
     let invalid = |m: String| Err(ConfigError::Invalid(m));
     require_absolute("server.uds_path", &c.server.uds_path)?;
     require_absolute("pools.dir", &c.pools.dir)?;
+    if c.server.max_connections == 0 || c.server.max_fast_connections == 0 {
+        return invalid(format!(
+            "server.max_connections = {} and server.max_fast_connections = {} must both be at least 1",
+            c.server.max_connections, c.server.max_fast_connections
+        ));
+    }
+    if let Some(file) = &c.server.auth_token_file {
+        require_absolute("server.auth_token_file", file)?;
+    }
+    if let Some(addr) = c.server.tcp_addr
+        && !addr.ip().is_loopback()
+        && c.server.auth_token_file.is_none()
+        && !c.server.tcp_insecure
+    {
+        return invalid(format!(
+            "server.tcp_addr = {addr} is reachable from other hosts and no server.auth_token_file is set: \
+             anyone who reaches it could control the daemon. Set server.auth_token_file (clients send \
+             `authorization: Bearer <token>`), bind a loopback address, or set server.tcp_insecure = true \
+             to serve it unauthenticated anyway"
+        ));
+    }
     if c.pools.max_host_bytes == Some(0) {
         return invalid("pools.max_host_bytes must be > 0; leave it unset for the default".into());
     }

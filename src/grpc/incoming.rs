@@ -1,5 +1,6 @@
-//! Connections on the Unix socket, routed by their first bytes: the onload fast path
-//! ([`crate::fast::MAGIC`]) gets a thread of its own; everything else is HTTP/2 for tonic.
+//! The accept loops. On the Unix socket, connections are routed by their first bytes: the onload
+//! fast path ([`crate::fast::MAGIC`]) gets a thread of its own; everything else is HTTP/2 for
+//! tonic. Every connection passes its listener's [`Gate`] first.
 
 use std::io;
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -7,13 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::net::RecvFlags;
-use tokio::io::Interest;
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::auth::AuthPolicy;
+use super::conn::{Backoff, Conn, Gate, Peer};
 use super::workers::FastSession;
 use crate::fast;
+use crate::metrics::Metrics;
 
 /// Binds a fast-path hello (lease id) on a connection to its lease.
 pub type FastOpen =
@@ -22,11 +26,27 @@ pub type FastOpen =
 /// A client that has not sent four bytes by then is not one of ours (both protocols speak first).
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections until the returned stream is dropped (the gRPC server stopped). HTTP/2
-/// connections come out of the stream untouched (the bytes were only peeked at).
-pub fn route(listener: UnixListener, open: FastOpen) -> ReceiverStream<io::Result<UnixStream>> {
+/// What the Unix socket's fast-path connections need besides the socket.
+#[derive(Clone)]
+pub struct FastPath {
+    pub open: FastOpen,
+    /// One permit per fast-path connection (each holds a thread), across all leases.
+    pub threads: Arc<Semaphore>,
+    pub max_threads: usize,
+    pub policy: Arc<AuthPolicy>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Accepts Unix-socket connections until the returned stream is dropped (the gRPC server
+/// stopped). HTTP/2 connections come out of the stream untouched (the bytes were only peeked).
+pub fn unix(
+    listener: UnixListener,
+    gate: Gate,
+    fast: FastPath,
+) -> ReceiverStream<io::Result<Conn<UnixStream>>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
+        let mut backoff = Backoff::default();
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -34,20 +54,25 @@ pub fn route(listener: UnixListener, open: FastOpen) -> ReceiverStream<io::Resul
             };
             let stream = match accepted {
                 Ok((s, _)) => s,
-                // tonic logs it and keeps serving, as with its own listener stream.
                 Err(e) => {
-                    if tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
+                    backoff.failed("uds", &e).await;
                     continue;
                 }
             };
-            let (tx, open) = (tx.clone(), Arc::clone(&open));
+            backoff.succeeded();
+            let peer = Peer::of_unix(&stream);
+            let Some(permit) = gate.admit(&peer) else {
+                continue; // dropped: closed at once
+            };
+            let (tx, gate, fast) = (tx.clone(), gate.clone(), fast.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(SNIFF_TIMEOUT, first_bytes(&stream)).await {
-                    Ok(Ok(magic)) if magic == fast::MAGIC => start_fast(stream, open),
+                    Ok(Ok(magic)) if magic == fast::MAGIC => {
+                        drop(permit); // fast-path connections count against their own cap
+                        admit_fast(stream, &peer, &fast).await;
+                    }
                     Ok(Ok(_)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(gate.wrap(stream, peer, permit))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "connection closed before it spoke"),
                     Err(_) => tracing::debug!(
@@ -56,6 +81,38 @@ pub fn route(listener: UnixListener, open: FastOpen) -> ReceiverStream<io::Resul
                     ),
                 }
             });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Accepts TCP connections until the returned stream is dropped.
+pub fn tcp(listener: TcpListener, gate: Gate) -> ReceiverStream<io::Result<Conn<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut backoff = Backoff::default();
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = tx.closed() => return,
+            };
+            let (stream, addr) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    backoff.failed("tcp", &e).await;
+                    continue;
+                }
+            };
+            backoff.succeeded();
+            let peer = Peer::Tcp(addr);
+            let Some(permit) = gate.admit(&peer) else {
+                continue;
+            };
+            // Small request/response frames: Nagle would add up to 40 ms to each.
+            let _ = stream.set_nodelay(true);
+            if tx.send(Ok(gate.wrap(stream, peer, permit))).await.is_err() {
+                return;
+            }
         }
     });
     ReceiverStream::new(rx)
@@ -86,8 +143,50 @@ async fn first_bytes(stream: &UnixStream) -> io::Result<[u8; 4]> {
     }
 }
 
-/// Hands a fast-path connection to a blocking thread of its own.
-fn start_fast(stream: UnixStream, open: FastOpen) {
+/// Starts a fast-path connection on a thread of its own, or refuses it with a reply frame: a
+/// peer the policy does not allow, or no thread left under `server.max_fast_connections`.
+async fn admit_fast(stream: UnixStream, peer: &Peer, fast: &FastPath) {
+    if let Err(status) = fast.policy.check_unix_peer(peer) {
+        fast.metrics.auth_denied("uds");
+        tracing::warn!(%peer, error = status.message(), "fast-path connection refused");
+        return refuse(stream, fast::Reply::from_status(&status)).await;
+    }
+    let Ok(permit) = Arc::clone(&fast.threads).try_acquire_owned() else {
+        fast.metrics.connection_refused("fast");
+        let msg = format!(
+            "the daemon serves {} onload fast-path connections already (server.max_fast_connections); close idle ones or use the OnloadToStatic RPC",
+            fast.max_threads
+        );
+        tracing::warn!(%peer, "{msg}");
+        return refuse(
+            stream,
+            fast::Reply::from_status(&tonic::Status::resource_exhausted(msg)),
+        )
+        .await;
+    };
+    start_fast(stream, Arc::clone(&fast.open), permit);
+}
+
+/// Reads the hello (so the worker's write does not fail) and answers it with `reply`, without a
+/// thread: refusals happen exactly when threads are scarce.
+async fn refuse(mut stream: UnixStream, reply: fast::Reply) {
+    let read_hello = async {
+        let mut head = [0u8; 8];
+        stream.read_exact(&mut head).await?;
+        let len = u16::from_le_bytes([head[6], head[7]]) as usize;
+        let mut id = vec![0u8; len];
+        stream.read_exact(&mut id).await?;
+        let mut frame = Vec::new();
+        reply.write_to(&mut frame)?;
+        stream.write_all(&frame).await
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(fast::serve::HELLO_TIMEOUT, read_hello).await {
+        tracing::debug!(error = %e, "refused fast-path connection closed early");
+    }
+}
+
+/// Hands a fast-path connection to a blocking thread of its own, which holds `permit`.
+fn start_fast(stream: UnixStream, open: FastOpen, permit: OwnedSemaphorePermit) {
     let stream = match stream.into_std().and_then(|s| {
         s.set_nonblocking(false)?;
         Ok(s)
@@ -101,6 +200,7 @@ fn start_fast(stream: UnixStream, open: FastOpen) {
     let spawned = std::thread::Builder::new()
         .name("onload-fast".into())
         .spawn(move || {
+            let _permit = permit;
             let served = fast::serve::serve(stream, fast::serve::HELLO_TIMEOUT, |id, conn| {
                 open(id, conn)
             });

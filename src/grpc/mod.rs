@@ -1,7 +1,9 @@
 //! The gRPC face of the daemon: service implementation, proto conversion, the single mapping of
 //! errors to `tonic::Status`, listeners and the server lifecycle.
 
+pub mod auth;
 mod blocking;
+mod conn;
 mod convert;
 mod incoming;
 pub mod listen;

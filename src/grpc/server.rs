@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use super::OffloadService;
+use super::auth::{AuthLayer, AuthPolicy};
+use super::conn::{Gate, Limits};
 use super::incoming;
 use super::trace::RpcTraceLayer;
 use crate::proto::{self, offload_server::OffloadServer};
@@ -24,6 +26,22 @@ const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 /// The name health checks use for the whole daemon, besides the per-service name.
 const OVERALL: &str = "";
+
+/// How long a keepalive ping may go unanswered before the connection is dropped.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How connections are admitted, kept and checked (the `server.*` settings).
+#[derive(Debug)]
+pub struct ServeOptions {
+    pub drain_timeout: Duration,
+    /// Per listener.
+    pub max_connections: usize,
+    pub idle_timeout: Option<Duration>,
+    /// HTTP/2 ping interval: finds peers that vanished without closing (a killed pod).
+    pub keepalive: Option<Duration>,
+    pub max_fast_connections: usize,
+    pub auth: AuthPolicy,
+}
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -44,8 +62,11 @@ pub async fn serve(
     service: OffloadService,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-    drain_timeout: Duration,
+    opts: ServeOptions,
 ) -> Result<(), ServerError> {
+    let drain_timeout = opts.drain_timeout;
+    let metrics = service.metrics();
+    let policy = std::sync::Arc::new(opts.auth);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<OffloadServer<OffloadService>>()
@@ -65,8 +86,15 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let router = Server::builder()
+        .http2_keepalive_interval(opts.keepalive)
+        .http2_keepalive_timeout(opts.keepalive.map(|_| KEEPALIVE_TIMEOUT))
+        // Outermost: refused calls are traced and counted too.
         .layer(RpcTraceLayer {
-            metrics: service.metrics(),
+            metrics: std::sync::Arc::clone(&metrics),
+        })
+        .layer(AuthLayer {
+            policy: std::sync::Arc::clone(&policy),
+            metrics: std::sync::Arc::clone(&metrics),
         })
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -82,18 +110,32 @@ pub async fn serve(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut servers = tokio::task::JoinSet::new();
-    let fast = service.fast_opener();
+    let gate = |listener| {
+        Gate::new(
+            Limits {
+                listener,
+                max_connections: opts.max_connections,
+                idle_timeout: opts.idle_timeout,
+            },
+            std::sync::Arc::clone(&metrics),
+        )
+    };
+    let fast = incoming::FastPath {
+        open: service.fast_opener(),
+        threads: std::sync::Arc::new(Semaphore::new(opts.max_fast_connections)),
+        max_threads: opts.max_fast_connections,
+        policy,
+        metrics: std::sync::Arc::clone(&metrics),
+    };
     servers.spawn(router.clone().serve_with_incoming_shutdown(
-        incoming::route(listeners.uds, fast),
+        incoming::unix(listeners.uds, gate("uds"), fast),
         stopped(stop_rx.clone()),
     ));
     if let Some(tcp) = listeners.tcp {
-        servers.spawn(
-            router.serve_with_incoming_shutdown(
-                TcpListenerStream::new(tcp),
-                stopped(stop_rx.clone()),
-            ),
-        );
+        servers.spawn(router.serve_with_incoming_shutdown(
+            incoming::tcp(tcp, gate("tcp")),
+            stopped(stop_rx.clone()),
+        ));
     }
 
     tokio::select! {

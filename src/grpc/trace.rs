@@ -10,7 +10,21 @@ use tonic::Code;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use super::conn::{CallBody, ConnInfo};
 use crate::metrics::Metrics;
+
+/// Methods that change the daemon's state: logged at info with the caller's identity.
+const MUTATING: &[&str] = &[
+    "CreatePool",
+    "DeletePool",
+    "RegisterModel",
+    "CreateModel",
+    "SealModel",
+    "UnregisterModel",
+    "SetBackend",
+    "AttachWorker",
+    "DetachWorker",
+];
 
 /// Tower layer that wraps every call of the gRPC router: a span, a log line and the RPC metrics.
 #[derive(Debug, Clone)]
@@ -36,9 +50,12 @@ pub struct RpcTrace<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, B, RB> Service<http::Request<B>> for RpcTrace<S>
+impl<S, B> Service<http::Request<B>> for RpcTrace<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     B: Send + 'static,
@@ -53,12 +70,23 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let method = req.uri().path().to_string();
+        let info = req.extensions().get::<ConnInfo>().cloned();
+        let peer = info
+            .as_ref()
+            .map_or_else(String::new, |i| i.peer.to_string());
         let span = tracing::info_span!(
             "rpc",
             method = %method.as_str(),
+            %peer,
             code = tracing::field::Empty,
             latency_us = tracing::field::Empty
         );
+        // Counts the call (and a stream until its body ends) against the idle timeout.
+        let guard = info.as_ref().map(ConnInfo::call);
+        let mutating = method
+            .rsplit('/')
+            .next()
+            .is_some_and(|m| MUTATING.contains(&m));
         // Take the instance that was polled ready, leave a fresh clone behind (tower's rule).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -67,7 +95,11 @@ where
         Box::pin(
             async move {
                 let start = Instant::now();
-                tracing::debug!("rpc started");
+                if mutating {
+                    tracing::info!("rpc started");
+                } else {
+                    tracing::debug!("rpc started");
+                }
                 let result = fut.await;
                 let code = match &result {
                     Ok(resp) => response_code(resp.headers()),
@@ -84,6 +116,7 @@ where
                     tracing::info!("rpc failed");
                 }
                 result
+                    .map(|resp| resp.map(|body| tonic::body::Body::new(CallBody::new(body, guard))))
             }
             .instrument(span),
         )

@@ -36,6 +36,11 @@ struct MethodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     pool: String,
     device: String,
@@ -65,6 +70,9 @@ pub struct Metrics {
     onload_seconds: CounterF,
     fast_onloads: Family<CodeLabels, Counter>,
     fast_connections: Gauge,
+    connections_refused: Family<ListenerLabels, Counter>,
+    connections_closed_idle: Family<ListenerLabels, Counter>,
+    auth_denied: Family<ListenerLabels, Counter>,
     pool_size: Family<PoolLabels, Gauge>,
     pool_used: Family<PoolLabels, Gauge>,
     pool_pinned: Family<PoolLabels, Gauge>,
@@ -105,6 +113,9 @@ impl Metrics {
             onload_seconds: CounterF::default(),
             fast_onloads: Family::default(),
             fast_connections: Gauge::default(),
+            connections_refused: Family::default(),
+            connections_closed_idle: Family::default(),
+            auth_denied: Family::default(),
             pool_size: Family::default(),
             pool_used: Family::default(),
             pool_pinned: Family::default(),
@@ -145,6 +156,21 @@ impl Metrics {
             "fast_connections",
             "Open onload fast-path connections",
             m.fast_connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed on arrival: the listener was at server.max_connections (fast: server.max_fast_connections)",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "connections_closed_idle",
+            "gRPC connections closed after server.idle_timeout_ms with no call in flight",
+            m.connections_closed_idle.clone(),
+        );
+        r.register(
+            "auth_denied",
+            "Calls refused for a missing or wrong bearer token (tcp) or a peer outside server.allowed_uids/gids (uds)",
+            m.auth_denied.clone(),
         );
         r.register(
             "pool_size_bytes",
@@ -215,7 +241,30 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
-    /// One completed OnloadToStatic.
+    pub fn connection_refused(&self, listener: &str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn connection_closed_idle(&self, listener: &str) {
+        self.connections_closed_idle
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn auth_denied(&self, listener: &str) {
+        self.auth_denied
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
     /// One onload answered over the fast path (which the RPC counters do not see).
     pub fn fast_onload(&self, code: tonic::Code) {
         self.fast_onloads
@@ -225,6 +274,7 @@ impl Metrics {
             .inc();
     }
 
+    /// One completed OnloadToStatic.
     pub fn onload(&self, bytes: u64, took: Duration) {
         self.onload_bytes.inc_by(bytes);
         self.onload_seconds.inc_by(took.as_secs_f64());
@@ -232,6 +282,9 @@ impl Metrics {
 
     /// Refreshes the state gauges from `core` and renders the OpenMetrics text.
     pub fn render(&self, core: &Core) -> String {
+        // Held from the first clear to the end of encoding: two scrapes at once would otherwise
+        // clear the families under each other and emit partial series.
+        let registry = self.registry.lock().expect("registry lock");
         for f in [&self.pool_size, &self.pool_used, &self.pool_pinned] {
             f.clear();
         }
@@ -280,7 +333,6 @@ impl Metrics {
         self.pools_committed.set(core.pools.committed() as i64);
         self.pools_budget.set(core.pools.budget() as i64);
         let mut out = String::new();
-        let registry = self.registry.lock().expect("registry lock");
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         out
