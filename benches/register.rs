@@ -112,8 +112,9 @@ fn pread_bound(files: &[PathBuf], region: &HostRegion, threads: usize) -> f64 {
             s.spawn(|| {
                 while let Some(&(fi, off, dst, n)) = work.get(next.fetch_add(1, Ordering::Relaxed))
                 {
-                    region
-                        .pread_from(&opened[fi], off, dst as usize, n as usize)
+                    // SAFETY: each work item is a distinct destination range, taken by one
+                    // thread (the shared counter hands each index out once).
+                    unsafe { region.pread_from(&opened[fi], off, dst as usize, n as usize) }
                         .unwrap();
                 }
             });

@@ -3,6 +3,9 @@
 //!
 //! Layers point one way: [`grpc`] → [`core`] → [`device`].
 
+// Every unsafe block says why it is sound; CI runs clippy with -D warnings.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod client;
 pub mod config;
 pub mod core;

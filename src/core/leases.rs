@@ -468,7 +468,12 @@ impl Leases {
     /// early when a lease is added or renewed.
     pub async fn run_reaper(self: Arc<Self>) {
         loop {
-            let next = self.reap(Instant::now());
+            // Ending a lease frees its static buffers, which on cuda synchronises a stream and
+            // calls the driver: not on the async runtime's thread.
+            let me = Arc::clone(&self);
+            let next = tokio::task::spawn_blocking(move || me.reap(Instant::now()))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             let wait = next.map_or(Duration::from_secs(3600), |t| {
                 t.saturating_duration_since(Instant::now())
             });

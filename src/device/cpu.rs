@@ -128,10 +128,15 @@ impl StaticBuffer for CpuStatic {
         _src_pinned: bool,
     ) -> Result<(), DeviceError> {
         for op in ops {
-            self.region.write_at(
-                op.dst_offset as usize,
-                src.slice(op.src_offset as usize, op.len as usize),
-            );
+            // SAFETY: the source is a loaded model's range, which nothing writes while it is
+            // registered (a lease holds the model); the destination is this lease's static slot,
+            // written only by its own onloads, which the lease runs one at a time.
+            unsafe {
+                self.region.write_at(
+                    op.dst_offset as usize,
+                    src.slice(op.src_offset as usize, op.len as usize),
+                );
+            }
         }
         Ok(())
     }

@@ -201,23 +201,34 @@ impl HostRegion {
         })
     }
 
-    /// Copies `src` into the region at `offset`.
-    pub fn write_at(&self, offset: usize, src: &[u8]) {
+    /// Copies `src` into the region at `offset`. Panics if the range is out of bounds.
+    ///
+    /// # Safety
+    /// The caller must own `offset..offset + src.len()` exclusively for the call: no other
+    /// thread reads or writes it meanwhile (ranges come from the pool's allocator, and a
+    /// lease's static slot is written only by its own onloads).
+    pub unsafe fn write_at(&self, offset: usize, src: &[u8]) {
         assert!(
             offset
                 .checked_add(src.len())
                 .is_some_and(|end| end <= self.len),
             "write out of bounds"
         );
-        // SAFETY: bounds checked above; the source is a separate allocation.
+        // SAFETY: bounds checked above; the source is a separate allocation; the caller owns the
+        // destination range (this function's contract).
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
         }
     }
 
     /// Reads `len` bytes of `file` at `file_offset` straight into the region at `offset` with
-    /// `pread`, looping over short reads. Hitting end-of-file early is an error.
-    pub fn pread_from(
+    /// `pread`, looping over short reads. Hitting end-of-file early is an error. Panics if the
+    /// range is out of bounds.
+    ///
+    /// # Safety
+    /// As [`HostRegion::write_at`]: the caller owns the range exclusively for the call (a
+    /// loader owns the ranges it allocated until the model is ready).
+    pub unsafe fn pread_from(
         &self,
         file: &File,
         file_offset: u64,
@@ -231,7 +242,7 @@ impl HostRegion {
         let mut done = 0;
         while done < len {
             // SAFETY: the destination is inside our mapping (checked above) and the caller owns
-            // this range exclusively while loading it.
+            // this range exclusively while loading it (this function's contract).
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset + done), len - done)
             };
@@ -250,14 +261,17 @@ impl HostRegion {
         Ok(())
     }
 
-    /// A read-only view of `len` bytes at `offset`. The caller must not let another thread write
-    /// the same range while the view lives; ranges come from the pool's allocator.
-    pub fn slice(&self, offset: usize, len: usize) -> &[u8] {
+    /// A read-only view of `len` bytes at `offset`. Panics if the range is out of bounds.
+    ///
+    /// # Safety
+    /// Nothing may write the range while the view lives: the range is a loaded (immutable)
+    /// model's, or one the caller owns exclusively.
+    pub unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
         assert!(
             offset.checked_add(len).is_some_and(|end| end <= self.len),
             "read out of bounds"
         );
-        // SAFETY: in bounds; the mapping lives as long as `self`.
+        // SAFETY: in bounds; the mapping lives as long as `self`; no writer (the contract).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) }
     }
 

@@ -70,8 +70,13 @@ impl Offload for OffloadService {
 
     #[tracing::instrument(skip_all, fields(pool = %request.get_ref().name))]
     async fn get_pool(&self, request: Request<proto::GetPoolRequest>) -> Reply<proto::Pool> {
-        let pool = self.core.pools.get(&request.get_ref().name)?;
-        Ok(Response::new(convert::pool(&pool)))
+        // convert::pool asks the driver how much of a cuda pool is registered.
+        let name = request.into_inner().name;
+        let pool = blocking(&self.core, move |c| {
+            c.pools.get(&name).map(|p| convert::pool(&p))
+        })
+        .await?;
+        Ok(Response::new(pool))
     }
 
     #[tracing::instrument(skip_all)]
@@ -79,13 +84,10 @@ impl Offload for OffloadService {
         &self,
         _request: Request<proto::ListPoolsRequest>,
     ) -> Reply<proto::ListPoolsResponse> {
-        let pools = self
-            .core
-            .pools
-            .list()
-            .iter()
-            .map(|p| convert::pool(p))
-            .collect();
+        let pools = blocking(&self.core, |c| {
+            Ok::<_, Status>(c.pools.list().iter().map(|p| convert::pool(p)).collect())
+        })
+        .await?;
         Ok(Response::new(proto::ListPoolsResponse { pools }))
     }
 
@@ -215,7 +217,9 @@ impl Offload for OffloadService {
         &self,
         request: Request<proto::DetachWorkerRequest>,
     ) -> Reply<proto::DetachWorkerResponse> {
-        self.core.leases.detach(&request.get_ref().lease_id)?;
+        // Ending the lease may free cuda static buffers (a stream sync and driver calls).
+        let id = request.into_inner().lease_id;
+        blocking(&self.core, move |c| c.leases.detach(&id)).await?;
         Ok(Response::new(proto::DetachWorkerResponse {}))
     }
 

@@ -87,6 +87,8 @@ fn model_code(e: &ModelError) -> Code {
         }
         E::OutsideRoots { .. } | E::NoRoots => Code::PermissionDenied,
         E::PoolFull { .. } => Code::ResourceExhausted,
+        // Transient: the evicted model's bytes return when the call holding it ends.
+        E::EvictionPending { .. } => Code::Unavailable,
         E::InUse { .. } | E::WrongState { .. } => Code::FailedPrecondition,
         E::Io { source, .. } => match source.kind() {
             std::io::ErrorKind::NotFound => Code::NotFound,

@@ -12,12 +12,14 @@ use super::status::join_error;
 use crate::core::Core;
 use crate::core::backend::plan::Placement;
 use crate::core::leases::{AttachRequest, Lease, LeaseError};
+use crate::device::cpu::CPU_DEVICE_ID;
 use crate::fast;
 use crate::metrics::Metrics;
 use crate::proto;
 
-/// Layers at most this large are copied on the async runtime (about 10 µs): a thread hop costs
-/// more than the copy. Larger ones go to a blocking thread, so one big copy never delays other
+/// Layers at most this large are copied on the async runtime (about 10 µs) when the device is
+/// the cpu: a thread hop costs more than the copy. Larger ones, and every cuda copy (which waits
+/// for the stream behind other leases' copies), go to a blocking thread, so no copy delays other
 /// workers' calls.
 const INLINE_COPY_BYTES: u64 = 64 << 10;
 
@@ -53,7 +55,8 @@ pub async fn onload(
     let started = Instant::now();
     let slot_free = (!r.slot_free_event.is_empty()).then_some(r.slot_free_event);
     let run = move |l: &Lease| onload_on(l, layer, r.async_copy, slot_free.as_deref());
-    let (bytes, slot) = if lease.onload_bytes(layer) <= INLINE_COPY_BYTES {
+    let on_cpu = lease.model.pool().device.info().id == CPU_DEVICE_ID;
+    let (bytes, slot) = if on_cpu && lease.onload_bytes(layer) <= INLINE_COPY_BYTES {
         run(&lease)?
     } else {
         let l = Arc::clone(&lease);

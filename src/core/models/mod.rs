@@ -93,6 +93,14 @@ pub enum ModelError {
         largest: u64,
         size: u64,
     },
+    #[error(
+        "pool {pool:?} is full: model {evicted:?} was evicted to make room for {model:?}, but a call in flight still holds it; its bytes return when that call ends, so retry"
+    )]
+    EvictionPending {
+        pool: String,
+        model: String,
+        evicted: String,
+    },
     #[error("model {name:?} has {workers} attached worker(s); detach them first")]
     InUse { name: String, workers: usize },
     #[error("model {name:?} is {state}; {what}")]

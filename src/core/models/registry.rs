@@ -438,8 +438,21 @@ impl Models {
                     });
                 }
                 Err(AllocError::Exhausted { free, largest, .. }) => {
-                    if self.params.evict_idle && self.evict_one(pool) {
-                        continue;
+                    if self.params.evict_idle
+                        && let Some(victim) = self.evict_one(pool)
+                    {
+                        // Its ranges return when the last reference drops. If a call still
+                        // holds one, evicting the next model would not make room for this one
+                        // either, and one held reference would empty the pool: stop here.
+                        let name = victim.name.clone();
+                        if Arc::into_inner(victim).is_some() {
+                            continue;
+                        }
+                        return Err(ModelError::EvictionPending {
+                            pool: pool.name.clone(),
+                            model: model.to_string(),
+                            evicted: name,
+                        });
                     }
                     let needed = lens
                         .iter()
@@ -459,8 +472,9 @@ impl Models {
         }
     }
 
-    /// Evicts the least recently used idle READY model in `pool`. Returns false if none.
-    fn evict_one(&self, pool: &Arc<Pool>) -> bool {
+    /// Evicts the least recently used idle READY model in `pool`; returns it, or None if there
+    /// is none.
+    fn evict_one(&self, pool: &Arc<Pool>) -> Option<Arc<Model>> {
         let victim = {
             let mut map = self.lock();
             let victim = map
@@ -474,13 +488,10 @@ impl Models {
                 .map(|m| m.name.clone());
             victim.and_then(|name| map.remove(&name))
         };
-        match victim {
-            Some(m) => {
-                tracing::info!(model = %m.name, pool = %pool.name, bytes = m.bytes, "evicted idle model to make room");
-                true
-            }
-            None => false,
+        if let Some(m) = &victim {
+            tracing::info!(model = %m.name, pool = %pool.name, bytes = m.bytes, "evicted idle model to make room");
         }
+        victim
     }
 }
 
