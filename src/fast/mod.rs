@@ -339,4 +339,44 @@ mod tests {
         ));
         assert!(write_hello(Vec::new(), &"x".repeat(300)).is_err());
     }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+            ))]
+
+            #[test]
+            fn requests_round_trip(layer in 0u32..SLOT_FREE, async_copy in any::<bool>(), handle in prop::option::of(prop::array::uniform32(any::<u8>()))) {
+                let slot_free = handle.map(|h| {
+                    let mut full = [0u8; EVENT_HANDLE];
+                    full[..32].copy_from_slice(&h);
+                    full
+                });
+                let req = Request { layer, async_copy, slot_free };
+                let mut buf = Vec::new();
+                write_request(&mut buf, &req).unwrap();
+                prop_assert_eq!(read_request(&buf[..]).unwrap(), Some(req));
+            }
+
+            #[test]
+            fn replies_round_trip(code in any::<u32>(), slot in any::<u32>(), bytes in any::<u64>(), message in ".{0,200}") {
+                let reply = Reply { code, slot, bytes, message };
+                let mut buf = Vec::new();
+                reply.write_to(&mut buf).unwrap();
+                prop_assert_eq!(Reply::read_from(&buf[..]).unwrap(), reply);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_a_reader(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+                let _ = read_hello(&bytes[..]);
+                let _ = read_request(&bytes[..]);
+                let _ = Reply::read_from(&bytes[..]);
+            }
+        }
+    }
 }

@@ -155,18 +155,38 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
     }
     let mut head = vec![0u8; 8 + n as usize];
     read_at(&file, path, &mut head, 0)?;
-    let data_len = len - 8 - n;
+    let tensors = parse_header(&head, len - 8 - n).map_err(|e| bad(e.why, e.tensor))?;
+    Ok(Shard {
+        path: path.to_path_buf(),
+        file,
+        tensors,
+    })
+}
+
+/// Why a header was refused, and the tensor at fault when one is.
+#[derive(Debug)]
+pub struct HeaderProblem {
+    pub why: String,
+    pub tensor: Option<String>,
+}
+
+/// Parses a header: `head` is the 8-byte length and the JSON, `data_len` the bytes after it in
+/// the file. Pure (no I/O), so it is tested on arbitrary input. On success every tensor lies
+/// inside the data section, in file order, without gaps or overlaps, and its span is exactly
+/// its shape times its dtype size.
+pub fn parse_header(head: &[u8], data_len: u64) -> Result<Vec<ShardTensor>, HeaderProblem> {
+    let problem = |why: String, tensor: Option<String>| HeaderProblem { why, tensor };
     // The crate checks the header against a buffer; given the header alone it can only
     // disagree about where the data ends, which is checked below against the file's length.
-    let metadata = match SafeTensors::read_metadata(&head) {
+    let metadata = match SafeTensors::read_metadata(head) {
         Ok((_, m)) => m,
         Err(SafeTensorError::MetadataIncompleteBuffer) => {
             serde_json::from_slice::<Metadata>(&head[8..])
-                .map_err(|e| bad(format!("header is not valid safetensors JSON: {e}"), None))?
+                .map_err(|e| problem(format!("header is not valid safetensors JSON: {e}"), None))?
         }
         Err(e) => {
-            let tensor = diagnose_tensor(&head, data_len, &e);
-            return Err(bad(describe(&e), tensor));
+            let tensor = diagnose_tensor(head, data_len, &e);
+            return Err(problem(describe(&e), tensor));
         }
     };
     let end = metadata
@@ -177,14 +197,9 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
         .unwrap_or(0);
     if end != data_len {
         let e = SafeTensorError::MetadataIncompleteBuffer;
-        return Err(bad(describe(&e), diagnose_tensor(&head, data_len, &e)));
+        return Err(problem(describe(&e), diagnose_tensor(head, data_len, &e)));
     }
-    let tensors = tensors_in_order(&metadata, 8 + n);
-    Ok(Shard {
-        path: path.to_path_buf(),
-        file,
-        tensors,
-    })
+    Ok(tensors_in_order(&metadata, head.len() as u64))
 }
 
 fn tensors_in_order(metadata: &Metadata, data_start: u64) -> Vec<ShardTensor> {
@@ -273,4 +288,101 @@ fn diagnose_tensor(buf: &[u8], data_len: u64, e: &SafeTensorError) -> Option<Str
             let wrong = bytes != Some(e.wrapping_sub(s)) || e < s || e > data_len;
             wrong.then_some(name)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A valid header for `specs` (dtype, shape), laid out back to back; returns it with the
+    /// data length.
+    fn valid(specs: &[(&str, Vec<usize>)]) -> (Vec<u8>, u64) {
+        let mut json = serde_json::Map::new();
+        let mut at = 0usize;
+        for (i, (dtype, shape)) in specs.iter().enumerate() {
+            let size = match *dtype {
+                "F32" | "I32" => 4,
+                "F16" | "BF16" => 2,
+                _ => 1,
+            };
+            let n = shape.iter().product::<usize>() * size;
+            json.insert(
+                format!("model.layers.{i}.w"),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + n]}),
+            );
+            at += n;
+        }
+        json.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let text = serde_json::to_vec(&json).unwrap();
+        let mut head = (text.len() as u64).to_le_bytes().to_vec();
+        head.extend_from_slice(&text);
+        (head, at as u64)
+    }
+
+    fn check_invariants(tensors: &[ShardTensor], head_len: u64, data_len: u64) {
+        let mut at = head_len;
+        for t in tensors {
+            assert_eq!(t.file_offset, at, "{}: no gap, no overlap", t.name);
+            let elems: u64 = t.shape.iter().map(|&d| d as u64).product();
+            assert_eq!(t.len * 8, elems * t.dtype.bitsize() as u64, "{}", t.name);
+            at += t.len;
+        }
+        assert!(at <= head_len + data_len);
+    }
+
+    fn specs() -> impl Strategy<Value = Vec<(&'static str, Vec<usize>)>> {
+        prop::collection::vec(
+            (
+                prop::sample::select(vec!["F32", "F16", "BF16", "I32", "U8", "I8"]),
+                prop::collection::vec(0usize..9, 0..4),
+            ),
+            0..6,
+        )
+    }
+
+    proptest! {
+        // PROPTEST_CASES raises the count for a long run (see README, "Reliability").
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+        ))]
+
+        #[test]
+        fn valid_headers_parse_with_their_invariants(specs in specs()) {
+            let (head, data_len) = valid(&specs);
+            let tensors = parse_header(&head, data_len).unwrap();
+            prop_assert_eq!(tensors.len(), specs.len());
+            check_invariants(&tensors, head.len() as u64, data_len);
+        }
+
+        #[test]
+        fn mutated_headers_never_panic_and_never_lie(
+            specs in specs(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+            data_delta in -3i64..3,
+        ) {
+            let (mut head, data_len) = valid(&specs);
+            for (at, byte) in flips {
+                let i = at.index(head.len());
+                head[i] = byte;
+            }
+            if truncate {
+                head.truncate(cut.index(head.len() + 1));
+            }
+            let data_len = data_len.saturating_add_signed(data_delta);
+            if let Ok(tensors) = parse_header(&head, data_len) {
+                check_invariants(&tensors, head.len() as u64, data_len);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(head in prop::collection::vec(any::<u8>(), 0..300), data_len in any::<u64>()) {
+            if let Ok(tensors) = parse_header(&head, data_len) {
+                check_invariants(&tensors, head.len() as u64, data_len);
+            }
+        }
+    }
 }
