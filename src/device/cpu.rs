@@ -170,13 +170,20 @@ struct Lockable {
 /// With CAP_IPC_LOCK the limit does not apply; otherwise RLIMIT_MEMLOCK minus what this process
 /// has locked already (VmLck).
 fn max_lockable_bytes() -> Lockable {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    if has_capability(&status, CAP_IPC_LOCK) {
+    // Capabilities are fixed for the process's life (the daemon never calls capset), and
+    // /proc/self/status is the most expensive read of a GetInfo: read it once for them.
+    static CAP_LOCK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let cap = *CAP_LOCK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        has_capability(&status, CAP_IPC_LOCK)
+    });
+    if cap {
         return Lockable {
             bytes: u64::MAX,
             why: "CAP_IPC_LOCK".into(),
         };
     }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
     let Some(limit) = limit else {
         return Lockable {
