@@ -134,6 +134,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         default_ttl: Duration::from_millis(config.leases.default_ttl_ms),
         max_per_model: config.leases.max_per_model,
         max_total: config.leases.max_total,
+        max_static_bytes_per_device: config.leases.max_static_bytes_per_device,
         static_dir: config.pools.dir.clone(),
         disable_uva: vllm_env.disable_uva,
     }));

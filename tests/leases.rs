@@ -559,3 +559,43 @@ async fn a_reattaching_worker_gets_the_ended_leases_buffers_and_a_pool_can_take_
     .expect("the kept buffers are freed for a pool");
     assert!(files_with(&dir, "offloadd-static-").is_empty());
 }
+
+#[tokio::test]
+async fn static_buffers_per_device_are_budgeted_and_returned_on_detach() {
+    // One lease's static buffers, measured on a daemon without the limit.
+    let mut f = fixture(|b| b).await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
+    let one = attach(&mut f.c, "m", "probe").await.segments[1].size_bytes;
+    assert!(f.d.terminate().await.success());
+
+    // Room for one and a half: the second lease is refused with the numbers, and fits again
+    // once the first is detached.
+    let limit = one + one / 2;
+    let mut f = fixture(|b| b.set(&format!("leases.max_static_bytes_per_device={limit}"))).await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
+    let first = attach(&mut f.c, "m", "first").await;
+    let e =
+        f.c.attach_worker(AttachWorkerRequest {
+            model: "m".into(),
+            worker_name: "second".into(),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    for part in [
+        "device cpu",
+        &one.to_string(),
+        &limit.to_string(),
+        "leases.max_static_bytes_per_device",
+    ] {
+        assert!(e.message().contains(part), "{part:?} in {}", e.message());
+    }
+    f.c.detach_worker(DetachWorkerRequest {
+        lease_id: first.lease_id,
+    })
+    .await
+    .unwrap();
+    attach(&mut f.c, "m", "second").await;
+    assert!(f.d.terminate().await.success());
+}

@@ -222,6 +222,10 @@ pub struct LeasesConfig {
     pub max_per_model: usize,
     /// Most leases the daemon grants at once, over all models.
     pub max_total: usize,
+    /// Most bytes of static buffers the live leases may hold on one device (on cuda, GPU memory
+    /// beside the inference engine's; on cpu also counted in pools.max_host_bytes). Unset: only
+    /// what the device has free bounds them.
+    pub max_static_bytes_per_device: Option<u64>,
 }
 
 impl Default for LeasesConfig {
@@ -230,6 +234,7 @@ impl Default for LeasesConfig {
             default_ttl_ms: 10_000,
             max_per_model: 64,
             max_total: 1024,
+            max_static_bytes_per_device: None,
         }
     }
 }

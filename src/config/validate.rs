@@ -109,6 +109,11 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
             c.leases.max_per_model, c.leases.max_total
         ));
     }
+    if c.leases.max_static_bytes_per_device == Some(0) {
+        return invalid(
+            "leases.max_static_bytes_per_device must be > 0; leave it unset for no limit".into(),
+        );
+    }
     if c.leases.default_ttl_ms == 0 {
         return invalid("leases.default_ttl_ms must be > 0".into());
     }

@@ -62,6 +62,15 @@ pub enum LeaseError {
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(
+        "device {device} has {used} bytes of static buffers in live leases; this lease needs {needed} more, over leases.max_static_bytes_per_device = {max}; detach idle workers (DetachWorker), lower prefetch_step, or raise the limit"
+    )]
+    StaticBudget {
+        device: String,
+        used: u64,
+        needed: u64,
+        max: u64,
+    },
+    #[error(
         "{scope} already has {count} leases, the most {setting} allows; detach idle workers (DetachWorker) or raise {setting}"
     )]
     TooMany {
@@ -100,6 +109,8 @@ pub struct Lease {
     pub statics: Option<Box<dyn StaticBuffer>>,
     /// The host budget the cpu static buffers hold; handed on with them.
     pub host_reservation: Option<HostReservation>,
+    /// This lease's share of leases.max_static_bytes_per_device, returned when it ends.
+    _device_reservation: Option<StaticReservation>,
     /// Where the static buffers go when the lease ends.
     spares: Arc<Spares>,
     /// Open fast-path connections by number, shut down when the lease ends; None once ended.
@@ -233,10 +244,60 @@ pub enum EndReason {
     Expired,
 }
 
+/// Static-buffer bytes of live leases per device, against leases.max_static_bytes_per_device.
+#[derive(Debug, Default)]
+struct DeviceStatics {
+    used: Mutex<HashMap<String, u64>>,
+}
+
+/// A lease's bytes in [`DeviceStatics`]; given back on drop.
+#[derive(Debug)]
+struct StaticReservation {
+    ledger: Arc<DeviceStatics>,
+    device: String,
+    bytes: u64,
+}
+
+impl DeviceStatics {
+    fn reserve(
+        self: &Arc<Self>,
+        device: &str,
+        bytes: u64,
+        max: u64,
+    ) -> Result<StaticReservation, LeaseError> {
+        let mut used = self.used.lock().expect("device statics lock");
+        let now = used.get(device).copied().unwrap_or(0);
+        if now.saturating_add(bytes) > max {
+            return Err(LeaseError::StaticBudget {
+                device: device.to_string(),
+                used: now,
+                needed: bytes,
+                max,
+            });
+        }
+        *used.entry(device.to_string()).or_default() += bytes;
+        Ok(StaticReservation {
+            ledger: Arc::clone(self),
+            device: device.to_string(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for StaticReservation {
+    fn drop(&mut self) {
+        let mut used = self.ledger.used.lock().expect("device statics lock");
+        if let Some(v) = used.get_mut(&self.device) {
+            *v = v.saturating_sub(self.bytes);
+        }
+    }
+}
+
 pub struct LeasesParams {
     pub default_ttl: Duration,
     pub max_per_model: usize,
     pub max_total: usize,
+    pub max_static_bytes_per_device: Option<u64>,
     pub static_dir: PathBuf,
     pub disable_uva: bool,
 }
@@ -244,6 +305,7 @@ pub struct LeasesParams {
 pub struct Leases {
     params: LeasesParams,
     spares: Arc<Spares>,
+    device_statics: Arc<DeviceStatics>,
     map: Mutex<HashMap<String, Arc<Lease>>>,
     /// Serializes attaches, so the limits are checked and the new lease inserted as one step.
     attaching: Mutex<()>,
@@ -268,6 +330,7 @@ impl Leases {
     pub fn new(params: LeasesParams) -> Self {
         Self {
             spares: Arc::new(Spares::new(params.static_dir.clone())),
+            device_statics: Arc::default(),
             params,
             map: Mutex::new(HashMap::new()),
             attaching: Mutex::new(()),
@@ -349,6 +412,7 @@ impl Leases {
         let mut onload_ops: HashMap<u32, Vec<CopyOp>> = HashMap::new();
         let mut statics = None;
         let mut host_reservation = None;
+        let mut device_reservation = None;
         if let Some(pf) = &plan.prefetch {
             // Layout: slot-major, each (key, slot) buffer 256-byte aligned.
             let mut key_offsets = Vec::with_capacity(pf.keys.len());
@@ -375,6 +439,13 @@ impl Leases {
                 .static_dir
                 .join(format!("{STATIC_FILE_PREFIX}{id}"));
             let cpu = pool.device.info().kind == DeviceKind::Cpu;
+            if let Some(max) = self.params.max_static_bytes_per_device {
+                device_reservation = Some(self.device_statics.reserve(
+                    &pool.device.info().id,
+                    total,
+                    max,
+                )?);
+            }
             if let Some((kept, reservation)) = cpu.then(|| self.spares.take(total, &path)).flatten()
             {
                 statics = Some(kept);
@@ -399,6 +470,7 @@ impl Leases {
             static_slots,
             statics,
             host_reservation,
+            _device_reservation: device_reservation,
             spares: Arc::clone(&self.spares),
             connections: Mutex::new(Some(FastConnections::default())),
             onload_ops,
