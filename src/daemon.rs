@@ -188,7 +188,11 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         task.abort();
     }
     drop(socket);
-    tracing::info!("offloadd stopped");
+    let released = core.pools.remove_files_at_exit();
+    tracing::info!(
+        released_bytes = released,
+        "offloadd stopped; pool and static files removed"
+    );
     Ok(())
 }
 

@@ -599,3 +599,26 @@ async fn static_buffers_per_device_are_budgeted_and_returned_on_detach() {
     attach(&mut f.c, "m", "second").await;
     assert!(f.d.terminate().await.success());
 }
+
+#[tokio::test]
+async fn sigterm_leaves_no_pool_or_static_file_behind() {
+    let mut f = fixture(|b| b).await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
+    attach(&mut f.c, "m", "w").await;
+    let ours = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("offloadd-"))
+            .collect()
+    };
+    let before = ours(&f.s.pools_dir());
+    assert!(
+        before.iter().any(|n| n.starts_with("offloadd-pool-"))
+            && before.iter().any(|n| n.starts_with("offloadd-static-")),
+        "{before:?}"
+    );
+    assert!(f.d.terminate().await.success());
+    // The next start could not adopt them; keeping them would only hold host memory.
+    assert_eq!(ours(&f.s.pools_dir()), Vec::<String>::new());
+}

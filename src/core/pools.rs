@@ -389,6 +389,32 @@ impl Pools {
     }
 }
 
+impl Pools {
+    /// Unlinks every pool and static-buffer file at shutdown. Nothing can adopt them at the next
+    /// start (it deletes them), so keeping them would only hold host memory until then; workers
+    /// that still map them keep their mappings until they unmap. Returns the bytes released.
+    pub fn remove_files_at_exit(&self) -> u64 {
+        let files = match stale_pool_files(&self.params.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(dir = %self.params.dir.display(), error = %e, "cannot list pool files at exit");
+                return 0;
+            }
+        };
+        let mut bytes = 0;
+        for f in files {
+            let len = std::fs::metadata(&f).map_or(0, |m| m.len());
+            match std::fs::remove_file(&f) {
+                Ok(()) => bytes += len,
+                Err(e) => {
+                    tracing::warn!(path = %f.display(), error = %e, "cannot remove pool file at exit")
+                }
+            }
+        }
+        bytes
+    }
+}
+
 fn stale_pool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
