@@ -133,6 +133,7 @@ async fn client(channel: Channel, i: usize, stop: Arc<AtomicBool>) -> Vec<Durati
                         model: "m".into(),
                         worker_name: format!("client-{i}"),
                         ttl_ms: 5_000,
+                        ..Default::default()
                     })
                     .await
                 {
@@ -332,6 +333,7 @@ async fn load_round(
                         model: "m".into(),
                         worker_name: "flood".into(),
                         ttl_ms: 2_000,
+                        ..Default::default()
                     })
                     .await
                 {

@@ -263,6 +263,7 @@ fn main() {
                 model: "big".into(),
                 worker_name: "bw".into(),
                 ttl_ms: 60_000,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -21,6 +21,7 @@ async fn lease_table_matches_vllm_for_five_layers_step_two() {
             model: "m".into(),
             worker_name: "t".into(),
             ttl_ms: 60_000,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -431,6 +432,7 @@ async fn try_attach(
         model: "m".into(),
         worker_name: worker.into(),
         ttl_ms: 60_000,
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner())
@@ -470,6 +472,7 @@ async fn leases_are_refused_past_the_per_model_and_total_limits() {
             model: "n".into(),
             worker_name: "second-on-n".into(),
             ttl_ms: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -579,6 +582,7 @@ async fn static_buffers_per_device_are_budgeted_and_returned_on_detach() {
             model: "m".into(),
             worker_name: "second".into(),
             ttl_ms: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -621,4 +625,91 @@ async fn sigterm_leaves_no_pool_or_static_file_behind() {
     assert!(f.d.terminate().await.success());
     // The next start could not adopt them; keeping them would only hold host memory.
     assert_eq!(ours(&f.s.pools_dir()), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_lease_tied_to_the_fast_path_ends_when_its_connection_closes() {
+    use offloadd::fast::client::FastClient;
+    let mut f = fixture(|b| b.set("metrics.addr=127.0.0.1:0")).await;
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
+    let attach_tied = |tied: bool, name: &str| AttachWorkerRequest {
+        model: "m".into(),
+        worker_name: name.into(),
+        ttl_ms: 600_000,
+        end_with_fast_path: tied,
+    };
+    let tied =
+        f.c.attach_worker(attach_tied(true, "tied"))
+            .await
+            .unwrap()
+            .into_inner();
+    let untied =
+        f.c.attach_worker(attach_tied(false, "untied"))
+            .await
+            .unwrap()
+            .into_inner();
+    // Two connections: the lease lives while either is open.
+    let mut a = FastClient::connect(&f.d.uds, &tied.lease_id)
+        .unwrap()
+        .unwrap();
+    let b = FastClient::connect(&f.d.uds, &tied.lease_id)
+        .unwrap()
+        .unwrap();
+    let u = FastClient::connect(&f.d.uds, &untied.lease_id)
+        .unwrap()
+        .unwrap();
+    drop(b);
+    assert!(
+        a.onload(0).unwrap().bytes > 0,
+        "still served with one connection open"
+    );
+    let started = std::time::Instant::now();
+    drop(a); // the worker process died: its socket closes
+    let ended =
+        f.d.wait_for_log(|v| v["message"] == "lease ended" && v["worker"] == "tied")
+            .await;
+    assert_eq!(ended["reason"], "FastPathClosed");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "not the 600 s ttl"
+    );
+    assert_eq!(attached_workers(&mut f.c, "m").await, 1);
+    // A lease that did not ask for it outlives its connection: once the daemon has seen every
+    // connection close (the fast_connections gauge), it still answers.
+    drop(u);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fast_connections(f.d.metrics.unwrap()).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections never closed"
+        );
+        tokio::task::yield_now().await;
+    }
+    f.c.keep_alive(offloadd::proto::KeepAliveRequest {
+        lease_id: untied.lease_id,
+    })
+    .await
+    .unwrap();
+    let e =
+        f.c.keep_alive(offloadd::proto::KeepAliveRequest {
+            lease_id: tied.lease_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(f.d.terminate().await.success());
+}
+
+async fn fast_connections(addr: std::net::SocketAddr) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix("offloadd_fast_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("fast_connections gauge")
 }

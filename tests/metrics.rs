@@ -83,6 +83,7 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
             model: "m".into(),
             worker_name: "w".into(),
             ttl_ms: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -301,6 +301,7 @@ async fn fast_path_connections_are_capped_across_leases() {
                 model: "m".into(),
                 worker_name: w.into(),
                 ttl_ms: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -25,6 +25,7 @@ async fn uva_worker_reads_weights_in_place_and_matches_the_checkpoint() {
             model: "m".into(),
             worker_name: "probe".into(),
             ttl_ms: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -192,21 +192,32 @@ class Client:
         return self._call("SetBackend", pb.SetBackendRequest(model=model, backend=backend))
 
     # workers
-    def attach(self, model: str, worker_name: str = "", ttl: float = 0.0) -> Lease:
+    def attach(
+        self, model: str, worker_name: str = "", ttl: float = 0.0, end_with_fast_path: bool = False
+    ) -> Lease:
         """Attaches to a READY model and returns a :class:`~offloadd.Lease` (a context manager
         that renews itself and detaches on close). ``ttl`` in seconds; 0 takes the daemon's
-        default."""
+        default. With ``end_with_fast_path`` the daemon also ends the lease the moment this
+        process's onload fast-path connection closes (the process died), not only after the
+        ttl."""
         from .lease import Lease
 
         worker_name = worker_name or f"python-{os.getpid()}"
-        raw = self.attach_worker(model, worker_name, int(ttl * 1000))
+        raw = self.attach_worker(model, worker_name, int(ttl * 1000), end_with_fast_path)
         return Lease(self, raw)
 
-    def attach_worker(self, model: str, worker_name: str, ttl_ms: int = 0) -> pb.Lease:
+    def attach_worker(
+        self, model: str, worker_name: str, ttl_ms: int = 0, end_with_fast_path: bool = False
+    ) -> pb.Lease:
         """The raw AttachWorker call; :meth:`attach` wraps its answer."""
         return self._call(
             "AttachWorker",
-            pb.AttachWorkerRequest(model=model, worker_name=worker_name, ttl_ms=ttl_ms),
+            pb.AttachWorkerRequest(
+                model=model,
+                worker_name=worker_name,
+                ttl_ms=ttl_ms,
+                end_with_fast_path=end_with_fast_path,
+            ),
         )
 
     def keep_alive(self, lease_id: str) -> pb.KeepAliveResponse:

@@ -201,6 +201,23 @@ def test_a_lease_reaped_while_in_use_fails_the_next_onload(client: offloadd.Clie
     lease.close()
 
 
+def test_a_lease_tied_to_the_fast_path_ends_when_the_connection_closes(client: offloadd.Client, tmp_path: Path):
+    register(client, tmp_path, offloadd.prefetch(1, 1, 2))
+    lease = client.attach("tiny", ttl=600, end_with_fast_path=True)
+    lease.onload(0)  # opens the fast path
+    lease._fast.close()  # as when the process dies
+    deadline = time.monotonic() + 30
+    while True:  # the daemon ends it on the connection's thread: wait for that, not the ttl
+        try:
+            client.keep_alive(lease.id)
+        except offloadd.NotFound:
+            break
+        assert time.monotonic() < deadline, "the lease outlived its connection"
+    with pytest.raises(offloadd.LeaseLost):
+        lease._fast = None
+        lease.onload(1)
+
+
 def test_a_lease_renews_itself_and_detaches_on_close(client: offloadd.Client, tmp_path: Path):
     register(client, tmp_path, offloadd.prefetch(1, 1, 1))
     with client.attach("tiny", ttl=0.3) as lease:

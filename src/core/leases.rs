@@ -21,6 +21,7 @@ use super::models::{ModelError, Models};
 use super::pin_policy::PinDecision;
 use super::pools::{HostReservation, PoolError, Pools};
 use super::spares::Spares;
+use super::static_budget::{DeviceStatics, StaticReservation};
 use crate::device::{AsyncCopy, CopyOp, DeviceError, DeviceKind, StaticBuffer};
 
 /// Static buffer files live beside the pools and are swept with them after a crash.
@@ -109,6 +110,8 @@ pub struct Lease {
     pub statics: Option<Box<dyn StaticBuffer>>,
     /// The host budget the cpu static buffers hold; handed on with them.
     pub host_reservation: Option<HostReservation>,
+    /// End the lease when its last fast-path connection closes.
+    pub end_with_fast_path: bool,
     /// This lease's share of leases.max_static_bytes_per_device, returned when it ends.
     _device_reservation: Option<StaticReservation>,
     /// Where the static buffers go when the lease ends.
@@ -242,55 +245,8 @@ impl Drop for Lease {
 pub enum EndReason {
     Detached,
     Expired,
-}
-
-/// Static-buffer bytes of live leases per device, against leases.max_static_bytes_per_device.
-#[derive(Debug, Default)]
-struct DeviceStatics {
-    used: Mutex<HashMap<String, u64>>,
-}
-
-/// A lease's bytes in [`DeviceStatics`]; given back on drop.
-#[derive(Debug)]
-struct StaticReservation {
-    ledger: Arc<DeviceStatics>,
-    device: String,
-    bytes: u64,
-}
-
-impl DeviceStatics {
-    fn reserve(
-        self: &Arc<Self>,
-        device: &str,
-        bytes: u64,
-        max: u64,
-    ) -> Result<StaticReservation, LeaseError> {
-        let mut used = self.used.lock().expect("device statics lock");
-        let now = used.get(device).copied().unwrap_or(0);
-        if now.saturating_add(bytes) > max {
-            return Err(LeaseError::StaticBudget {
-                device: device.to_string(),
-                used: now,
-                needed: bytes,
-                max,
-            });
-        }
-        *used.entry(device.to_string()).or_default() += bytes;
-        Ok(StaticReservation {
-            ledger: Arc::clone(self),
-            device: device.to_string(),
-            bytes,
-        })
-    }
-}
-
-impl Drop for StaticReservation {
-    fn drop(&mut self) {
-        let mut used = self.ledger.used.lock().expect("device statics lock");
-        if let Some(v) = used.get_mut(&self.device) {
-            *v = v.saturating_sub(self.bytes);
-        }
-    }
+    /// Its last fast-path connection closed (`end_with_fast_path`).
+    FastPathClosed,
 }
 
 pub struct LeasesParams {
@@ -324,6 +280,8 @@ pub struct AttachRequest {
     pub model: String,
     pub worker_name: String,
     pub ttl: Option<Duration>,
+    /// End the lease when its last fast-path connection closes.
+    pub end_with_fast_path: bool,
 }
 
 impl Leases {
@@ -471,6 +429,7 @@ impl Leases {
             statics,
             host_reservation,
             _device_reservation: device_reservation,
+            end_with_fast_path: req.end_with_fast_path,
             spares: Arc::clone(&self.spares),
             connections: Mutex::new(Some(FastConnections::default())),
             onload_ops,
@@ -512,6 +471,25 @@ impl Leases {
             .ok_or_else(|| LeaseError::NotFound(id.to_string()))?;
         end(lease, EndReason::Detached);
         Ok(())
+    }
+
+    /// A fast-path connection of `lease` closed: ends the lease if it asked for that and no
+    /// other fast-path connection is open. Blocking (freeing cuda statics).
+    pub fn fast_path_closed(&self, lease: &Lease) {
+        if !lease.end_with_fast_path || lease.connection_count() > 0 {
+            return;
+        }
+        let mut map = self.map.lock().expect("leases lock");
+        // Only the same lease: its id may not be in the map any more (detached meanwhile).
+        if map
+            .get(&lease.id)
+            .is_some_and(|l| std::ptr::eq(&**l, lease))
+        {
+            let ended = map.remove(&lease.id).expect("checked above");
+            drop(map);
+            end(ended, EndReason::FastPathClosed);
+            self.changed.notify_one();
+        }
     }
 
     /// Ends every lease whose time-to-live has passed; returns when the next one is due.

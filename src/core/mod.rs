@@ -10,6 +10,7 @@ pub mod pin_policy;
 pub mod pool;
 pub mod pools;
 pub mod spares;
+pub mod static_budget;
 
 pub use node::{Node, NodeParams};
 

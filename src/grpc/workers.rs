@@ -31,6 +31,7 @@ pub async fn attach(
         model: r.model,
         worker_name: r.worker_name,
         ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
+        end_with_fast_path: r.end_with_fast_path,
     };
     let lease = blocking(core, move |c| c.leases.attach(&c.models, &c.pools, &req)).await?;
     Ok(lease_proto(&lease))
@@ -91,6 +92,7 @@ pub struct FastSession {
     lease: Arc<Lease>,
     number: u64,
     metrics: Arc<Metrics>,
+    leases: Arc<crate::core::leases::Leases>,
 }
 
 impl FastSession {
@@ -114,6 +116,7 @@ impl FastSession {
             lease,
             number,
             metrics,
+            leases: Arc::clone(&core.leases),
         })
     }
 }
@@ -145,6 +148,8 @@ impl fast::serve::Session for FastSession {
 impl Drop for FastSession {
     fn drop(&mut self) {
         self.lease.remove_connection(self.number);
+        // On the connection's own thread, so freeing statics blocks nobody else.
+        self.leases.fast_path_closed(&self.lease);
     }
 }
 

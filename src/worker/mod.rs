@@ -94,6 +94,7 @@ impl Worker {
                 model: model.to_string(),
                 worker_name: worker_name.to_string(),
                 ttl_ms,
+                ..Default::default()
             })
             .await?
             .into_inner();

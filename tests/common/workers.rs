@@ -160,6 +160,7 @@ pub async fn attach(
         model: model.into(),
         worker_name: worker.into(),
         ttl_ms: 0,
+        ..Default::default()
     })
     .await
     .unwrap()

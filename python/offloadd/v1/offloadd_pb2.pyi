@@ -380,14 +380,16 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., strides: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., layer: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class AttachWorkerRequest(_message.Message):
-    __slots__ = ("model", "worker_name", "ttl_ms")
+    __slots__ = ("model", "worker_name", "ttl_ms", "end_with_fast_path")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    END_WITH_FAST_PATH_FIELD_NUMBER: _ClassVar[int]
     model: str
     worker_name: str
     ttl_ms: int
-    def __init__(self, model: _Optional[str] = ..., worker_name: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    end_with_fast_path: bool
+    def __init__(self, model: _Optional[str] = ..., worker_name: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., end_with_fast_path: _Optional[bool] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("path", "size_bytes", "kind", "device", "ipc_handle")
