@@ -701,14 +701,9 @@ async fn a_lease_tied_to_the_fast_path_ends_when_its_connection_closes() {
 }
 
 async fn fast_connections(addr: std::net::SocketAddr) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    common::scrape(addr)
         .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.lines()
+        .lines()
         .find_map(|l| l.strip_prefix("offloadd_fast_connections "))
         .and_then(|v| v.trim().parse().ok())
         .expect("fast_connections gauge")

@@ -336,16 +336,7 @@ async fn fast_path_connections_are_capped_across_leases() {
 }
 
 async fn scrape(d: &common::Daemon) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(d.metrics.expect("metrics"))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    common::scrape(d.metrics.expect("metrics")).await
 }
 
 /// CPU seconds the process has used (user + system), from /proc.
