@@ -493,3 +493,41 @@ async fn models_declared_in_toml_register_at_startup() {
     c.get_info(GetInfoRequest {}).await.unwrap();
     assert!(d.terminate().await.success());
 }
+
+/// 200k tensors in one shard behind an index (a mixture-of-experts layout): every index entry is
+/// checked against the shard's table, which must not cost a scan of the shard per entry.
+#[tokio::test]
+async fn an_indexed_shard_of_200k_tensors_registers() {
+    const N: usize = 200_000;
+    let s = Scratch::new();
+    let dir = s.models().join("moe");
+    let tensors: Vec<ckpt::Tensor> = (0..N)
+        .map(|i| ckpt::Tensor {
+            name: format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000),
+            dtype: safetensors::Dtype::U8,
+            shape: vec![4],
+            data: (i as u32).to_le_bytes().to_vec(),
+        })
+        .collect();
+    ckpt::write_sharded(&dir, &tensors, 1);
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&s.models()])
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    pool(&mut c, "p", 64 * MIB).await;
+    let started = std::time::Instant::now();
+    let m = c
+        .register_model(register("moe", "p", &dir, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.state(), ModelState::Ready);
+    assert_eq!(m.tensor_count as usize, N);
+    eprintln!(
+        "200k-tensor indexed shard registered in {:?}",
+        started.elapsed()
+    );
+    assert!(d.terminate().await.success());
+}
