@@ -31,7 +31,10 @@ pub async fn connect_tcp(addr: std::net::SocketAddr) -> Result<Channel, tonic::t
         .await
 }
 
-/// A typed client over either kind of channel.
+/// A typed client over either kind of channel, accepting answers as large as the daemon sends
+/// (tensor tables of 100k-tensor checkpoints are over gRPC's default 4 MiB).
 pub fn offload(channel: Channel) -> OffloadClient<Channel> {
     OffloadClient::new(channel)
+        .max_decoding_message_size(crate::proto::MAX_RESPONSE_BYTES)
+        .max_encoding_message_size(crate::proto::MAX_REQUEST_BYTES)
 }

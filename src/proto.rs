@@ -5,6 +5,14 @@
 
 tonic::include_proto!("offloadd.v1");
 
+/// Largest request the daemon accepts: requests are names, paths and tensor specs; CreateModel
+/// of a 100k-tensor MoE checkpoint is the largest, a few MiB. Bigger ones are refused before
+/// they are buffered.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// Largest answer: the tensor tables of such checkpoints (GetModel, AttachWorker; 9.2 MB at
+/// 100k tensors). Our clients accept this much; gRPC's default of 4 MiB would not.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
 /// Descriptor set for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("offloadd_descriptor");
 

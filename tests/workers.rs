@@ -4,10 +4,11 @@
 mod common;
 
 use common::workers::*;
+use common::{DaemonBuilder, Scratch, ckpt};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    AttachWorkerRequest, DetachWorkerRequest, GetPoolRequest, OnloadToStaticRequest, Placement,
-    UvaConfig, UvaMode,
+    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, GetPoolRequest,
+    OnloadToStaticRequest, Placement, RegisterModelRequest, UvaConfig, UvaMode,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -302,4 +303,49 @@ async fn a_holding_worker_lets_go_when_its_daemon_dies() {
             .contains("was not renewed within its ttl"),
         "{last}"
     );
+}
+
+/// A mixture-of-experts-sized table (100k tensors, a 9 MB lease) is over gRPC's default 4 MiB:
+/// the reference worker attaches anyway, in its own process, and verifies every tensor.
+#[tokio::test]
+async fn a_worker_attaches_to_a_100k_tensor_model() {
+    const N: usize = 100_000;
+    let s = Scratch::new();
+    let root = s.models();
+    let tensors: Vec<ckpt::Tensor> = (0..N)
+        .map(|i| ckpt::Tensor {
+            name: format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000),
+            dtype: safetensors::Dtype::U8,
+            shape: vec![4],
+            data: (i as u32).to_le_bytes().to_vec(),
+        })
+        .collect();
+    ckpt::write_file(&root.join("moe.safetensors"), &tensors);
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    c.create_pool(CreatePoolRequest {
+        name: "p".into(),
+        device: "cpu".into(),
+        size_bytes: 64 << 20,
+    })
+    .await
+    .unwrap();
+    c.register_model(RegisterModelRequest {
+        name: "moe".into(),
+        pool: "p".into(),
+        path: root.join("moe.safetensors").display().to_string(),
+        wait: true,
+        backend: None,
+    })
+    .await
+    .unwrap();
+    let done = WorkerProc::spawn(&d, "moe", &["--passes", "1"])
+        .finish()
+        .await;
+    assert_eq!(done["tensors_verified"].as_u64().unwrap() as usize, N);
+    assert!(d.terminate().await.success());
 }

@@ -68,7 +68,12 @@ class Client:
         )
         if target.startswith("unix:"):
             target = target[len("unix:"):]
-        options: list[tuple[str, object]] = []
+        # Tensor tables of 100k-tensor checkpoints are over gRPC's default 4 MiB; these are the
+        # daemon's own limits (offloadd::proto::MAX_RESPONSE_BYTES / MAX_REQUEST_BYTES).
+        options: list[tuple[str, object]] = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 16 << 20),
+        ]
         if target.startswith("/"):
             #: The Unix socket path, where the onload fast path is served; None over TCP.
             self.uds_path: str | None = target

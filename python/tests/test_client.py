@@ -107,6 +107,18 @@ def test_a_tcp_listener_with_a_token_needs_it(tmp_path: Path, monkeypatch: pytes
         assert d.stop() == 0
 
 
+def test_a_100k_tensor_table_is_over_the_grpc_default_and_still_attaches(client: offloadd.Client, tmp_path: Path):
+    n = 100_000
+    save_file({f"model.layers.{i // 1000}.experts.{i % 1000}.w": np.full(4, i % 251, np.uint8) for i in range(n)},
+              str(tmp_path / "moe.safetensors"))
+    client.create_pool("big", size_bytes=64 << 20)
+    client.register_model("moe", pool="big", path=str(tmp_path / "moe.safetensors"))
+    with client.attach("moe") as lease:
+        assert len(lease.tensors) == n
+        assert lease.numpy("model.layers.99.experts.998.w").tolist() == [99998 % 251] * 4
+    assert client.get_model("moe", include_tensors=True).tensor_count == n
+
+
 def test_a_daemon_that_is_not_running_is_unavailable_within_the_timeout(tmp_path: Path):
     with offloadd.connect(str(tmp_path / "none.sock"), timeout=2.0) as c:
         t = time.monotonic()

@@ -72,6 +72,10 @@ pub enum LeaseError {
         max: u64,
     },
     #[error(
+        "the lease's tensor table is {size} bytes, over the {max} bytes an answer may carry; the lease was not kept"
+    )]
+    ReplyTooLarge { size: usize, max: usize },
+    #[error(
         "{scope} already has {count} leases, the most {setting} allows; detach idle workers (DetachWorker) or raise {setting}"
     )]
     TooMany {

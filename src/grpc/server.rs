@@ -16,13 +16,7 @@ use super::auth::{AuthLayer, AuthPolicy};
 use super::conn::{Gate, Limits};
 use super::incoming;
 use super::trace::RpcTraceLayer;
-use crate::proto::{self, offload_server::OffloadServer};
-
-/// Requests are names, paths and tensor specs: CreateModel of a 100k-tensor MoE checkpoint is
-/// the largest, a few MiB. Anything bigger is refused before it is buffered.
-const MAX_REQUEST_BYTES: usize = 16 << 20;
-/// The largest answers are tensor tables (GetModel, AttachWorker) of such checkpoints.
-const MAX_RESPONSE_BYTES: usize = 64 << 20;
+use crate::proto::{self, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, offload_server::OffloadServer};
 
 /// The name health checks use for the whole daemon, besides the per-service name.
 const OVERALL: &str = "";

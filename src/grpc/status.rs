@@ -104,7 +104,9 @@ impl From<LeaseError> for Status {
     fn from(e: LeaseError) -> Self {
         let code = match &e {
             LeaseError::NotFound(_) => Code::NotFound,
-            LeaseError::TooMany { .. } | LeaseError::StaticBudget { .. } => Code::ResourceExhausted,
+            LeaseError::TooMany { .. }
+            | LeaseError::StaticBudget { .. }
+            | LeaseError::ReplyTooLarge { .. } => Code::ResourceExhausted,
             LeaseError::Pool(p) => pool_code(p),
             LeaseError::Model(m) => model_code(m),
             LeaseError::NotReady { .. } | LeaseError::NotPrefetch(_) => Code::FailedPrecondition,

@@ -34,7 +34,18 @@ pub async fn attach(
         end_with_fast_path: r.end_with_fast_path,
     };
     let lease = blocking(core, move |c| c.leases.attach(&c.models, &c.pools, &req)).await?;
-    Ok(lease_proto(&lease))
+    let reply = lease_proto(&lease);
+    // An answer the transport would refuse must not leave a lease behind for its whole ttl.
+    let size = prost::Message::encoded_len(&reply);
+    if size > proto::MAX_RESPONSE_BYTES {
+        let _ = core.leases.detach(&lease.id);
+        return Err(LeaseError::ReplyTooLarge {
+            size,
+            max: proto::MAX_RESPONSE_BYTES,
+        }
+        .into());
+    }
+    Ok(reply)
 }
 
 pub fn keep_alive(core: &Core, id: &str) -> Result<proto::KeepAliveResponse, Status> {

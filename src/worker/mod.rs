@@ -88,7 +88,7 @@ impl Worker {
         worker_name: &str,
         ttl_ms: u64,
     ) -> Result<Self, WorkerError> {
-        let mut client = OffloadClient::new(channel);
+        let mut client = crate::client::offload(channel);
         let lease = client
             .attach_worker(AttachWorkerRequest {
                 model: model.to_string(),
