@@ -130,9 +130,17 @@ impl Offload for OffloadService {
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
     async fn get_model(&self, request: Request<proto::GetModelRequest>) -> Reply<proto::Model> {
-        let r = request.get_ref();
+        let r = request.into_inner();
         let model = self.core.models.get(&r.name)?;
-        Ok(Response::new(convert::model(&model, r.include_tensors)))
+        if !r.include_tensors {
+            return Ok(Response::new(convert::model(&model, false)));
+        }
+        // A table of 100k tensors takes tens of milliseconds to build: not on the runtime's
+        // thread, where every other call waits behind it.
+        let reply = tokio::task::spawn_blocking(move || convert::model(&model, true))
+            .await
+            .map_err(super::status::join_error)?;
+        Ok(Response::new(reply))
     }
 
     #[tracing::instrument(skip_all)]

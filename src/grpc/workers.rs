@@ -33,8 +33,14 @@ pub async fn attach(
         ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
         end_with_fast_path: r.end_with_fast_path,
     };
-    let lease = blocking(core, move |c| c.leases.attach(&c.models, &c.pools, &req)).await?;
-    let reply = lease_proto(&lease);
+    // The lease's table is built on the blocking thread too: 100k rows take tens of ms.
+    let (lease, reply) = blocking(core, move |c| {
+        c.leases.attach(&c.models, &c.pools, &req).map(|l| {
+            let reply = lease_proto(&l);
+            (l, reply)
+        })
+    })
+    .await?;
     // An answer the transport would refuse must not leave a lease behind for its whole ttl.
     let size = prost::Message::encoded_len(&reply);
     if size > proto::MAX_RESPONSE_BYTES {
