@@ -9,6 +9,7 @@ weight from the lease: the layer stack through :func:`offloadd.torch.bind`, ever
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -17,7 +18,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from .client import Client
-from .errors import UnknownTensor
+from .errors import FailedPrecondition, NotFound, OffloaddError, Unavailable, UnknownTensor
 from .lease import Lease
 from .torch import Binding, bind, layer_prefix, placed, set_tensor
 
@@ -64,6 +65,7 @@ def from_daemon(
         raise
     m.offloadd_lease = lease
     m.offloadd_binding = binding
+    m.offloadd_worker_name = worker_name
     return m.eval()
 
 
@@ -103,3 +105,39 @@ def bind_model(
                 owner, _, leaf = n.rpartition(".")
                 (m.get_submodule(owner) if owner else m)._parameters[leaf] = first
     return binding
+
+
+def reattach(
+    m: nn.Module, timeout: float = 60.0, async_copy: bool | None = None
+) -> Lease:
+    """After the lease of a :func:`from_daemon` model was lost (the daemon restarted, or the
+    ttl passed), attaches to the same model again, retrying with backoff while the daemon is
+    down or the model is not READY yet, and points every weight at the new lease's memory: a
+    new pool mapping and new static slots, never the old ones. Returns the new lease.
+
+    A restarted daemon serves the model again once it is registered again (``[[models.register]]``
+    in its config does that at startup)."""
+    old: Lease = m.offloadd_lease
+    binding: Binding = m.offloadd_binding
+    binding.remove()
+    old.close()
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            lease = old.client.attach(old.model, worker_name=m.offloadd_worker_name, ttl=old.ttl)
+            break
+        except (Unavailable, NotFound, FailedPrecondition) as e:
+            if time.monotonic() + delay > deadline:
+                raise Unavailable(
+                    f"could not attach to {old.model!r} again within {timeout:.0f} s: {e.message}"
+                ) from None
+            time.sleep(delay)  # backoff between attempts while the daemon comes back
+            delay = min(delay * 2, 2.0)
+    try:
+        m.offloadd_binding = bind_model(m, lease, binding.device, async_copy)
+    except OffloaddError:
+        lease.close()
+        raise
+    m.offloadd_lease = lease
+    return lease
