@@ -59,10 +59,6 @@ fn fds(pid: u32) -> usize {
         .count()
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
 async fn get_info_latencies(c: &mut OffloadClient<Channel>, n: usize) -> Vec<Duration> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -72,33 +68,6 @@ async fn get_info_latencies(c: &mut OffloadClient<Channel>, n: usize) -> Vec<Dur
     }
     out.sort();
     out
-}
-
-/// GetInfo every 5 ms from a thread and connection of its own (an operator's or a probe's
-/// view), so its latency is the daemon's, not the queue of a saturated load generator.
-fn prober(
-    uds: std::path::PathBuf,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<Duration>> {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let mut c = OffloadClient::new(offloadd::client::connect_uds(&uds).await.unwrap());
-                let mut lat = Vec::new();
-                let mut tick = tokio::time::interval(Duration::from_millis(5));
-                while !stop.load(Ordering::Relaxed) {
-                    tick.tick().await;
-                    let t = Instant::now();
-                    c.get_info(GetInfoRequest {}).await.unwrap();
-                    lat.push(t.elapsed());
-                }
-                lat.sort();
-                lat
-            })
-    })
 }
 
 /// One client's mix until `stop`; returns its GetInfo latencies.
@@ -246,10 +215,10 @@ async fn main() {
         println!(
             "  GetInfo from a 5 ms prober under load: {} calls, p50 {:?}, p99 {:?} (target p99 <= 5 ms); from the 32 saturating clients themselves: p50 {:?}, p99 {:?}",
             r.probe.len(),
-            pct(&r.probe, 0.50),
-            pct(&r.probe, 0.99),
-            pct(&r.clients, 0.50),
-            pct(&r.clients, 0.99),
+            common::pct(&r.probe, 0.50),
+            common::pct(&r.probe, 0.99),
+            common::pct(&r.clients, 0.50),
+            common::pct(&r.clients, 0.99),
         );
         println!(
             "  after the round (idle connections closed, flood leases expired): RSS {rss} KiB, {open} open fds"
@@ -260,10 +229,10 @@ async fn main() {
     let alive = child.try_wait().unwrap().is_none();
     println!(
         "idle daemon GetInfo p50 {:?}, p99 {:?}; after the load p50 {:?}, p99 {:?}",
-        pct(&idle, 0.50),
-        pct(&idle, 0.99),
-        pct(&after, 0.50),
-        pct(&after, 0.99),
+        common::pct(&idle, 0.50),
+        common::pct(&idle, 0.99),
+        common::pct(&after, 0.50),
+        common::pct(&after, 0.99),
     );
     let last = rounds.last().unwrap();
     println!(
@@ -347,7 +316,7 @@ async fn load_round(
         })
     };
     let started = Instant::now();
-    let probe = prober(uds.to_path_buf(), stop.clone());
+    let probe = common::prober(uds.to_path_buf(), stop.clone());
     let mut tasks = Vec::new();
     for i in 0..CLIENTS {
         let ch = offloadd::client::connect_uds(uds).await.unwrap();

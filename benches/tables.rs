@@ -9,10 +9,10 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use offloadd::proto::{
-    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, GetInfoRequest, GetModelRequest,
+    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, GetModelRequest,
     RegisterModelRequest,
 };
 use safetensors::Dtype;
@@ -20,40 +20,9 @@ use safetensors::tensor::TensorView;
 
 const TENSORS: usize = 100_000;
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
-/// GetInfo every 5 ms on a thread and connection of its own until `stop`.
-fn prober(
-    uds: std::path::PathBuf,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<Duration>> {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let mut c =
-                    offloadd::client::offload(offloadd::client::connect_uds(&uds).await.unwrap());
-                let mut lat = Vec::new();
-                let mut tick = tokio::time::interval(Duration::from_millis(5));
-                while !stop.load(Ordering::Relaxed) {
-                    tick.tick().await;
-                    let t = Instant::now();
-                    c.get_info(GetInfoRequest {}).await.unwrap();
-                    lat.push(t.elapsed());
-                }
-                lat.sort();
-                lat
-            })
-    })
-}
-
 async fn probe_for(uds: &std::path::Path, length: Duration) -> Vec<Duration> {
     let stop = Arc::new(AtomicBool::new(false));
-    let p = prober(uds.to_path_buf(), stop.clone());
+    let p = common::prober(uds.to_path_buf(), stop.clone());
     tokio::time::sleep(length).await;
     stop.store(true, Ordering::Relaxed);
     p.join().unwrap()
@@ -155,9 +124,9 @@ async fn main() {
     );
     println!(
         "GetInfo from a 5 ms prober: idle p50 {:?} p99 {:?}; under the table load p50 {:?} p99 {:?} (target p99 <= 2 ms)",
-        pct(&idle, 0.5),
-        pct(&idle, 0.99),
-        pct(&loaded, 0.5),
-        pct(&loaded, 0.99),
+        common::pct(&idle, 0.5),
+        common::pct(&idle, 0.99),
+        common::pct(&loaded, 0.5),
+        common::pct(&loaded, 0.99),
     );
 }

@@ -45,10 +45,6 @@ fn write(path: &Path, layers: usize, per_layer: usize) {
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
 /// Round trips of `workers` concurrent workers, each on its own connection. With `pace`, each
 /// worker issues one call per period, as a worker does once per layer between compute; without,
 /// they call back to back (saturation: latency then measures queueing, not the call).
@@ -121,7 +117,7 @@ async fn rtt(
         );
     }
     all.sort();
-    (pct(&all, 0.5), pct(&all, 0.99))
+    (common::pct(&all, 0.5), common::pct(&all, 0.99))
 }
 
 fn pin_to(cpu: usize) {
@@ -160,7 +156,7 @@ fn ping_pong(cpus: (usize, usize)) -> (Duration, Duration) {
     let mut times = caller.join().unwrap();
     echo.join().unwrap();
     times.sort();
-    (pct(&times, 0.5), pct(&times, 0.99))
+    (common::pct(&times, 0.5), common::pct(&times, 0.99))
 }
 
 fn main() {
