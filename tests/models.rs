@@ -501,14 +501,7 @@ async fn an_indexed_shard_of_200k_tensors_registers() {
     const N: usize = 200_000;
     let s = Scratch::new();
     let dir = s.models().join("moe");
-    let tensors: Vec<ckpt::Tensor> = (0..N)
-        .map(|i| ckpt::Tensor {
-            name: format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000),
-            dtype: safetensors::Dtype::U8,
-            shape: vec![4],
-            data: (i as u32).to_le_bytes().to_vec(),
-        })
-        .collect();
+    let tensors = ckpt::experts(N);
     ckpt::write_sharded(&dir, &tensors, 1);
     let d = DaemonBuilder::new(&s)
         .roots(&[&s.models()])

@@ -312,14 +312,7 @@ async fn a_worker_attaches_to_a_100k_tensor_model() {
     const N: usize = 100_000;
     let s = Scratch::new();
     let root = s.models();
-    let tensors: Vec<ckpt::Tensor> = (0..N)
-        .map(|i| ckpt::Tensor {
-            name: format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000),
-            dtype: safetensors::Dtype::U8,
-            shape: vec![4],
-            data: (i as u32).to_le_bytes().to_vec(),
-        })
-        .collect();
+    let tensors = ckpt::experts(N);
     ckpt::write_file(&root.join("moe.safetensors"), &tensors);
     let d = DaemonBuilder::new(&s)
         .roots(&[&root])

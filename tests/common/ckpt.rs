@@ -38,6 +38,19 @@ fn t(name: String, dtype: Dtype, shape: Vec<usize>, seed: u64) -> Tensor {
     }
 }
 
+/// A mixture-of-experts-sized table: `n` tensors of 4 bytes (the index as u32), 1,000 experts
+/// per layer.
+pub fn experts(n: usize) -> Vec<Tensor> {
+    (0..n)
+        .map(|i| Tensor {
+            name: format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000),
+            dtype: Dtype::U8,
+            shape: vec![4],
+            data: (i as u32).to_le_bytes().to_vec(),
+        })
+        .collect()
+}
+
 /// A Llama-shaped model: embeddings, `layers` decoder layers, final norm and lm_head.
 pub fn llama(layers: u32, hidden: usize, vocab: usize) -> Vec<Tensor> {
     let mut v = vec![t(
