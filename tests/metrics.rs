@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{DaemonBuilder, Scratch, ckpt};
+use common::{DaemonBuilder, Scratch, ckpt, sample};
 use offloadd::proto::{
     AttachWorkerRequest, CreatePoolRequest, GetPoolRequest, OnloadToStaticRequest, PrefetchConfig,
     RegisterModelRequest,
@@ -18,18 +18,6 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     s.read_to_string(&mut out).await.unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
     (head.to_string(), body.to_string())
-}
-
-/// The value of the sample whose line starts with `prefix` (metric name and labels).
-fn sample(body: &str, prefix: &str) -> f64 {
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{body}"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test]

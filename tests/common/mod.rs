@@ -311,3 +311,17 @@ pub async fn scrape(addr: SocketAddr) -> String {
     s.read_to_string(&mut out).await.expect("response");
     out
 }
+
+/// The value of the sample whose line starts with `prefix` (metric name and labels), if the
+/// family has one yet (a counter appears once first incremented).
+pub fn try_sample(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The value of the sample whose line starts with `prefix`; panics, showing the scrape, if
+/// there is none.
+pub fn sample(body: &str, prefix: &str) -> f64 {
+    try_sample(body, prefix).unwrap_or_else(|| panic!("no sample {prefix} in:\n{body}"))
+}
