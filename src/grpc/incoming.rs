@@ -47,19 +47,7 @@ pub fn unix(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                () = tx.closed() => return,
-            };
-            let stream = match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    backoff.failed("uds", &e).await;
-                    continue;
-                }
-            };
-            backoff.succeeded();
+        while let Some((stream, _)) = accept("uds", || listener.accept(), &tx, &mut backoff).await {
             let peer = Peer::of_unix(&stream);
             let Some(permit) = gate.admit(&peer) else {
                 continue; // dropped: closed at once
@@ -91,19 +79,9 @@ pub fn tcp(listener: TcpListener, gate: Gate) -> ReceiverStream<io::Result<Conn<
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                () = tx.closed() => return,
-            };
-            let (stream, addr) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    backoff.failed("tcp", &e).await;
-                    continue;
-                }
-            };
-            backoff.succeeded();
+        while let Some((stream, addr)) =
+            accept("tcp", || listener.accept(), &tx, &mut backoff).await
+        {
             let peer = Peer::Tcp(addr);
             let Some(permit) = gate.admit(&peer) else {
                 continue;
@@ -116,6 +94,32 @@ pub fn tcp(listener: TcpListener, gate: Gate) -> ReceiverStream<io::Result<Conn<
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The next accepted connection of a listener, backing off after each failure; None once the
+/// gRPC server dropped its end of `tx` (it stopped).
+async fn accept<T, C, F>(
+    listener: &'static str,
+    mut next: impl FnMut() -> F,
+    tx: &mpsc::Sender<io::Result<C>>,
+    backoff: &mut Backoff,
+) -> Option<T>
+where
+    F: std::future::Future<Output = io::Result<T>>,
+{
+    loop {
+        let accepted = tokio::select! {
+            r = next() => r,
+            () = tx.closed() => return None,
+        };
+        match accepted {
+            Ok(a) => {
+                backoff.succeeded();
+                return Some(a);
+            }
+            Err(e) => backoff.failed(listener, &e).await,
+        }
+    }
 }
 
 /// Peeks at the first four bytes without consuming them.
