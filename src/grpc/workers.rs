@@ -12,7 +12,7 @@ use super::status::join_error;
 use crate::core::Core;
 use crate::core::backend::plan::Placement;
 use crate::core::leases::{AttachRequest, Lease, LeaseError};
-use crate::device::cpu::CPU_DEVICE_ID;
+use crate::device::DeviceKind;
 use crate::fast;
 use crate::metrics::Metrics;
 use crate::proto;
@@ -73,7 +73,7 @@ pub async fn onload(
     let started = Instant::now();
     let slot_free = (!r.slot_free_event.is_empty()).then_some(r.slot_free_event);
     let run = move |l: &Lease| onload_on(l, layer, r.async_copy, slot_free.as_deref());
-    let on_cpu = lease.model.pool().device.info().id == CPU_DEVICE_ID;
+    let on_cpu = lease.model.pool().device.info().kind == DeviceKind::Cpu;
     let (bytes, slot) = if on_cpu && lease.onload_bytes(layer) <= INLINE_COPY_BYTES {
         run(&lease)?
     } else {
