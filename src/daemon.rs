@@ -8,10 +8,13 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::{Config, DEFAULT_BUDGET_FRACTION};
+use crate::core::adopt::{AdoptParams, adopt};
 use crate::core::backend::{BackendConfig, PrefetchConfig, UvaConfig};
+use crate::core::journal::Journal;
 use crate::core::leases::{Leases, LeasesParams};
 use crate::core::models::{Models, ModelsParams, RegisterRequest};
 use crate::core::pools::{NewPool, PoolError, Pools, PoolsParams};
+use crate::core::recovery::Recovery;
 use crate::core::{Core, Node, NodeParams};
 use crate::device::{Device, Devices, cpu, cuda};
 use crate::grpc::auth::AuthPolicy;
@@ -120,8 +123,10 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         .transpose()?;
     let max_host_bytes = config.pools.max_host_bytes.unwrap_or_else(default_budget);
 
+    let journal = Journal::new(&config.pools.dir);
     let pools = Pools::open(PoolsParams {
         dir: config.pools.dir.clone(),
+        journal: journal.clone(),
         budget: max_host_bytes,
         devices: Devices::new(devices),
         env: vllm_env,
@@ -147,7 +152,10 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         chunk_bytes: config.models.chunk_bytes,
         max_load_bytes_per_sec: config.models.max_load_bytes_per_sec,
         evict_idle: config.pools.evict_idle,
+        journal: journal.clone(),
     });
+    let keep_on_exit = config.pools.keep_on_exit;
+    let verify_on_adopt = config.models.verify_on_adopt;
     let core = Arc::new(Core {
         node: Node::new(NodeParams {
             config,
@@ -160,7 +168,21 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         pools,
         models,
         leases: Arc::clone(&leases),
+        recovery: Recovery::default(),
     });
+    let verifications = adopt(
+        &core,
+        &AdoptParams {
+            journal: &journal,
+            verify: verify_on_adopt,
+            config_pools: &startup_pools,
+            config_models: &startup_models,
+        },
+    );
+    for job in verifications {
+        let core = Arc::clone(&core);
+        tokio::task::spawn_blocking(move || core.models.verify(job, &core.recovery));
+    }
     tokio::spawn(leases.run_reaper());
     create_startup_pools(&core, startup_pools).await?;
     register_startup_models(&core, startup_models).await?;
@@ -188,11 +210,22 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         task.abort();
     }
     drop(socket);
-    let released = core.pools.remove_files_at_exit();
-    tracing::info!(
-        released_bytes = released,
-        "offloadd stopped; pool and static files removed"
-    );
+    let released = core.pools.remove_files_at_exit(keep_on_exit);
+    if keep_on_exit {
+        tracing::info!(
+            released_bytes = released,
+            kept_bytes = core.pools.committed(),
+            "offloadd stopped; pools and journal kept for the next start (pools.keep_on_exit)"
+        );
+    } else {
+        if let Err(e) = journal.clear() {
+            tracing::warn!(error = %e, "cannot remove the journal");
+        }
+        tracing::info!(
+            released_bytes = released,
+            "offloadd stopped; pool and static files removed"
+        );
+    }
     Ok(())
 }
 
@@ -203,6 +236,10 @@ async fn create_startup_pools(
     specs: Vec<crate::config::PoolSpec>,
 ) -> Result<(), DaemonError> {
     for spec in specs {
+        if core.pools.get(&spec.name).is_ok() {
+            // Adopted from the journal with the same device and size (a mismatch is not adopted).
+            continue;
+        }
         let core = Arc::clone(core);
         let req = NewPool {
             name: spec.name,
@@ -238,6 +275,26 @@ async fn register_startup_models(
             })),
             (None, None) => None,
         };
+        if let Ok(model) = core.models.get(&spec.name) {
+            // Adopted from the journal from the same checkpoint and pool; wait for its
+            // verification, which either makes it READY or drops it (then load it afresh).
+            crate::core::models::wait_loaded(&model).await;
+            if core
+                .models
+                .get(&spec.name)
+                .is_ok_and(|m| Arc::ptr_eq(&m, &model))
+            {
+                if let Some(b) = backend.filter(|b| model.backend().as_ref() != Some(b)) {
+                    core.models.set_backend(&spec.name, b).map_err(|e| {
+                        DaemonError::StartupModel {
+                            name: spec.name.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                }
+                continue;
+            }
+        }
         let req = RegisterRequest {
             name: spec.name.clone(),
             pool: spec.pool,

@@ -1,5 +1,5 @@
 //! How leases end and what they may hold: the per-device static budget, the files a SIGTERM
-//! leaves (none), and leases tied to their fast-path connection.
+//! leaves (no static buffer), and leases tied to their fast-path connection.
 
 mod common;
 
@@ -51,7 +51,7 @@ async fn static_buffers_per_device_are_budgeted_and_returned_on_detach() {
 }
 
 #[tokio::test]
-async fn sigterm_leaves_no_pool_or_static_file_behind() {
+async fn sigterm_keeps_pools_and_journal_but_no_static_file() {
     let mut f = fixture(|b| b).await;
     register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 2)).await;
     attach(&mut f.c, "m", "w").await;
@@ -69,8 +69,11 @@ async fn sigterm_leaves_no_pool_or_static_file_behind() {
         "{before:?}"
     );
     assert!(f.d.terminate().await.success());
-    // The next start could not adopt them; keeping them would only hold host memory.
-    assert_eq!(ours(&f.s.pools_dir()), Vec::<String>::new());
+    // Leases never survive a restart, so static buffers would only hold host memory; the pool
+    // and the journal stay for the next start to adopt (pools.keep_on_exit, the default).
+    let mut after = ours(&f.s.pools_dir());
+    after.sort();
+    assert_eq!(after, vec!["offloadd-journal", "offloadd-pool-p"]);
 }
 
 #[tokio::test]

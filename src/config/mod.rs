@@ -97,6 +97,10 @@ pub struct PoolsConfig {
     pub evict_idle: bool,
     /// Threads that pre-fault a new pool; 0 picks the number of CPUs.
     pub prefault_threads: usize,
+    /// On SIGTERM keep the pools and the journal, so the next start adopts them instead of
+    /// reloading every model (what a sidecar restart or an upgrade wants). `false` removes every
+    /// pool file after the drain, giving the host memory back at once.
+    pub keep_on_exit: bool,
     /// Pools created at startup.
     pub create: Vec<PoolSpec>,
 }
@@ -112,6 +116,7 @@ impl Default for PoolsConfig {
             max_host_bytes: None,
             evict_idle: false,
             prefault_threads: 0,
+            keep_on_exit: true,
             create: Vec::new(),
         }
     }
@@ -164,8 +169,19 @@ pub struct ModelsConfig {
     /// Dotted prefixes followed by the layer number, tried in order. Empty (the default): the
     /// first all-digit dotted segment of a tensor's name is its layer, as in vLLM.
     pub layer_patterns: Vec<String>,
+    /// How a model the journal brings back at start is checked before it is READY again:
+    /// `crc` reads every byte and compares each tensor's CRC32C, `none` trusts the journal.
+    pub verify_on_adopt: VerifyOnAdopt,
     /// Models registered at startup.
     pub register: Vec<ModelSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyOnAdopt {
+    #[default]
+    Crc,
+    None,
 }
 
 /// A model declared in the config file (`[[models.register]]`).
@@ -207,6 +223,7 @@ impl Default for ModelsConfig {
             chunk_bytes: 16 << 20,
             max_load_bytes_per_sec: 0,
             layer_patterns: Vec::new(),
+            verify_on_adopt: VerifyOnAdopt::Crc,
             register: Vec::new(),
         }
     }

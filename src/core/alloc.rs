@@ -22,7 +22,7 @@ impl Range {
     }
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum AllocError {
     #[error("no free range of {len} bytes (free {free} bytes, largest free range {largest} bytes)")]
     Exhausted { len: u64, free: u64, largest: u64 },
@@ -32,6 +32,8 @@ pub enum AllocError {
     Retired,
     #[error("range {offset}+{len} was not allocated")]
     NotAllocated { offset: u64, len: u64 },
+    #[error("range {offset}+{len} is not free (misaligned, out of bounds or taken)")]
+    NotFree { offset: u64, len: u64 },
 }
 
 fn block_len(len: u64) -> u64 {
@@ -104,6 +106,34 @@ impl RangeAllocator {
             offset: aligned,
             len,
         })
+    }
+
+    /// Takes exactly `[offset, offset + len)` (its block), as a journal recorded it: the range
+    /// must be `MIN_ALIGN`-aligned and wholly free.
+    pub fn claim(&mut self, offset: u64, len: u64) -> Result<Range, AllocError> {
+        let need = block_len(len);
+        let not_free = AllocError::NotFree { offset, len };
+        if offset % MIN_ALIGN != 0 {
+            return Err(not_free);
+        }
+        let end = offset.checked_add(need).ok_or(not_free.clone())?;
+        let (&start, &flen) = self
+            .free
+            .range(..=offset)
+            .next_back()
+            .ok_or(not_free.clone())?;
+        if start + flen < end {
+            return Err(not_free);
+        }
+        self.free.remove(&start);
+        if offset > start {
+            self.free.insert(start, offset - start);
+        }
+        if end < start + flen {
+            self.free.insert(end, start + flen - end);
+        }
+        self.used += need;
+        Ok(Range { offset, len })
     }
 
     /// Returns a range, merging it with free neighbours.
@@ -227,6 +257,29 @@ mod tests {
         a.free(first).unwrap();
         a.free(aligned).unwrap();
         a.free(gap).unwrap();
+        assert_eq!(a.largest_free(), 8192);
+    }
+
+    #[test]
+    fn claim_takes_exact_ranges_once() {
+        let mut a = RangeAllocator::new(8192);
+        let mid = a.claim(1024, 300).unwrap();
+        assert_eq!(a.used(), 512);
+        assert!(
+            a.claim(1280, 1).is_err(),
+            "inside the block of the first claim"
+        );
+        assert!(a.claim(768, 257).is_err(), "overlaps its start");
+        assert!(a.claim(100, 1).is_err(), "misaligned");
+        assert!(a.claim(8192 - 256, 257).is_err(), "past the end");
+        let first = a.claim(0, 1024).unwrap();
+        let last = a.claim(8192 - 256, 256).unwrap();
+        // What is left is still allocatable, and everything frees back to one range.
+        let rest = a.alloc(8192 - 256 - 1536, 1).unwrap();
+        assert_eq!(rest.offset, 1536);
+        for r in [mid, first, last, rest] {
+            a.free(r).unwrap();
+        }
         assert_eq!(a.largest_free(), 8192);
     }
 

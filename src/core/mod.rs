@@ -1,14 +1,17 @@
 //! The daemon's domain logic: what it knows about the node, its pools, models and leases.
 //! It speaks in domain types; `grpc` translates them to protobuf.
 
+pub mod adopt;
 pub mod alloc;
 pub mod backend;
+pub mod journal;
 pub mod leases;
 pub mod models;
 mod node;
 pub mod pin_policy;
 pub mod pool;
 pub mod pools;
+pub mod recovery;
 pub mod spares;
 pub mod static_budget;
 
@@ -21,4 +24,6 @@ pub struct Core {
     pub pools: pools::Pools,
     pub models: models::Models,
     pub leases: std::sync::Arc<leases::Leases>,
+    /// What this start brought back from the journal.
+    pub recovery: recovery::Recovery,
 }

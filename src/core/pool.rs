@@ -18,6 +18,9 @@ pub struct Pool {
     /// The decision applied at creation, including a failed attempt to pin.
     pub decision: PinDecision,
     pub numa_node: Option<u32>,
+    /// Set when the pool was adopted from the journal at this start: whether it was pinned in
+    /// the run that made it.
+    pub previously_pinned: Option<bool>,
     /// Declared before `region` so it is dropped (unpinned) before the mapping goes away.
     pin: Option<Box<dyn PinGuard>>,
     region: Arc<HostRegion>,
@@ -38,6 +41,7 @@ pub struct PoolParts {
     pub device: Arc<dyn Device>,
     pub decision: PinDecision,
     pub numa_node: Option<u32>,
+    pub previously_pinned: Option<bool>,
     pub pin: Option<Box<dyn PinGuard>>,
     pub region: Arc<HostRegion>,
 }
@@ -51,6 +55,7 @@ impl Pool {
             size_bytes: size,
             decision: p.decision,
             numa_node: p.numa_node,
+            previously_pinned: p.previously_pinned,
             pin: p.pin,
             region: p.region,
             alloc: Mutex::new(AllocState {
@@ -94,6 +99,24 @@ impl Pool {
                 Err(e) => {
                     for r in out {
                         st.ranges.free(r).expect("just allocated");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes the exact ranges a journal recorded, all or none.
+    pub fn claim_all(&self, ranges: &[(u64, u64)]) -> Result<Vec<Range>, AllocError> {
+        let mut st = self.state();
+        let mut out = Vec::with_capacity(ranges.len());
+        for &(offset, len) in ranges {
+            match st.ranges.claim(offset, len) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    for r in out {
+                        st.ranges.free(r).expect("just claimed");
                     }
                     return Err(e);
                 }

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use super::journal::{Journal, PoolRecord};
 use super::pin_policy::{self, PinDecision, PinInputs};
 use super::pool::{Pool, PoolParts};
 use crate::config::{PinConfig, validate::is_valid_name};
 use crate::device::host::{HostMemError, HostRegion};
-use crate::device::{Device, Devices};
+use crate::device::{Device, Devices, PinGuard};
 use crate::vllm_env::VllmEnv;
 
 /// Pool files carry this prefix; startup sweeps only files with it or the static-buffer prefix.
@@ -71,6 +72,8 @@ pub enum PoolError {
 /// How the registry is set up.
 pub struct PoolsParams {
     pub dir: PathBuf,
+    /// Where pools are recorded for the next start.
+    pub journal: Journal,
     pub budget: u64,
     pub devices: Devices,
     pub env: VllmEnv,
@@ -124,6 +127,8 @@ pub type Reclaimer = Box<dyn Fn() + Send + Sync>;
 pub struct Pools {
     params: PoolsParams,
     inner: Mutex<Inner>,
+    /// Orders journal writes: each writes a snapshot taken after its own change.
+    journal_lock: Mutex<()>,
     reclaim: Mutex<Option<Reclaimer>>,
     _lock: File,
 }
@@ -137,8 +142,8 @@ impl std::fmt::Debug for Pools {
 }
 
 impl Pools {
-    /// Takes ownership of the pool directory: locks it and removes pool files left by a run that
-    /// crashed. Other files in the directory are never touched.
+    /// Takes ownership of the pool directory: locks it. Files an earlier run left are adopted
+    /// ([`Pools::adopt`]) or removed ([`Pools::sweep`]) next.
     pub fn open(params: PoolsParams) -> Result<Self, PoolError> {
         let dir = params.dir.clone();
         let fail = |message: String| PoolError::Dir {
@@ -156,19 +161,10 @@ impl Pools {
                 )
             },
         )?;
-        for stale in stale_pool_files(&dir).map_err(|e| fail(format!("cannot list: {e}")))? {
-            match std::fs::remove_file(&stale) {
-                Ok(()) => {
-                    tracing::warn!(path = %stale.display(), "removed pool file left by an earlier run")
-                }
-                Err(e) => {
-                    tracing::warn!(path = %stale.display(), error = %e, "cannot remove stale pool file")
-                }
-            }
-        }
         Ok(Self {
             params,
             inner: Mutex::new(Inner::default()),
+            journal_lock: Mutex::new(()),
             reclaim: Mutex::new(None),
             _lock: lock,
         })
@@ -281,6 +277,8 @@ impl Pools {
         inner.creating.remove(&req.name);
         let pool = Arc::new(built?);
         inner.pools.insert(req.name.clone(), Arc::clone(&pool));
+        drop(inner);
+        self.write_journal();
         Ok(pool)
     }
 
@@ -312,17 +310,7 @@ impl Pools {
                 source: e,
             }));
         }
-        let mut decision = self.decision_for(device.as_ref(), req.size_bytes);
-        let mut pin = None;
-        if decision.pin {
-            match device.pin(&region) {
-                Ok(guard) => pin = Some(guard),
-                Err(e) => {
-                    tracing::warn!(pool = %req.name, error = %e, "pinning failed; creating the pool unpinned");
-                    decision = PinDecision::failed(e);
-                }
-            }
-        }
+        let (decision, pin) = self.pin_per_policy(&req.name, device.as_ref(), &region);
         tracing::info!(
             pool = %req.name,
             device = %req.device,
@@ -337,9 +325,31 @@ impl Pools {
             device,
             decision,
             numa_node,
+            previously_pinned: None,
             pin,
             region,
         }))
+    }
+
+    /// The shared pin policy, applied to one pool's memory now; a failed pin leaves it unpinned
+    /// with the error as the reason.
+    fn pin_per_policy(
+        &self,
+        name: &str,
+        device: &dyn Device,
+        region: &Arc<HostRegion>,
+    ) -> (PinDecision, Option<Box<dyn PinGuard>>) {
+        let decision = self.decision_for(device, region.len() as u64);
+        if !decision.pin {
+            return (decision, None);
+        }
+        match device.pin(region) {
+            Ok(guard) => (decision, Some(guard)),
+            Err(e) => {
+                tracing::warn!(pool = name, error = %e, "pinning failed; the pool stays unpinned");
+                (PinDecision::failed(e), None)
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Pool>, PoolError> {
@@ -385,15 +395,130 @@ impl Pools {
             tracing::warn!(pool = name, error = %e, "cannot remove pool file");
         }
         tracing::info!(pool = name, "pool deleted");
+        drop(inner);
+        self.write_journal();
         Ok(pool)
+    }
+
+    /// Records every pool for the next start. A failure is logged: the pools keep working, and
+    /// the next start rebuilds instead of adopting.
+    pub fn write_journal(&self) {
+        let _order = self.journal_lock.lock().expect("journal lock");
+        let records = self
+            .list()
+            .iter()
+            .filter_map(|p| {
+                let ino = p.region().ino().ok()?;
+                Some(PoolRecord {
+                    name: p.name.clone(),
+                    device: p.device.info().id.clone(),
+                    size_bytes: p.size_bytes,
+                    ino,
+                    pinned: p.pinned(),
+                })
+            })
+            .collect();
+        if let Err(e) = self.params.journal.write_pools(records) {
+            tracing::error!(error = %e, "cannot write the journal; pools will not survive a restart");
+        }
+    }
+
+    /// Maps a pool file an earlier run left, if it is the one the journal describes, and applies
+    /// the pin policy as it stands now. Returns why not otherwise; the caller drops the record.
+    pub fn adopt(&self, rec: &PoolRecord) -> Result<Arc<Pool>, String> {
+        if !is_valid_name(&rec.name) || rec.size_bytes == 0 {
+            return Err("the journal's record is invalid".into());
+        }
+        let device = self
+            .params
+            .devices
+            .get(&rec.device)
+            .cloned()
+            .ok_or_else(|| format!("device {} is not on this node now", rec.device))?;
+        if let Some(cause) = device.fault() {
+            return Err(format!("device {} faulted: {cause}", rec.device));
+        }
+        let path = self
+            .params
+            .dir
+            .join(format!("{POOL_FILE_PREFIX}{}", rec.name));
+        let region = HostRegion::open(&path).map_err(|e| e.to_string())?;
+        let ino = region.ino().map_err(|e| e.to_string())?;
+        if ino != rec.ino || region.len() as u64 != rec.size_bytes {
+            return Err(format!(
+                "{} is not the file the journal recorded (inode {ino}, {} bytes; expected inode {}, {} bytes)",
+                path.display(),
+                region.len(),
+                rec.ino,
+                rec.size_bytes
+            ));
+        }
+        let mut inner = self.inner.lock().expect("pools lock");
+        let available = self.params.budget.saturating_sub(inner.committed());
+        if rec.size_bytes > available {
+            return Err(format!(
+                "{} bytes do not fit the {} bytes left of pools.max_host_bytes ({})",
+                rec.size_bytes, available, self.params.budget
+            ));
+        }
+        if inner.pools.contains_key(&rec.name) {
+            return Err("a pool of that name exists already".into());
+        }
+        let region = Arc::new(region);
+        let numa_node = device.info().numa_node;
+        if let Some(node) = numa_node {
+            if let Err(e) = region.bind_numa(node) {
+                tracing::warn!(pool = %rec.name, node, error = %e, "cannot bind pool to its device's NUMA node");
+            }
+        }
+        let (decision, pin) = self.pin_per_policy(&rec.name, device.as_ref(), &region);
+        if decision.pin != rec.pinned {
+            tracing::warn!(pool = %rec.name, was_pinned = rec.pinned, pinned = decision.pin, reason = %decision.reason, "the pin decision changed since the pool was created");
+        }
+        tracing::info!(pool = %rec.name, device = %rec.device, size_bytes = rec.size_bytes, pinned = decision.pin, "pool adopted from the journal");
+        let pool = Arc::new(Pool::new(PoolParts {
+            name: rec.name.clone(),
+            device,
+            decision,
+            numa_node,
+            previously_pinned: Some(rec.pinned),
+            pin,
+            region,
+        }));
+        inner.pools.insert(rec.name.clone(), Arc::clone(&pool));
+        Ok(pool)
+    }
+
+    /// Removes every pool and static-buffer file that no live pool owns: what a crash, or a
+    /// journal that did not match, left behind. Other files in the directory are never touched.
+    pub fn sweep(&self) {
+        let live: Vec<PathBuf> = self.list().iter().map(|p| p.path().to_path_buf()).collect();
+        let files = match stale_pool_files(&self.params.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(dir = %self.params.dir.display(), error = %e, "cannot list pool files");
+                return;
+            }
+        };
+        for stale in files.into_iter().filter(|f| !live.contains(f)) {
+            match std::fs::remove_file(&stale) {
+                Ok(()) => {
+                    tracing::warn!(path = %stale.display(), "removed a file left by an earlier run")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %stale.display(), error = %e, "cannot remove stale pool file")
+                }
+            }
+        }
     }
 }
 
 impl Pools {
-    /// Unlinks every pool and static-buffer file at shutdown. Nothing can adopt them at the next
-    /// start (it deletes them), so keeping them would only hold host memory until then; workers
-    /// that still map them keep their mappings until they unmap. Returns the bytes released.
-    pub fn remove_files_at_exit(&self) -> u64 {
+    /// Unlinks pool and static-buffer files at shutdown (`pools.keep_on_exit = false`), or only
+    /// the static buffers when the pools stay for the next start: leases never survive a
+    /// restart, so nothing could use those. Workers that still map a file keep their mapping
+    /// until they unmap it. Returns the bytes released.
+    pub fn remove_files_at_exit(&self, keep_pools: bool) -> u64 {
         let files = match stale_pool_files(&self.params.dir) {
             Ok(f) => f,
             Err(e) => {
@@ -402,7 +527,11 @@ impl Pools {
             }
         };
         let mut bytes = 0;
-        for f in files {
+        let is_pool = |f: &Path| {
+            f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(POOL_FILE_PREFIX))
+        };
+        for f in files.into_iter().filter(|f| !(keep_pools && is_pool(f))) {
             let len = std::fs::metadata(&f).map_or(0, |m| m.len());
             match std::fs::remove_file(&f) {
                 Ok(()) => bytes += len,

@@ -280,6 +280,13 @@ impl HostRegion {
         std::fs::remove_file(&self.path)
     }
 
+    /// Inode of the open file (not of whatever now has its name): what the journal records to
+    /// recognise the same pool at the next start.
+    pub fn ino(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self._file.metadata()?.ino())
+    }
+
     /// Bytes of the file actually backed by memory (tmpfs allocates on first touch).
     pub fn resident_bytes(&self) -> std::io::Result<u64> {
         use std::os::unix::fs::MetadataExt;

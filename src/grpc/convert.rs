@@ -6,6 +6,7 @@ use crate::core::backend::{BackendConfig, PrefetchConfig, UvaConfig};
 use crate::core::models::model::{Model, ModelSource, ModelState, Progress, TensorEntry};
 use crate::core::pin_policy::PinDecision;
 use crate::core::pool::Pool;
+use crate::core::recovery::{JournalOutcome, Report};
 use crate::device::Device;
 use crate::proto;
 
@@ -61,6 +62,31 @@ pub fn pool(p: &Pool) -> proto::Pool {
         path: p.path().display().to_string(),
         numa_node: p.numa_node,
         registered_bytes: p.device.registered_bytes(p.region()).unwrap_or(0),
+        adopted: p.previously_pinned.is_some(),
+        previously_pinned: p.previously_pinned,
+    }
+}
+
+fn recovery(r: Report) -> proto::Recovery {
+    let (journal, journal_error) = match r.journal {
+        JournalOutcome::Absent => ("absent", String::new()),
+        JournalOutcome::Applied => ("applied", String::new()),
+        JournalOutcome::Discarded(why) => ("discarded", why),
+    };
+    proto::Recovery {
+        journal: journal.to_string(),
+        journal_error,
+        pools_adopted: r.pools_adopted,
+        models_adopted: r.models_adopted,
+        dropped: r
+            .dropped
+            .into_iter()
+            .map(|d| proto::RecoveryDrop {
+                kind: d.kind.to_string(),
+                name: d.name,
+                reason: d.reason,
+            })
+            .collect(),
     }
 }
 
@@ -100,6 +126,7 @@ pub fn info(core: &Core) -> proto::GetInfoResponse {
                 .collect(),
             metrics_addr: p.metrics_bound.map(|a| a.to_string()).unwrap_or_default(),
         }),
+        recovery: Some(recovery(core.recovery.snapshot())),
     }
 }
 
@@ -182,7 +209,7 @@ pub fn model(m: &Model, include_tensors: bool) -> proto::Model {
         name: m.name.clone(),
         pool: m.pool().name.clone(),
         path: match &m.source {
-            ModelSource::Checkpoint(p) => p.display().to_string(),
+            ModelSource::Checkpoint { path, .. } => path.display().to_string(),
             ModelSource::Published => String::new(),
         },
         state: model_state(p.state) as i32,
@@ -197,6 +224,7 @@ pub fn model(m: &Model, include_tensors: bool) -> proto::Model {
         } else {
             Vec::new()
         },
+        adopted: m.adopted,
     }
 }
 

@@ -195,7 +195,8 @@ impl Offload for OffloadService {
                 "SetBackend needs a backend: set backend.uva or backend.prefetch",
             )
         })?;
-        let model = self.core.models.set_backend(&r.model, backend)?;
+        // Off the runtime: it rewrites the model's journal record, its whole tensor table.
+        let model = blocking(&self.core, move |c| c.models.set_backend(&r.model, backend)).await?;
         Ok(Response::new(convert::model(&model, false)))
     }
 

@@ -55,7 +55,7 @@ fn alloc_code(e: &AllocError) -> Code {
         AllocError::Exhausted { .. } => Code::ResourceExhausted,
         AllocError::Retired => Code::FailedPrecondition,
         AllocError::BadAlign(_) => Code::InvalidArgument,
-        AllocError::NotAllocated { .. } => Code::Internal,
+        AllocError::NotAllocated { .. } | AllocError::NotFree { .. } => Code::Internal,
     }
 }
 

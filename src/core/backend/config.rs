@@ -1,10 +1,12 @@
 //! Backend settings and their validation, as vLLM validates them.
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// `uva`: offload up to `cpu_offload_bytes` of layer parameters, optionally only those matching
 /// `params`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UvaConfig {
     pub cpu_offload_bytes: u64,
     pub params: Vec<String>,
@@ -12,7 +14,8 @@ pub struct UvaConfig {
 
 /// `prefetch`: in each group of `group_size` layers the last `num_in_group` are offloaded and
 /// prefetched `prefetch_step` layers ahead.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrefetchConfig {
     pub group_size: u32,
     pub num_in_group: u32,
@@ -20,7 +23,9 @@ pub struct PrefetchConfig {
     pub params: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialized (in the journal) tagged by kind: `{"kind": "uva", ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BackendConfig {
     Uva(UvaConfig),
     Prefetch(PrefetchConfig),

@@ -15,6 +15,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use super::ModelError;
+use crate::core::journal::FileStamp;
 
 /// One tensor of a shard, in file order.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct Shard {
     pub path: PathBuf,
     pub file: File,
     pub tensors: Vec<ShardTensor>,
+    /// Size, modification time and header checksum, for the journal.
+    pub stamp: FileStamp,
 }
 
 /// The most header bytes the safetensors format allows (the crate's own limit).
@@ -134,7 +137,8 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
         why,
     };
     let file = open_regular(path, roots)?;
-    let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    let meta = file.metadata().map_err(|e| ModelError::io(path, e))?;
+    let len = meta.len();
     if len == 0 {
         return Err(bad(
             "the file is empty; it is not a safetensors checkpoint".into(),
@@ -160,7 +164,44 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
         path: path.to_path_buf(),
         file,
         tensors,
+        stamp: FileStamp {
+            path: path.to_path_buf(),
+            size: len,
+            mtime_ns: mtime_ns(&meta),
+            header_crc32c: crate::core::models::loader::crc32c(&head),
+        },
     })
+}
+
+/// Modification time in nanoseconds since the epoch, as the journal records it.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec()
+}
+
+/// CRC32C of a shard's header (length prefix included), read from an open file: what
+/// [`FileStamp::header_crc32c`] recorded at registration.
+pub fn header_crc(file: &File, path: &Path, size: u64) -> Result<u32, ModelError> {
+    let mut n = [0u8; 8];
+    if size < 8 {
+        return Err(ModelError::BadFile {
+            path: path.to_path_buf(),
+            tensor: None,
+            why: describe(&SafeTensorError::HeaderTooSmall),
+        });
+    }
+    read_at(file, path, &mut n, 0)?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || 8 + n > size {
+        return Err(ModelError::BadFile {
+            path: path.to_path_buf(),
+            tensor: None,
+            why: describe(&SafeTensorError::InvalidHeaderLength),
+        });
+    }
+    let mut head = vec![0u8; 8 + n as usize];
+    read_at(file, path, &mut head, 0)?;
+    Ok(crate::core::models::loader::crc32c(&head))
 }
 
 /// Why a header was refused, and the tensor at fault when one is.

@@ -4,6 +4,8 @@ pub mod header;
 pub mod layers;
 pub mod loader;
 pub mod model;
+mod published;
+mod recover;
 mod registry;
 pub mod source;
 
@@ -14,10 +16,9 @@ use thiserror::Error;
 use crate::core::alloc::AllocError;
 use crate::core::backend::BackendError;
 
-pub use registry::{
-    Models, ModelsParams, NewPublished, PendingLoad, PublishedTensor, RegisterRequest, state_name,
-    wait_loaded,
-};
+pub use published::{NewPublished, PublishedTensor};
+pub use recover::PendingVerify;
+pub use registry::{Models, ModelsParams, PendingLoad, RegisterRequest, state_name, wait_loaded};
 
 #[derive(Debug, Error)]
 pub enum ModelError {

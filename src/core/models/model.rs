@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::core::alloc::Range;
 use crate::core::backend::BackendConfig;
+use crate::core::journal::{FileStamp, ModelRecord, SourceRecord, TensorRecord};
 use crate::core::pool::Pool;
 
 /// Lifecycle of a model.
@@ -79,7 +80,11 @@ impl Drop for Allocation {
 /// Where the weights came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
-    Checkpoint(PathBuf),
+    /// The canonical path the operator named, and each shard as it was when loaded.
+    Checkpoint {
+        path: PathBuf,
+        files: Vec<FileStamp>,
+    },
     Published,
 }
 
@@ -98,6 +103,11 @@ pub struct Model {
     pub last_used: Mutex<Instant>,
     /// Becomes true once no loader thread holds the model (immediately for published models).
     pub load_done: watch::Receiver<bool>,
+    /// Came back from the journal at this start rather than being registered in this run.
+    pub adopted: bool,
+    /// Serializes this model's journal writes; true once its record was removed for good, so a
+    /// late write (SetBackend racing UnregisterModel) cannot bring it back at the next start.
+    pub journal_gate: Mutex<bool>,
 }
 
 impl Model {
@@ -131,6 +141,38 @@ impl Model {
 
     pub fn backend(&self) -> Option<BackendConfig> {
         self.backend.lock().expect("backend lock").clone()
+    }
+
+    /// The journal's record of this model; None until every tensor has a checksum.
+    pub fn record(&self) -> Option<ModelRecord> {
+        let tensors = self.tensors.lock().expect("tensors lock");
+        let tensors = tensors
+            .iter()
+            .map(|t| {
+                Some(TensorRecord {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    offset: t.offset,
+                    len: t.len,
+                    layer: t.layer,
+                    crc32c: t.crc32c?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(ModelRecord {
+            name: self.name.clone(),
+            pool: self.pool().name.clone(),
+            source: match &self.source {
+                ModelSource::Checkpoint { path, files } => SourceRecord::Checkpoint {
+                    path: path.clone(),
+                    files: files.clone(),
+                },
+                ModelSource::Published => SourceRecord::Published,
+            },
+            backend: self.backend(),
+            tensors,
+        })
     }
 }
 

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use safetensors::Dtype;
 use tokio::sync::watch;
 
 use super::loader::{self, Chunk, LoadError, LoadJob};
@@ -18,6 +17,7 @@ use super::{ModelError, layers, source};
 use crate::config::validate::is_valid_name;
 use crate::core::alloc::{AllocError, MIN_ALIGN};
 use crate::core::backend::BackendConfig;
+use crate::core::journal::Journal;
 use crate::core::pool::Pool;
 use crate::core::pools::Pools;
 
@@ -30,6 +30,8 @@ pub struct ModelsParams {
     pub chunk_bytes: u64,
     pub max_load_bytes_per_sec: u64,
     pub evict_idle: bool,
+    /// Where READY models are recorded for the next start.
+    pub journal: Journal,
 }
 
 #[derive(Debug, Clone)]
@@ -40,25 +42,9 @@ pub struct RegisterRequest {
     pub backend: Option<BackendConfig>,
 }
 
-/// A tensor an engine will write itself.
-#[derive(Debug, Clone)]
-pub struct PublishedTensor {
-    pub name: String,
-    pub dtype: String,
-    pub shape: Vec<usize>,
-}
-
-#[derive(Debug, Clone)]
-pub struct NewPublished {
-    pub name: String,
-    pub pool: String,
-    pub tensors: Vec<PublishedTensor>,
-    pub backend: Option<BackendConfig>,
-}
-
 #[derive(Debug)]
 pub struct Models {
-    params: ModelsParams,
+    pub(super) params: ModelsParams,
     inner: Mutex<BTreeMap<String, Arc<Model>>>,
 }
 
@@ -152,13 +138,17 @@ impl Models {
         let (done, load_done) = watch::channel(false);
         let model = Arc::new(new_model(NewModel {
             name: req.name.clone(),
-            source: ModelSource::Checkpoint(ckpt.path.clone()),
+            source: ModelSource::Checkpoint {
+                path: ckpt.path.clone(),
+                files: ckpt.shards.iter().map(|s| s.stamp.clone()).collect(),
+            },
             alloc,
             tensors,
             bytes,
             state: ModelState::Loading,
             backend: req.backend.clone(),
             load_done,
+            adopted: false,
         }));
         self.insert(&model)?;
         tracing::info!(model = %req.name, pool = %req.pool, path = %ckpt.path.display(), bytes, shards = ckpt.shards.len(), "registering model");
@@ -220,6 +210,9 @@ impl Models {
                 }
                 let secs = start.elapsed().as_secs_f64();
                 tracing::info!(model = %model.name, bytes = model.bytes, secs, gbps = model.bytes as f64 / secs / 1e9, "model ready");
+                // Recorded before anyone is told READY: a model a client saw READY survives a
+                // crash.
+                self.journal_write(&model);
                 model.progress.send_modify(|p| p.state = ModelState::Ready);
             }
             Err(e) => {
@@ -262,87 +255,9 @@ impl Models {
             map.remove(name).expect("checked above")
         };
         model.cancel.store(true, Ordering::Relaxed);
+        self.journal_forget(&model);
         wait_loaded(&model).await;
         tracing::info!(model = name, "model unregistered");
-        Ok(model)
-    }
-
-    /// Allocates ranges for an engine to fill through the shared pool file.
-    pub fn create_published(
-        &self,
-        pools: &Pools,
-        req: &NewPublished,
-    ) -> Result<Arc<Model>, ModelError> {
-        check_name(&req.name)?;
-        req.backend
-            .as_ref()
-            .map(BackendConfig::validate)
-            .transpose()?;
-        self.check_free(&req.name)?;
-        let pool = pools
-            .get(&req.pool)
-            .map_err(|_| ModelError::PoolNotFound(req.pool.clone()))?;
-        let mut tensors = Vec::with_capacity(req.tensors.len());
-        let mut seen = std::collections::HashSet::new();
-        for t in &req.tensors {
-            if !seen.insert(t.name.as_str()) {
-                return Err(ModelError::BadTensorSpec {
-                    tensor: t.name.clone(),
-                    why: "listed twice".into(),
-                });
-            }
-            let (dtype, len) = tensor_bytes(t)?;
-            tensors.push(TensorEntry {
-                layer: layers::layer_of(&t.name, &self.params.layer_patterns),
-                strides: contiguous_strides(&t.shape),
-                name: t.name.clone(),
-                dtype,
-                shape: t.shape.clone(),
-                offset: 0,
-                len,
-                crc32c: None,
-            });
-        }
-        let alloc = self.allocate(&pool, &req.name, &tensors)?;
-        for (t, r) in tensors.iter_mut().zip(&alloc.ranges) {
-            t.offset = r.offset;
-        }
-        let (_, load_done) = watch::channel(true);
-        let bytes = tensors.iter().map(|t| t.len).sum();
-        let model = Arc::new(new_model(NewModel {
-            name: req.name.clone(),
-            source: ModelSource::Published,
-            alloc,
-            tensors,
-            bytes,
-            state: ModelState::AwaitingSeal,
-            backend: req.backend.clone(),
-            load_done,
-        }));
-        self.insert(&model)?;
-        tracing::info!(model = %req.name, pool = %req.pool, bytes, "model created for publication");
-        Ok(model)
-    }
-
-    /// Checksums the published bytes and marks the model READY. Blocking.
-    pub fn seal(&self, name: &str) -> Result<Arc<Model>, ModelError> {
-        let model = self.get(name)?;
-        if model.state() != ModelState::AwaitingSeal {
-            return Err(ModelError::WrongState {
-                name: name.to_string(),
-                state: state_name(model.state()),
-                what: "only a model made by CreateModel can be sealed, once",
-            });
-        }
-        let region = model.pool().region();
-        for t in model.tensors.lock().expect("tensors lock").iter_mut() {
-            t.crc32c = Some(loader::checksum(region, t.offset, t.len));
-        }
-        model.progress.send_modify(|p| {
-            p.state = ModelState::Ready;
-            p.loaded_bytes = p.total_bytes;
-        });
-        tracing::info!(model = name, "model sealed");
         Ok(model)
     }
 
@@ -365,6 +280,10 @@ impl Models {
         ensure_idle(&model)?;
         tracing::info!(model = name, backend = backend.kind(), "backend changed");
         *model.backend.lock().expect("backend lock") = Some(backend);
+        drop(map);
+        if model.state() == ModelState::Ready {
+            self.journal_write(&model);
+        }
         Ok(model)
     }
 
@@ -395,14 +314,14 @@ impl Models {
         }
     }
 
-    fn check_free(&self, name: &str) -> Result<(), ModelError> {
+    pub(super) fn check_free(&self, name: &str) -> Result<(), ModelError> {
         if self.lock().contains_key(name) {
             return Err(ModelError::AlreadyExists(name.to_string()));
         }
         Ok(())
     }
 
-    fn insert(&self, model: &Arc<Model>) -> Result<(), ModelError> {
+    pub(super) fn insert(&self, model: &Arc<Model>) -> Result<(), ModelError> {
         let mut map = self.lock();
         if map.contains_key(&model.name) {
             // Lost a race with a concurrent registration of the same name; our allocation is
@@ -413,7 +332,7 @@ impl Models {
         Ok(())
     }
 
-    fn remove_if_same(&self, model: &Arc<Model>) {
+    pub(super) fn remove_if_same(&self, model: &Arc<Model>) {
         let mut map = self.lock();
         if map.get(&model.name).is_some_and(|m| Arc::ptr_eq(m, model)) {
             map.remove(&model.name);
@@ -422,7 +341,7 @@ impl Models {
 
     /// Allocates every tensor's range, all or nothing; evicts idle models of the same pool, least
     /// recently used first, when allowed and needed.
-    fn allocate(
+    pub(super) fn allocate(
         &self,
         pool: &Arc<Pool>,
         model: &str,
@@ -489,6 +408,7 @@ impl Models {
             victim.and_then(|name| map.remove(&name))
         };
         if let Some(m) = &victim {
+            self.journal_forget(m);
             tracing::info!(model = %m.name, pool = %pool.name, bytes = m.bytes, "evicted idle model to make room");
         }
         victim
@@ -512,39 +432,12 @@ pub async fn wait_loaded(model: &Model) {
     let _ = rx.wait_for(|done| *done).await;
 }
 
-fn check_name(name: &str) -> Result<(), ModelError> {
+pub(super) fn check_name(name: &str) -> Result<(), ModelError> {
     if is_valid_name(name) {
         Ok(())
     } else {
         Err(ModelError::InvalidName(name.to_string()))
     }
-}
-
-fn tensor_bytes(t: &PublishedTensor) -> Result<(Dtype, u64), ModelError> {
-    let bad = |why: String| ModelError::BadTensorSpec {
-        tensor: t.name.clone(),
-        why,
-    };
-    if t.name.is_empty() {
-        return Err(bad("name is empty".into()));
-    }
-    let dtype: Dtype =
-        serde_json::from_value(serde_json::Value::String(t.dtype.clone())).map_err(|_| {
-            bad(format!(
-                "unknown dtype {:?}; use a safetensors dtype such as BF16, F16, F8_E4M3",
-                t.dtype
-            ))
-        })?;
-    let bits = t
-        .shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .and_then(|n| n.checked_mul(dtype.bitsize()))
-        .ok_or_else(|| bad("shape overflows".into()))?;
-    if bits % 8 != 0 {
-        return Err(bad("shape × dtype is not a whole number of bytes".into()));
-    }
-    Ok((dtype, (bits / 8) as u64))
 }
 
 pub fn state_name(s: ModelState) -> &'static str {
@@ -556,18 +449,19 @@ pub fn state_name(s: ModelState) -> &'static str {
     }
 }
 
-struct NewModel {
-    name: String,
-    source: ModelSource,
-    alloc: Allocation,
-    tensors: Vec<TensorEntry>,
-    bytes: u64,
-    state: ModelState,
-    backend: Option<BackendConfig>,
-    load_done: watch::Receiver<bool>,
+pub(super) struct NewModel {
+    pub name: String,
+    pub source: ModelSource,
+    pub alloc: Allocation,
+    pub tensors: Vec<TensorEntry>,
+    pub bytes: u64,
+    pub state: ModelState,
+    pub backend: Option<BackendConfig>,
+    pub load_done: watch::Receiver<bool>,
+    pub adopted: bool,
 }
 
-fn new_model(m: NewModel) -> Model {
+pub(super) fn new_model(m: NewModel) -> Model {
     let (progress, _) = watch::channel(Progress {
         state: m.state,
         loaded_bytes: 0,
@@ -586,5 +480,7 @@ fn new_model(m: NewModel) -> Model {
         attached: AtomicUsize::new(0),
         last_used: Mutex::new(Instant::now()),
         load_done: m.load_done,
+        adopted: m.adopted,
+        journal_gate: Mutex::new(false),
     }
 }

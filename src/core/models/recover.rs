@@ -1,0 +1,216 @@
+//! Models across a restart: recording READY models in the journal, and bringing them back at
+//! the next start, checked against their checkpoints and (by default) every tensor's CRC32C.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use tokio::sync::watch;
+
+use super::header::{header_crc, mtime_ns, open_regular};
+use super::model::{Allocation, Model, ModelSource, ModelState, TensorEntry, contiguous_strides};
+use super::registry::{Models, NewModel, check_name, new_model};
+use super::{layers, loader};
+use crate::config::VerifyOnAdopt;
+use crate::core::journal::{FileStamp, ModelRecord, SourceRecord};
+use crate::core::pool::Pool;
+use crate::core::recovery::Recovery;
+
+/// An adopted model whose bytes are still to be checked; it is LOADING until then.
+pub struct PendingVerify {
+    model: Arc<Model>,
+    done: watch::Sender<bool>,
+}
+
+impl PendingVerify {
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+}
+
+impl Models {
+    /// Records a READY model. A failure is logged; the model keeps serving and is simply not
+    /// adopted after a restart.
+    pub(super) fn journal_write(&self, model: &Model) {
+        let gate = model.journal_gate.lock().expect("journal gate");
+        if *gate {
+            return;
+        }
+        let Some(record) = model.record() else {
+            return;
+        };
+        if let Err(e) = self.params.journal.write_model(&record) {
+            tracing::error!(model = %model.name, error = %e, "cannot write the journal; this model will not survive a restart");
+        }
+    }
+
+    /// Removes a model's record for good: it is being unregistered, evicted or dropped.
+    pub(super) fn journal_forget(&self, model: &Model) {
+        let mut gate = model.journal_gate.lock().expect("journal gate");
+        *gate = true;
+        if let Err(e) = self.params.journal.remove_model(&model.name) {
+            tracing::error!(model = %model.name, error = %e, "cannot remove the model from the journal");
+        }
+    }
+
+    /// Brings back a journaled model into its adopted pool, with exactly the ranges it had. It
+    /// is READY at once with `VerifyOnAdopt::None`; otherwise LOADING until [`Models::verify`]
+    /// has checked every tensor. Returns why it cannot come back otherwise.
+    pub fn adopt(
+        &self,
+        pool: &Arc<Pool>,
+        rec: ModelRecord,
+        verify: VerifyOnAdopt,
+    ) -> Result<Option<PendingVerify>, String> {
+        check_name(&rec.name).map_err(|e| e.to_string())?;
+        self.check_free(&rec.name).map_err(|e| e.to_string())?;
+        if let Some(b) = &rec.backend {
+            b.validate().map_err(|e| format!("backend: {e}"))?;
+        }
+        let source = match rec.source {
+            SourceRecord::Checkpoint { path, files } => {
+                for f in &files {
+                    self.check_unchanged(f)?;
+                }
+                ModelSource::Checkpoint { path, files }
+            }
+            SourceRecord::Published => ModelSource::Published,
+        };
+        let mut tensors = Vec::with_capacity(rec.tensors.len());
+        for t in rec.tensors {
+            let elems = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let bits = elems.and_then(|n| n.checked_mul(t.dtype.bitsize()));
+            if bits != Some(t.len as usize * 8) {
+                return Err(format!(
+                    "the journal's tensor {:?} has {} bytes, which is not its shape × dtype",
+                    t.name, t.len
+                ));
+            }
+            tensors.push(TensorEntry {
+                // The names decide layers as this start's config says, not as the last one did.
+                layer: layers::layer_of(&t.name, &self.params.layer_patterns),
+                strides: contiguous_strides(&t.shape),
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape,
+                offset: t.offset,
+                len: t.len,
+                crc32c: Some(t.crc32c),
+            });
+        }
+        let spans: Vec<(u64, u64)> = tensors.iter().map(|t| (t.offset, t.len)).collect();
+        let ranges = pool.claim_all(&spans).map_err(|e| {
+            format!(
+                "the journal places its tensors where pool {:?} cannot hold them: {e}",
+                pool.name
+            )
+        })?;
+        let alloc = Allocation {
+            pool: Arc::clone(pool),
+            ranges,
+        };
+        let bytes = tensors.iter().map(|t| t.len).sum();
+        let state = match verify {
+            VerifyOnAdopt::Crc => ModelState::Loading,
+            VerifyOnAdopt::None => ModelState::Ready,
+        };
+        let (done, load_done) = watch::channel(state == ModelState::Ready);
+        let model = Arc::new(new_model(NewModel {
+            name: rec.name.clone(),
+            source,
+            alloc,
+            tensors,
+            bytes,
+            state,
+            backend: rec.backend,
+            load_done,
+            adopted: true,
+        }));
+        if state == ModelState::Ready {
+            model
+                .progress
+                .send_modify(|p| p.loaded_bytes = p.total_bytes);
+        }
+        self.insert(&model).map_err(|e| e.to_string())?;
+        tracing::info!(model = %rec.name, pool = %pool.name, bytes, verify = ?verify, "model adopted from the journal");
+        Ok((state == ModelState::Loading).then_some(PendingVerify { model, done }))
+    }
+
+    /// A checkpoint that changed since its bytes were loaded makes the pool copy stale. One that
+    /// is gone (or out of reach) does not: the pool copy is the only one left, and it is kept.
+    fn check_unchanged(&self, f: &FileStamp) -> Result<(), String> {
+        let changed = |what: String| {
+            Err(format!(
+                "checkpoint {} changed since it was loaded ({what}); register the model again",
+                f.path.display()
+            ))
+        };
+        let file = match open_regular(&f.path, &self.params.roots) {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::warn!(path = %f.path.display(), error = %e, "cannot check the checkpoint; keeping the pool copy");
+                return Ok(());
+            }
+        };
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        if meta.len() != f.size {
+            return changed(format!("{} bytes, was {}", meta.len(), f.size));
+        }
+        if mtime_ns(&meta) != f.mtime_ns {
+            return changed("modification time differs".into());
+        }
+        match header_crc(&file, &f.path, f.size) {
+            Ok(crc) if crc == f.header_crc32c => Ok(()),
+            Ok(_) => changed("its header differs".into()),
+            Err(e) => changed(e.to_string()),
+        }
+    }
+
+    /// Checks every tensor's CRC32C against the journal, in parallel, then marks the model
+    /// READY; a mismatch drops it (ranges freed, record removed) with the tensor named.
+    /// Blocking: runs on its own thread.
+    pub fn verify(&self, job: PendingVerify, recovery: &Recovery) {
+        let PendingVerify { model, done } = job;
+        let start = Instant::now();
+        let region = model.pool().region();
+        let tensors = model.tensors();
+        let verified = AtomicU64::new(0);
+        let bad = tensors.par_iter().find_map_any(|t| {
+            if model.cancel.load(Ordering::Relaxed) {
+                return Some("cancelled: the model was unregistered".to_string());
+            }
+            let got = loader::checksum(region, t.offset, t.len);
+            let n = verified.fetch_add(t.len, Ordering::Relaxed) + t.len;
+            model.progress.send_modify(|p| p.loaded_bytes = p.loaded_bytes.max(n));
+            let want = t.crc32c.expect("adopted tensors carry their checksum");
+            (got != want).then(|| {
+                format!(
+                    "tensor {:?} at pool offset {}: crc32c {got:08x}, the journal says {want:08x}; the pool changed while offloadd was down, register the model again",
+                    t.name, t.offset
+                )
+            })
+        });
+        match bad {
+            None => {
+                let secs = start.elapsed().as_secs_f64();
+                tracing::info!(model = %model.name, bytes = model.bytes, secs, "adopted model verified");
+                model.progress.send_modify(|p| {
+                    p.state = ModelState::Ready;
+                    p.loaded_bytes = p.total_bytes;
+                });
+            }
+            Some(why) => {
+                self.journal_forget(&model);
+                self.remove_if_same(&model);
+                recovery.dropped("model", &model.name, why.clone());
+                model.progress.send_modify(|p| {
+                    p.state = ModelState::Failed;
+                    p.error = Some(why);
+                });
+            }
+        }
+        drop(model);
+        let _ = done.send(true);
+    }
+}

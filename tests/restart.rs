@@ -1,0 +1,487 @@
+//! A daemon restart loses nothing: pools and READY models come back from the journal in
+//! `pools.dir` after SIGKILL or SIGTERM, verified; whatever does not match is dropped with the
+//! reason, and a corrupt or foreign journal means a clean start. Real binary, real files.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use common::ckpt::{self, Tensor};
+use common::{Daemon, DaemonBuilder, Scratch};
+use offloadd::proto::offload_client::OffloadClient;
+use offloadd::proto::{
+    CreatePoolRequest, GetInfoRequest, GetModelRequest, GetPoolRequest, ListPoolsRequest,
+    ModelState, RegisterModelRequest, WatchModelRequest,
+};
+use rustix::process::Signal;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const JOURNAL: &str = "offloadd-journal";
+
+struct Setup {
+    s: Scratch,
+    root: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let s = Scratch::new();
+        let root = s.models();
+        Self { s, root }
+    }
+
+    fn checkpoint(&self, name: &str, tensors: &[Tensor]) -> PathBuf {
+        let path = self.root.join(format!("{name}.safetensors"));
+        ckpt::write_file(&path, tensors);
+        path
+    }
+
+    fn daemon(&self) -> DaemonBuilder<'_> {
+        DaemonBuilder::new(&self.s).roots(&[&self.root])
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.s.pools_dir().join(JOURNAL)
+    }
+}
+
+async fn create_pool(c: &mut OffloadClient<Channel>, name: &str, size: u64) {
+    c.create_pool(CreatePoolRequest {
+        name: name.into(),
+        device: "cpu".into(),
+        size_bytes: size,
+    })
+    .await
+    .unwrap();
+}
+
+async fn register(c: &mut OffloadClient<Channel>, name: &str, pool: &str, path: &Path, wait: bool) {
+    c.register_model(RegisterModelRequest {
+        name: name.into(),
+        pool: pool.into(),
+        path: path.display().to_string(),
+        wait,
+        backend: None,
+    })
+    .await
+    .unwrap();
+}
+
+/// Follows WatchModel until the model is READY or FAILED; returns the last update.
+async fn settle(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::ModelProgress {
+    let mut s = c
+        .watch_model(WatchModelRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let p = tokio::time::timeout(common::DEADLINE, s.message())
+            .await
+            .expect("model settles in time")
+            .unwrap()
+            .expect("stream ends only after a final state");
+        if matches!(p.state(), ModelState::Ready | ModelState::Failed) {
+            return p;
+        }
+    }
+}
+
+/// Waits until a load has copied some bytes but not all: a load in flight.
+async fn until_partly_loaded(c: &mut OffloadClient<Channel>, name: &str) {
+    let mut s = c
+        .watch_model(WatchModelRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let p = tokio::time::timeout(common::DEADLINE, s.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.state(), ModelState::Loading, "the load must still run");
+        if p.loaded_bytes > 0 {
+            return;
+        }
+    }
+}
+
+async fn kill(mut d: Daemon) {
+    d.signal(Signal::KILL);
+    d.child.wait().await.unwrap();
+}
+
+async fn recovery(c: &mut OffloadClient<Channel>) -> offloadd::proto::Recovery {
+    c.get_info(GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .recovery
+        .unwrap()
+}
+
+async fn pool(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::Pool {
+    c.get_pool(GetPoolRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn table(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::Model {
+    c.get_model(GetModelRequest {
+        name: name.into(),
+        include_tensors: true,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Bytes the allocator holds for a model: every tensor rounded up to 256.
+fn blocks(m: &offloadd::proto::Model) -> u64 {
+    m.tensors
+        .iter()
+        .map(|t| t.length.max(1).div_ceil(256) * 256)
+        .sum()
+}
+
+/// Reads the pool file itself, as an independent reader would, and compares every tensor of
+/// the model with the checkpoint's bytes.
+fn assert_pool_holds(pool_path: &str, m: &offloadd::proto::Model, want: &[Tensor]) {
+    let pool = std::fs::read(pool_path).unwrap();
+    let want: HashMap<&str, &Tensor> = want.iter().map(|t| (t.name.as_str(), t)).collect();
+    assert_eq!(m.tensors.len(), want.len());
+    for t in &m.tensors {
+        let got = &pool[t.offset as usize..(t.offset + t.length) as usize];
+        assert!(
+            got == want[t.name.as_str()].data,
+            "tensor {} differs",
+            t.name
+        );
+    }
+}
+
+/// The crash (or stop) case: A is READY, B is mid-load when the daemon goes. The next start
+/// brings A back, verified, with its bytes where they were; B is gone and its ranges free.
+async fn survives(signal: Signal) {
+    let st = Setup::new();
+    let a_tensors = ckpt::llama(4, 128, 256);
+    let a = st.checkpoint("a", &a_tensors);
+    // About 20 MB read at 4 MiB/s in 1 MiB chunks: seconds of LOADING to stop it in.
+    let b = st.checkpoint("b", &ckpt::llama(4, 512, 1024));
+    let d = st
+        .daemon()
+        .set("models.max_load_bytes_per_sec=4194304")
+        .set("models.chunk_bytes=1048576")
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    create_pool(&mut c, "p", 64 << 20).await;
+    register(&mut c, "a", "p", &a, false).await;
+    assert_eq!(settle(&mut c, "a").await.state(), ModelState::Ready);
+    register(&mut c, "b", "p", &b, false).await;
+    until_partly_loaded(&mut c, "b").await;
+    match signal {
+        Signal::KILL => kill(d).await,
+        _ => assert!(d.terminate().await.success()),
+    }
+
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    let r = recovery(&mut c).await;
+    assert_eq!(r.journal, "applied", "{r:?}");
+    assert_eq!(r.pools_adopted, vec!["p"]);
+    assert_eq!(r.models_adopted, vec!["a"]);
+    assert!(r.dropped.is_empty(), "{r:?}");
+    assert_eq!(settle(&mut c, "a").await.state(), ModelState::Ready);
+    let m = table(&mut c, "a").await;
+    assert!(m.adopted);
+    let e = c
+        .get_model(GetModelRequest {
+            name: "b".into(),
+            include_tensors: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "the partial load is gone");
+    let p = pool(&mut c, "p").await;
+    assert!(p.adopted);
+    assert_eq!(p.previously_pinned, Some(p.pinned));
+    assert_eq!(p.used_bytes, blocks(&m), "exactly A's ranges are taken");
+    assert_pool_holds(&p.path, &m, &a_tensors);
+    // B's ranges are free: it loads again.
+    register(&mut c, "b", "p", &b, true).await;
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn sigkill_during_a_load_keeps_ready_models_and_drops_the_partial_one() {
+    survives(Signal::KILL).await;
+}
+
+#[tokio::test]
+async fn sigterm_during_a_load_keeps_ready_models_and_drops_the_partial_one() {
+    survives(Signal::TERM).await;
+}
+
+/// One READY model in pool "p", then a clean stop: the state every damage test starts from.
+async fn stopped_with_one_model(st: &Setup) -> (Vec<Tensor>, PathBuf) {
+    let tensors = ckpt::llama(3, 128, 256);
+    let path = st.checkpoint("a", &tensors);
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    create_pool(&mut c, "p", 8 << 20).await;
+    register(&mut c, "a", "p", &path, true).await;
+    assert!(d.terminate().await.success());
+    (tensors, path)
+}
+
+fn pool_files(st: &Setup) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(st.s.pools_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("offloadd-pool-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A journal the next start cannot trust: a clean start, the reason in GetInfo and the log,
+/// and nothing left of what it described.
+async fn assert_clean_start(st: &Setup, reason: &str) {
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    let r = recovery(&mut c).await;
+    assert_eq!(r.journal, "discarded");
+    assert!(r.journal_error.contains(reason), "{reason:?} in {r:?}");
+    assert!(r.pools_adopted.is_empty() && r.models_adopted.is_empty());
+    let pools = c
+        .list_pools(ListPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pools.pools.is_empty());
+    assert_eq!(
+        pool_files(st),
+        Vec::<String>::new(),
+        "the old pool file is removed"
+    );
+    let logged = d.logs();
+    assert!(
+        logged.contains("the journal is unusable") && logged.contains(reason),
+        "{logged}"
+    );
+    // The start after that one finds no journal at all.
+    assert!(d.terminate().await.success());
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    assert_eq!(recovery(&mut c).await.journal, "absent");
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn a_journal_from_another_version_is_a_clean_start_naming_both_versions() {
+    let st = Setup::new();
+    stopped_with_one_model(&st).await;
+    // What an upgrade to a binary with another journal format would find.
+    let path = st.journal().join("pools.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("offloadd-journal v1 "), "{text}");
+    std::fs::write(&path, text.replacen(" v1 ", " v2 ", 1)).unwrap();
+    assert_clean_start(&st, "journal format v2, this offloadd reads v1").await;
+}
+
+#[tokio::test]
+async fn a_truncated_journal_is_a_clean_start() {
+    let st = Setup::new();
+    stopped_with_one_model(&st).await;
+    let path = st.journal().join("pools.json");
+    let raw = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &raw[..raw.len() / 2 + 40]).unwrap();
+    assert_clean_start(&st, "truncated").await;
+}
+
+#[tokio::test]
+async fn a_bit_flipped_journal_is_a_clean_start() {
+    let st = Setup::new();
+    stopped_with_one_model(&st).await;
+    let path = st.journal().join("pools.json");
+    let mut raw = std::fs::read(&path).unwrap();
+    // A digit of the pool's size: still valid JSON, caught by the checksum.
+    let at = raw.len() - 1 - raw.iter().rev().position(|b| b.is_ascii_digit()).unwrap();
+    raw[at] = if raw[at] == b'1' { b'2' } else { b'1' };
+    std::fs::write(&path, &raw).unwrap();
+    assert_clean_start(&st, "checksum mismatch").await;
+}
+
+#[tokio::test]
+async fn a_pool_changed_while_down_drops_its_model_and_spares_the_others() {
+    let st = Setup::new();
+    let a = st.checkpoint("a", &ckpt::llama(3, 128, 256));
+    let keep_tensors = ckpt::llama(2, 64, 128);
+    let keep = st.checkpoint("keep", &keep_tensors);
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    create_pool(&mut c, "p", 8 << 20).await;
+    register(&mut c, "a", "p", &a, true).await;
+    register(&mut c, "keep", "p", &keep, true).await;
+    let victim = table(&mut c, "a").await.tensors[2].clone();
+    let pool_path = pool(&mut c, "p").await.path;
+    kill(d).await;
+
+    // One byte of one of A's tensors changes while no daemon runs.
+    let mut raw = std::fs::read(&pool_path).unwrap();
+    raw[victim.offset as usize] ^= 0x5a;
+    std::fs::write(&pool_path, &raw).unwrap();
+
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    // Verification runs after the ready line; its verdict is logged (and kept in GetInfo).
+    let dropped = d
+        .wait_for_log(|v| v["message"] == "dropped from the journal" && v["name"] == "a")
+        .await;
+    let why = dropped["reason"].as_str().unwrap().to_string();
+    for part in [
+        victim.name.as_str(),
+        "crc32c",
+        "changed while offloadd was down",
+    ] {
+        assert!(why.contains(part), "{part:?} in {why}");
+    }
+    assert_eq!(settle(&mut c, "keep").await.state(), ModelState::Ready);
+    let e = c
+        .get_model(GetModelRequest {
+            name: "a".into(),
+            include_tensors: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let r = recovery(&mut c).await;
+    assert_eq!(r.models_adopted, vec!["keep"]);
+    assert_eq!(r.dropped.len(), 1, "{r:?}");
+    assert_eq!(
+        (r.dropped[0].kind.as_str(), r.dropped[0].name.as_str()),
+        ("model", "a")
+    );
+    assert_eq!(r.dropped[0].reason, why);
+    let kept = table(&mut c, "keep").await;
+    let p = pool(&mut c, "p").await;
+    assert_eq!(p.used_bytes, blocks(&kept), "A's ranges are free again");
+    assert_pool_holds(&p.path, &kept, &keep_tensors);
+    // A registers again, and is what survives the next restart.
+    register(&mut c, "a", "p", &a, true).await;
+    kill(d).await;
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    assert_eq!(settle(&mut c, "a").await.state(), ModelState::Ready);
+    assert_eq!(recovery(&mut c).await.models_adopted, vec!["a", "keep"]);
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn a_checkpoint_changed_while_down_drops_its_model() {
+    let st = Setup::new();
+    let (_, path) = stopped_with_one_model(&st).await;
+    // Same tensors, new bytes: the pool copy is stale.
+    ckpt::write_file(&path, &ckpt::llama(3, 128, 300));
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    let r = recovery(&mut c).await;
+    assert_eq!(r.pools_adopted, vec!["p"]);
+    assert!(r.models_adopted.is_empty(), "{r:?}");
+    assert_eq!(r.dropped.len(), 1);
+    let why = &r.dropped[0].reason;
+    assert!(
+        why.contains(&path.display().to_string()) && why.contains("changed since it was loaded"),
+        "{why}"
+    );
+    assert_eq!(pool(&mut c, "p").await.used_bytes, 0);
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn verify_none_trusts_the_journal_and_is_ready_at_once() {
+    let st = Setup::new();
+    let (tensors, _) = stopped_with_one_model(&st).await;
+    let d = st
+        .daemon()
+        .set("models.verify_on_adopt=none")
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    // READY before any stream: GetModel right after the ready line.
+    let m = table(&mut c, "a").await;
+    assert_eq!(m.state(), ModelState::Ready);
+    assert_eq!(m.loaded_bytes, m.bytes);
+    assert_pool_holds(&pool(&mut c, "p").await.path, &m, &tensors);
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn keep_on_exit_false_leaves_nothing_and_the_next_start_is_clean() {
+    let st = Setup::new();
+    let tensors = ckpt::llama(2, 64, 128);
+    let path = st.checkpoint("a", &tensors);
+    let d = st
+        .daemon()
+        .set("pools.keep_on_exit=false")
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    create_pool(&mut c, "p", 8 << 20).await;
+    register(&mut c, "a", "p", &path, true).await;
+    assert!(st.journal().exists());
+    assert!(d.terminate().await.success());
+    assert_eq!(pool_files(&st), Vec::<String>::new());
+    assert!(!st.journal().exists());
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    assert_eq!(recovery(&mut c).await.journal, "absent");
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn config_declared_pools_and_models_are_adopted_not_rebuilt() {
+    let st = Setup::new();
+    let tensors = ckpt::llama(2, 64, 128);
+    let path = st.checkpoint("a", &tensors);
+    let config = st.s.path("offloadd.toml");
+    common::write(
+        &config,
+        &format!(
+            "[[pools.create]]\nname = \"p\"\nsize_bytes = 8388608\n\n[[models.register]]\nname = \"a\"\npool = \"p\"\npath = \"{}\"\n",
+            path.display()
+        ),
+    );
+    let start = || st.daemon().arg("--config").arg(config.to_str().unwrap());
+    let d = start().start().await.unwrap();
+    let mut c = d.client().await;
+    assert_eq!(settle(&mut c, "a").await.state(), ModelState::Ready);
+    assert!(!table(&mut c, "a").await.adopted);
+    kill(d).await;
+
+    let d = start().start().await.unwrap();
+    let mut c = d.client().await;
+    let m = table(&mut c, "a").await;
+    assert!(
+        m.adopted,
+        "the config's model is the adopted one, not a reload"
+    );
+    assert_eq!(
+        m.state(),
+        ModelState::Ready,
+        "startup waited for its verification"
+    );
+    assert!(
+        !d.logs().contains("registering model"),
+        "nothing was read again"
+    );
+    assert_pool_holds(&pool(&mut c, "p").await.path, &m, &tensors);
+    assert!(d.terminate().await.success());
+}
