@@ -299,7 +299,7 @@ async fn bad_requests_get_precise_statuses() {
 }
 
 #[tokio::test]
-async fn pool_files_do_not_survive_a_crash_and_restart() {
+async fn a_crash_leaves_journaled_pools_for_adoption_and_sweeps_the_rest() {
     let s = Scratch::new();
     let mut d = DaemonBuilder::new(&s).start().await.unwrap();
     let mut c = d.client().await;
@@ -311,9 +311,12 @@ async fn pool_files_do_not_survive_a_crash_and_restart() {
     // Someone else's file in the same directory must be left alone.
     let foreign = s.pools_dir().join("not-ours");
     write(&foreign, "keep");
-    // Static buffers of leases that died with it are ours too.
+    // Static buffers of leases that died with it are ours too, and so is a pool file the
+    // journal does not know (a crash between creating it and recording it).
     let static_file = s.pools_dir().join("offloadd-static-deadbeef");
     write(&static_file, "x");
+    let unrecorded = s.pools_dir().join("offloadd-pool-unrecorded");
+    write(&unrecorded, "y");
     d.child.kill().await.unwrap();
     assert!(
         std::path::Path::new(&pool.path).exists(),
@@ -321,9 +324,18 @@ async fn pool_files_do_not_survive_a_crash_and_restart() {
     );
 
     let d = DaemonBuilder::new(&s).start().await.unwrap();
+    let mut c = d.client().await;
+    let adopted = c
+        .get_pool(offloadd::proto::GetPoolRequest {
+            name: "crashy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(adopted.adopted && adopted.path == pool.path, "{adopted:?}");
     assert!(
-        !std::path::Path::new(&pool.path).exists(),
-        "restart sweeps it"
+        !unrecorded.exists(),
+        "restart sweeps what the journal does not describe"
     );
     assert!(foreign.exists(), "files without our prefix are untouched");
     assert!(!static_file.exists(), "lease files are swept too");

@@ -485,3 +485,68 @@ async fn config_declared_pools_and_models_are_adopted_not_rebuilt() {
     assert_pool_holds(&pool(&mut c, "p").await.path, &m, &tensors);
     assert!(d.terminate().await.success());
 }
+
+#[tokio::test]
+async fn a_worker_verifying_every_byte_carries_on_across_a_daemon_sigkill() {
+    use common::workers::{WorkerProc, prefetched};
+    let st = Setup::new();
+    let path = st.checkpoint("m", &ckpt::llama(5, 128, 256));
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    create_pool(&mut c, "p", 8 << 20).await;
+    c.register_model(RegisterModelRequest {
+        name: "m".into(),
+        pool: "p".into(),
+        path: path.display().to_string(),
+        wait: true,
+        backend: prefetched(1, 1, 2),
+    })
+    .await
+    .unwrap();
+    // Pool tensors read in place and prefetched layers onloaded over the fast path, each
+    // checked against its CRC32C, pass after pass.
+    let mut w = WorkerProc::spawn(
+        &d,
+        "m",
+        &[
+            "--fast",
+            "--reattach",
+            "60",
+            "--passes",
+            "1000000",
+            "--ttl-ms",
+            "2000",
+        ],
+    );
+    let attached = w.next().await;
+    assert_eq!(attached["event"], "attached", "{attached}");
+    for n in 1..=3 {
+        assert_eq!(w.next().await["n"], n);
+    }
+    kill(d).await;
+    let d = st.daemon().start().await.unwrap();
+
+    // The worker notices, attaches again once the model is verified, and goes on verifying.
+    let reattached = loop {
+        let line = w.next().await;
+        match line["event"].as_str() {
+            Some("pass") | Some("lease_lost") => continue,
+            Some("reattached") => break line,
+            _ => panic!("worker: {line}"),
+        }
+    };
+    assert_eq!(
+        reattached["kept_pool_mapping"], true,
+        "the adopted pool is the same file: {reattached}"
+    );
+    assert!(reattached["pause_ms"].as_f64().unwrap() > 0.0);
+    assert_ne!(reattached["lease_id"], attached["lease_id"]);
+    for _ in 0..3 {
+        let line = w.next().await;
+        assert_eq!(line["event"], "pass", "{line}");
+    }
+    let mut c = d.client().await;
+    assert_eq!(common::workers::attached_workers(&mut c, "m").await, 1);
+    w.child.kill().await.unwrap();
+    assert!(d.terminate().await.success());
+}

@@ -4,6 +4,7 @@
 // Each benchmark compiles this module and uses its own subset of it.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use offloadd::proto::GetInfoRequest;
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
 use tonic::transport::Channel;
@@ -85,4 +88,61 @@ pub fn prober(uds: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Ve
                 lat
             })
     })
+}
+
+/// Writes a Llama-shaped checkpoint (hidden 2048, F16 so numpy can load it too) of about `mib` MiB in 4 shards.
+pub fn write_checkpoint(dir: &Path, mib: u64) -> u64 {
+    let hidden = 2048usize;
+    let per_layer = [
+        ("input_layernorm.weight", vec![hidden]),
+        ("self_attn.q_proj.weight", vec![hidden, hidden]),
+        ("self_attn.k_proj.weight", vec![hidden / 4, hidden]),
+        ("self_attn.v_proj.weight", vec![hidden / 4, hidden]),
+        ("self_attn.o_proj.weight", vec![hidden, hidden]),
+        ("post_attention_layernorm.weight", vec![hidden]),
+        ("mlp.gate_proj.weight", vec![4 * hidden, hidden]),
+        ("mlp.up_proj.weight", vec![4 * hidden, hidden]),
+        ("mlp.down_proj.weight", vec![hidden, 4 * hidden]),
+    ];
+    let layer_bytes: u64 = per_layer
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64 * 2)
+        .sum();
+    let layers = ((mib << 20) / layer_bytes).max(1) as usize;
+    let shards = 4;
+    let per_shard = layers.div_ceil(shards);
+    let mut weight_map = HashMap::new();
+    let mut total = 0;
+    for s in 0..shards {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
+        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for l in s * per_shard..((s + 1) * per_shard).min(layers) {
+            for (i, (p, shape)) in per_layer.iter().enumerate() {
+                let n: usize = shape.iter().product::<usize>() * 2;
+                let fill = (l * 31 + i) as u8;
+                owned.push((
+                    format!("model.layers.{l}.{p}"),
+                    shape.clone(),
+                    vec![fill; n],
+                ));
+            }
+        }
+        let views: Vec<(String, TensorView<'_>)> = owned
+            .iter()
+            .map(|(n, s, d)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F16, s.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        for (n, _, d) in &owned {
+            weight_map.insert(n.clone(), file.clone());
+            total += d.len() as u64;
+        }
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    total
 }

@@ -49,6 +49,10 @@ struct Args {
     /// Instead of verifying, onload every offloaded layer this many times and print GB/s.
     #[arg(long)]
     onload_bench: Option<u32>,
+    /// Survive a daemon restart: when the lease is lost mid-pass, attach again (retrying for up
+    /// to this many seconds), report the pause, and run the pass again. Prints a line per pass.
+    #[arg(long)]
+    reattach: Option<u64>,
     /// Instead of verifying, time this many fast-path onloads (offloaded layers in turn) and
     /// print the round trip's p50 and p99 in microseconds.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -136,7 +140,18 @@ async fn run(args: Args) -> Result<()> {
         w.detach().await?;
         return Ok(());
     }
-    let stats = forward_passes(&mut w, args.passes, args.fast).await?;
+    let (stats, keepalive) = match args.reattach {
+        Some(secs) => {
+            keepalive.abort();
+            let limit = Duration::from_secs(secs);
+            let s = passes_across_restarts(&mut w, args.passes, args.fast, limit).await?;
+            (s, w.spawn_keep_alive(every))
+        }
+        None => (
+            forward_passes(&mut w, args.passes, args.fast).await?,
+            keepalive,
+        ),
+    };
     let matched = match &args.checkpoint {
         Some(path) => compare_with_checkpoint(&w, path)?,
         None => 0,
@@ -203,6 +218,48 @@ async fn forward_passes(w: &mut Worker, passes: u32, fast: bool) -> Result<Stats
         }
     }
     Ok(s)
+}
+
+/// Forward passes one at a time, attaching again whenever the daemon went away mid-pass; the
+/// interrupted pass runs again from the start, so every byte read is verified once more.
+async fn passes_across_restarts(
+    w: &mut Worker,
+    passes: u32,
+    fast: bool,
+    limit: Duration,
+) -> Result<Stats> {
+    let mut total = Stats::default();
+    let mut done = 0;
+    while done < passes {
+        match forward_passes(w, 1, fast).await {
+            Ok(s) => {
+                done += 1;
+                total.tensors += s.tensors;
+                total.bytes += s.bytes;
+                total.onloads += s.onloads;
+                println!("{}", serde_json::json!({"event": "pass", "n": done}));
+            }
+            Err(e) if e.downcast_ref().is_some_and(offloadd::worker::lease_lost) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "lease_lost", "error": format!("{e:#}")})
+                );
+                let r = w.reattach(limit).await?;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "event": "reattached",
+                        "pause_ms": r.pause.as_secs_f64() * 1e3,
+                        "attempts": r.attempts,
+                        "kept_pool_mapping": r.kept_pool_mapping,
+                        "lease_id": w.lease.lease_id,
+                    })
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
 }
 
 async fn onload(w: &mut Worker, layer: u32, fast: bool) -> Result<()> {

@@ -1,12 +1,16 @@
 //! Read-only mappings of the segments a lease names. One of the few modules with `unsafe`.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// A read-only shared mapping of a pool or static-buffer file.
 #[derive(Debug)]
 pub struct SegmentMap {
     map: memmap2::Mmap,
+    path: std::path::PathBuf,
+    /// Identity of the mapped file, to tell whether a path still names it.
+    dev_ino: (u64, u64),
     /// The locked byte range, if any.
     locked: Option<(u64, u64)>,
 }
@@ -18,7 +22,22 @@ impl SegmentMap {
         // slots while we may read them; the protocol (OnloadToStatic answers after the copy)
         // orders those accesses, and torn reads would be caught by the CRC checks.
         let map = unsafe { memmap2::Mmap::map(&file)? };
-        Ok(Self { map, locked: None })
+        let meta = file.metadata()?;
+        Ok(Self {
+            map,
+            path: path.to_path_buf(),
+            dev_ino: (meta.dev(), meta.ino()),
+            locked: None,
+        })
+    }
+
+    /// Whether `path` is the file this maps, at the same size: a daemon that adopted the pool
+    /// after a restart serves the very same file, and the mapping stays valid.
+    pub fn is_same_file(&self, path: &Path) -> bool {
+        path == self.path
+            && std::fs::metadata(path).is_ok_and(|m| {
+                (m.dev(), m.ino()) == self.dev_ino && m.len() == self.map.len() as u64
+            })
     }
 
     pub fn bytes(&self, offset: u64, len: u64) -> Option<&[u8]> {

@@ -7,7 +7,7 @@ mod cuda;
 mod mapping;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -57,15 +57,115 @@ pub enum WorkerError {
 /// An attached worker.
 pub struct Worker {
     client: OffloadClient<Channel>,
+    /// What attached it, to attach again after a daemon restart.
+    request: AttachWorkerRequest,
     pub lease: Lease,
     maps: Vec<Option<SegmentMap>>,
     by_name: HashMap<String, usize>,
     locked_bytes: u64,
-    /// The onload fast path, once connected.
+    /// The onload fast path, once connected, and the socket it was opened on.
     fast: Option<FastClient>,
+    fast_socket: Option<PathBuf>,
     /// CUDA static buffers: the device pointer of each segment opened by IPC handle.
     device_segments: HashMap<usize, u64>,
     cuda: Option<CudaAccess>,
+}
+
+/// What [`Worker::reattach`] did.
+#[derive(Debug, Clone)]
+pub struct Reattached {
+    /// From the first attempt to the new lease being mapped.
+    pub pause: Duration,
+    pub attempts: u32,
+    /// The pool file was the same one, so its mapping was kept.
+    pub kept_pool_mapping: bool,
+}
+
+/// Codes under which attaching again is worth a retry: the daemon is down or restarting, or
+/// has not brought the model back (READY) yet.
+fn retry_attach(code: tonic::Code) -> bool {
+    use tonic::Code as C;
+    matches!(
+        code,
+        C::Unavailable | C::NotFound | C::FailedPrecondition | C::Unknown | C::Cancelled
+    )
+}
+
+/// Whether an error means the daemon or the lease is gone, so [`Worker::reattach`] applies.
+pub fn lease_lost(e: &WorkerError) -> bool {
+    match e {
+        WorkerError::Rpc(s) => retry_attach(s.code()),
+        WorkerError::Fast(FastError::Io(_)) => true,
+        _ => false,
+    }
+}
+
+/// The lease's segments, mapped.
+struct Mapped {
+    maps: Vec<Option<SegmentMap>>,
+    locked_bytes: u64,
+    device_segments: HashMap<usize, u64>,
+    cuda: Option<CudaAccess>,
+}
+
+/// Maps every segment of `lease`, reusing a mapping from `old` for a pool file that is still
+/// the same file (same path, inode and size). Returns whether one was reused.
+fn map_lease(
+    lease: &Lease,
+    old: Vec<Option<SegmentMap>>,
+    mut cuda: Option<CudaAccess>,
+) -> Result<(Mapped, bool), WorkerError> {
+    let mut old: Vec<SegmentMap> = old.into_iter().flatten().collect();
+    let mut kept = false;
+    let mut maps = Vec::with_capacity(lease.segments.len());
+    let mut locked_bytes = 0;
+    let mut device_segments = HashMap::new();
+    for seg in &lease.segments {
+        if seg.path.is_empty() {
+            if !seg.ipc_handle.is_empty() {
+                if cuda.is_none() {
+                    cuda = Some(CudaAccess::new(&seg.device).map_err(WorkerError::Cuda)?);
+                }
+                let access = cuda.as_ref().expect("set above");
+                let dptr = access
+                    .open_ipc(&seg.ipc_handle)
+                    .map_err(WorkerError::Cuda)?;
+                device_segments.insert(maps.len(), dptr);
+            }
+            maps.push(None);
+            continue;
+        }
+        let path = Path::new(&seg.path);
+        let map_err = |source| WorkerError::Map {
+            path: seg.path.clone(),
+            source,
+        };
+        let reused = (seg.kind() == SegmentKind::Pool)
+            .then(|| old.iter().position(|m| m.is_same_file(path)))
+            .flatten()
+            .map(|i| old.swap_remove(i));
+        kept |= reused.is_some();
+        let mut m = match reused {
+            Some(m) => m,
+            None => SegmentMap::open(path).map_err(map_err)?,
+        };
+        // The shared decision travels with the lease: pin our view of the pool only when the
+        // daemon's policy said so, and only what this process reads in place (the UVA
+        // tensors); prefetch and device tensors are copied by the daemon or once.
+        if lease.pinned && seg.kind() == SegmentKind::Pool {
+            if let Some((start, end)) = uva_span(lease) {
+                locked_bytes += m.lock(start, end - start).map_err(map_err)?;
+            }
+        }
+        maps.push(Some(m));
+    }
+    let mapped = Mapped {
+        maps,
+        locked_bytes,
+        device_segments,
+        cuda,
+    };
+    Ok((mapped, kept))
 }
 
 /// The byte span of the pool that holds UVA tensors.
@@ -89,69 +189,79 @@ impl Worker {
         ttl_ms: u64,
     ) -> Result<Self, WorkerError> {
         let mut client = crate::client::offload(channel);
-        let lease = client
-            .attach_worker(AttachWorkerRequest {
-                model: model.to_string(),
-                worker_name: worker_name.to_string(),
-                ttl_ms,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut maps = Vec::with_capacity(lease.segments.len());
-        let mut locked_bytes = 0;
-        let mut device_segments = HashMap::new();
-        let mut cuda = None;
-        for seg in &lease.segments {
-            if seg.path.is_empty() {
-                if !seg.ipc_handle.is_empty() {
-                    if cuda.is_none() {
-                        cuda = Some(CudaAccess::new(&seg.device).map_err(WorkerError::Cuda)?);
-                    }
-                    let access = cuda.as_ref().expect("set above");
-                    let dptr = access
-                        .open_ipc(&seg.ipc_handle)
-                        .map_err(WorkerError::Cuda)?;
-                    device_segments.insert(maps.len(), dptr);
-                }
-                maps.push(None);
-                continue;
-            }
-            let mut m =
-                SegmentMap::open(Path::new(&seg.path)).map_err(|source| WorkerError::Map {
-                    path: seg.path.clone(),
-                    source,
-                })?;
-            // The shared decision travels with the lease: pin our view of the pool only when the
-            // daemon's policy said so, and only what this process reads in place (the UVA
-            // tensors); prefetch and device tensors are copied by the daemon or once.
-            if lease.pinned && seg.kind() == SegmentKind::Pool {
-                if let Some((start, end)) = uva_span(&lease) {
-                    locked_bytes +=
-                        m.lock(start, end - start)
-                            .map_err(|source| WorkerError::Map {
-                                path: seg.path.clone(),
-                                source,
-                            })?;
-                }
-            }
-            maps.push(Some(m));
-        }
+        let request = AttachWorkerRequest {
+            model: model.to_string(),
+            worker_name: worker_name.to_string(),
+            ttl_ms,
+            ..Default::default()
+        };
+        let lease = client.attach_worker(request.clone()).await?.into_inner();
+        let (mapped, _) = map_lease(&lease, Vec::new(), None)?;
+        Ok(Self::with(client, request, lease, mapped))
+    }
+
+    fn with(
+        client: OffloadClient<Channel>,
+        request: AttachWorkerRequest,
+        lease: Lease,
+        m: Mapped,
+    ) -> Self {
         let by_name = lease
             .tensors
             .iter()
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        Ok(Self {
+        Self {
             client,
+            request,
             lease,
-            maps,
+            maps: m.maps,
             by_name,
-            locked_bytes,
+            locked_bytes: m.locked_bytes,
             fast: None,
-            device_segments,
-            cuda,
+            fast_socket: None,
+            device_segments: m.device_segments,
+            cuda: m.cuda,
+        }
+    }
+
+    /// After the lease was lost (the daemon restarted, or the ttl passed): attaches to the same
+    /// model again, retrying with backoff for up to `timeout` while the daemon is down or the
+    /// model is not READY yet (an adopted model is verified first). A pool file that is the same
+    /// file as before (same inode, as when the daemon adopted it) keeps its mapping; anything
+    /// else is mapped again, and static slots always are. The fast path is reconnected if it
+    /// was open. Old mappings are released only after the new lease is in place, and nothing
+    /// of the old lease is read afterwards.
+    pub async fn reattach(&mut self, timeout: Duration) -> Result<Reattached, WorkerError> {
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(20);
+        let mut attempts = 0;
+        self.fast = None;
+        let lease = loop {
+            attempts += 1;
+            match self.client.attach_worker(self.request.clone()).await {
+                Ok(r) => break r.into_inner(),
+                Err(s) if retry_attach(s.code()) && started.elapsed() + delay < timeout => {
+                    // Backoff between attempts while the daemon restarts.
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => return Err(s.into()),
+            }
+        };
+        let old = std::mem::take(&mut self.maps);
+        let (mapped, kept_pool_mapping) = map_lease(&lease, old, self.cuda.take())?;
+        let client = self.client.clone();
+        let fast_socket = self.fast_socket.take();
+        *self = Self::with(client, self.request.clone(), lease, mapped);
+        if let Some(socket) = fast_socket {
+            self.connect_fast(&socket)?;
+        }
+        Ok(Reattached {
+            pause: started.elapsed(),
+            attempts,
+            kept_pool_mapping,
         })
     }
 
@@ -262,6 +372,7 @@ impl Worker {
         match FastClient::connect(socket, &self.lease.lease_id)? {
             Ok(c) => {
                 self.fast = Some(c);
+                self.fast_socket = Some(socket.to_path_buf());
                 Ok(())
             }
             Err(refused) => Err(refused.to_status().into()),
