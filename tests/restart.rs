@@ -207,9 +207,12 @@ async fn survives(signal: Signal) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "the partial load is gone");
+    // An attach waits for the adopted pool's pin (applied in the background) to settle; then
+    // the pool is pinned as it was, on the same machine and settings.
+    common::workers::attach(&mut c, "a", "w").await;
     let p = pool(&mut c, "p").await;
     assert!(p.adopted);
-    assert_eq!(p.previously_pinned, Some(p.pinned));
+    assert_eq!(p.previously_pinned, Some(p.pinned), "{p:?}");
     assert_eq!(p.used_bytes, blocks(&m), "exactly A's ranges are taken");
     assert_pool_holds(&p.path, &m, &a_tensors);
     // B's ranges are free: it loads again.

@@ -32,7 +32,13 @@ pub async fn start_daemon_with(
     roots: &Path,
     extra: &[&str],
 ) -> (Child, Channel, serde_json::Value) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_offloadd"))
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_offloadd"));
+    // The benchmarks' own knobs share the OFFLOADD_ prefix; the daemon would take them for
+    // config keys and refuse to start.
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OFFLOADD_BENCH_")) {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
         .args(["serve", "--uds-path"])
         .arg(uds)
         .arg("--pools-dir")

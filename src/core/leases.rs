@@ -310,6 +310,11 @@ impl Leases {
         if req.worker_name.is_empty() {
             return Err(LeaseError::NoWorkerName);
         }
+        // An adopted pool may still be pinning: wait for it here, not under the attach lock,
+        // so attaches to other pools go on meanwhile.
+        if let Ok(m) = models.get(&req.model) {
+            m.pool().wait_pin_settled();
+        }
         let _one_at_a_time = self.attaching.lock().expect("attach lock");
         self.check_limits(&req.model)?;
         let model = models.attach(&req.model, |m| {
@@ -426,7 +431,7 @@ impl Leases {
             ttl,
             worker_name: req.worker_name.clone(),
             backend,
-            pin: pool.decision.clone(),
+            pin: pool.decision(),
             pinned,
             uva_mode: uva_mode(pool.device.info(), pinned, self.params.disable_uva),
             static_slots,

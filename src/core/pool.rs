@@ -1,7 +1,7 @@
 //! One host weight pool: an exact-size shared-memory file, its pin decision and its ranges.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::alloc::{AllocError, Range, RangeAllocator};
 use super::pin_policy::PinDecision;
@@ -15,14 +15,15 @@ pub struct Pool {
     pub name: String,
     pub device: Arc<dyn Device>,
     pub size_bytes: u64,
-    /// The decision applied at creation, including a failed attempt to pin.
-    pub decision: PinDecision,
     pub numa_node: Option<u32>,
     /// Set when the pool was adopted from the journal at this start: whether it was pinned in
     /// the run that made it.
     pub previously_pinned: Option<bool>,
-    /// Declared before `region` so it is dropped (unpinned) before the mapping goes away.
-    pin: Option<Box<dyn PinGuard>>,
+    /// The decision applied (including a failed attempt to pin) and its guard. Declared before
+    /// `region` so it is dropped (unpinned) before the mapping goes away.
+    pin: Mutex<PinState>,
+    /// Signalled when a pin still in progress (an adopted pool's) has settled.
+    pin_settled: Condvar,
     region: Arc<HostRegion>,
     alloc: Mutex<AllocState>,
 }
@@ -35,6 +36,14 @@ struct AllocState {
     retired: bool,
 }
 
+#[derive(Debug)]
+struct PinState {
+    decision: PinDecision,
+    guard: Option<Box<dyn PinGuard>>,
+    /// The decision is to pin and the pin is still being applied.
+    pending: bool,
+}
+
 /// What `Pool::new` is built from.
 pub struct PoolParts {
     pub name: String,
@@ -43,6 +52,8 @@ pub struct PoolParts {
     pub numa_node: Option<u32>,
     pub previously_pinned: Option<bool>,
     pub pin: Option<Box<dyn PinGuard>>,
+    /// The decision is to pin, and the caller applies it later with [`Pool::settle_pin`].
+    pub pin_pending: bool,
     pub region: Arc<HostRegion>,
 }
 
@@ -53,10 +64,14 @@ impl Pool {
             name: p.name,
             device: p.device,
             size_bytes: size,
-            decision: p.decision,
             numa_node: p.numa_node,
             previously_pinned: p.previously_pinned,
-            pin: p.pin,
+            pin: Mutex::new(PinState {
+                decision: p.decision,
+                guard: p.pin,
+                pending: p.pin_pending,
+            }),
+            pin_settled: Condvar::new(),
             region: p.region,
             alloc: Mutex::new(AllocState {
                 ranges: RangeAllocator::new(size),
@@ -65,8 +80,44 @@ impl Pool {
         }
     }
 
+    /// Whether the pool is pinned now.
     pub fn pinned(&self) -> bool {
-        self.pin.is_some()
+        self.pin_state().guard.is_some()
+    }
+
+    /// The pin decision as applied (a pin still in progress counts as decided).
+    pub fn decision(&self) -> PinDecision {
+        self.pin_state().decision.clone()
+    }
+
+    /// Whether the pin of an adopted pool is still being applied.
+    pub fn pin_pending(&self) -> bool {
+        self.pin_state().pending
+    }
+
+    /// Blocks until a pin in progress has settled (at once otherwise): leases plan their copies
+    /// on whether the pool is pinned, so they wait for the answer.
+    pub fn wait_pin_settled(&self) {
+        let st = self.pin_state();
+        let _settled = self
+            .pin_settled
+            .wait_while(st, |s| s.pending)
+            .expect("pool pin lock");
+    }
+
+    /// Records the outcome of a pin applied after construction.
+    pub fn settle_pin(&self, decision: PinDecision, guard: Option<Box<dyn PinGuard>>) {
+        let mut st = self.pin_state();
+        *st = PinState {
+            decision,
+            guard,
+            pending: false,
+        };
+        self.pin_settled.notify_all();
+    }
+
+    fn pin_state(&self) -> MutexGuard<'_, PinState> {
+        self.pin.lock().expect("pool pin lock")
     }
 
     pub fn path(&self) -> &Path {

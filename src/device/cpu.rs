@@ -54,14 +54,25 @@ impl Device for CpuDevice {
     }
 
     fn pin(&self, region: &Arc<HostRegion>) -> Result<Box<dyn PinGuard>, DeviceError> {
-        // SAFETY: the range is our live mapping; `MlockGuard` keeps the region alive until it
-        // has unlocked it.
-        unsafe { rustix::mm::mlock(region.as_ptr().cast(), region.len()) }.map_err(|e| {
-            DeviceError::Mlock {
-                bytes: region.len() as u64,
-                source: e.into(),
+        // mlock populates page tables holding the process's mmap lock; in one call over a
+        // large pool that is a third of a second per 4 GiB during which no other thread of the
+        // daemon can map memory (a new blocking thread's stack, a malloc arena), so RPCs stall.
+        // Chunks let them in between.
+        const CHUNK: usize = 64 << 20;
+        let len = region.len();
+        for start in (0..len).step_by(CHUNK) {
+            let n = CHUNK.min(len - start);
+            // SAFETY: a piece of our live mapping (CHUNK is page-aligned); unlocked by
+            // `MlockGuard`, or right below on failure.
+            if let Err(e) = unsafe { rustix::mm::mlock(region.as_ptr().add(start).cast(), n) } {
+                // SAFETY: our live mapping; munlock of pages not locked is a no-op.
+                let _ = unsafe { rustix::mm::munlock(region.as_ptr().cast(), len) };
+                return Err(DeviceError::Mlock {
+                    bytes: len as u64,
+                    source: e.into(),
+                });
             }
-        })?;
+        }
         Ok(Box::new(MlockGuard {
             region: Arc::clone(region),
         }))

@@ -58,7 +58,13 @@ pub fn pool(p: &Pool) -> proto::Pool {
         size_bytes: p.size_bytes,
         used_bytes: p.used_bytes(),
         pinned: p.pinned(),
-        pin_reason: p.decision.reason.to_string(),
+        pin_reason: match p.pin_pending() {
+            true => format!(
+                "{} (pinning the adopted pool in the background)",
+                p.decision().reason
+            ),
+            false => p.decision().reason.to_string(),
+        },
         path: p.path().display().to_string(),
         numa_node: p.numa_node,
         registered_bytes: p.device.registered_bytes(p.region()).unwrap_or(0),
