@@ -112,11 +112,10 @@ def reattach(
 ) -> Lease:
     """After the lease of a :func:`from_daemon` model was lost (the daemon restarted, or the
     ttl passed), attaches to the same model again, retrying with backoff while the daemon is
-    down or the model is not READY yet, and points every weight at the new lease's memory: a
-    new pool mapping and new static slots, never the old ones. Returns the new lease.
-
-    A restarted daemon serves the model again once it is registered again (``[[models.register]]``
-    in its config does that at startup)."""
+    down or the model is not READY yet, and points every weight at the new lease's memory. The
+    pool mapping is kept when the pool is the very same file (a restarted daemon adopts its
+    pools and models from its journal); otherwise it is mapped again. Static slots are always
+    new. Returns the new lease."""
     old: Lease = m.offloadd_lease
     binding: Binding = m.offloadd_binding
     binding.remove()
@@ -134,6 +133,9 @@ def reattach(
                 ) from None
             time.sleep(delay)  # backoff between attempts while the daemon comes back
             delay = min(delay * 2, 2.0)
+    # The same pool file (adopted by the restarted daemon) keeps its mapping: no new mmap, no
+    # page faults on the first forward.
+    lease.keep_pool_mapping(old)
     try:
         m.offloadd_binding = bind_model(m, lease, binding.device, async_copy)
     except OffloaddError:

@@ -134,6 +134,8 @@ class Lease:
             for t in raw.tensors
         }
         self._maps: dict[int, mmap.mmap] = {}
+        #: (st_dev, st_ino) of each mapped file, to tell whether a path still names it.
+        self._map_ids: dict[int, tuple[int, int]] = {}
         self._torch_bases: dict[int, Any] = {}
         self._fast: FastPath | None = None
         self._lock = threading.Lock()
@@ -214,11 +216,36 @@ class Lease:
                     )
                 fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
+                    st = os.fstat(fd)
                     m = mmap.mmap(fd, seg.size_bytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
                 finally:
                     os.close(fd)
                 self._maps[index] = m
+                self._map_ids[index] = (st.st_dev, st.st_ino)
             return m
+
+    def keep_pool_mapping(self, old: Lease) -> bool:
+        """Takes over ``old``'s mapping of the pool when this lease names the very same file
+        (same path, device, inode and size: the restarted daemon adopted the pool), instead of
+        mapping it again. Returns whether it did. Static buffers are never taken over: they are
+        new with every lease."""
+        for index, seg in enumerate(self.raw.segments):
+            if seg.kind != pb.SEGMENT_KIND_POOL or not seg.path:
+                continue
+            for old_index, m in old._maps.items():
+                old_seg = old.raw.segments[old_index]
+                if old_seg.path != seg.path or len(m) != seg.size_bytes:
+                    continue
+                try:
+                    st = os.stat(seg.path)
+                except OSError:
+                    continue
+                if old._map_ids.get(old_index) == (st.st_dev, st.st_ino):
+                    with self._lock:
+                        self._maps[index] = m
+                        self._map_ids[index] = (st.st_dev, st.st_ino)
+                    return True
+        return False
 
     def segment_range(self, index: int) -> tuple[int, int]:
         """(address, length) of a mapped segment in this process, e.g. to check zero-copy."""

@@ -22,14 +22,17 @@ def binary() -> Path:
 
 class Daemon:
     """One daemon process on a Unix socket (and TCP on port 0 when asked), in its own scratch
-    directories, with the given model roots. Stop it with :meth:`stop`."""
+    directories, with the given model roots. Stop it with :meth:`stop`. A ``pools_dir`` the
+    caller owns outlives the daemon, so the next one can adopt its pools."""
 
     def __init__(self, roots: list[str], tcp: bool = False, env: dict[str, str] | None = None,
-                 args: list[str] | None = None, uds: str | None = None) -> None:
+                 args: list[str] | None = None, uds: str | None = None,
+                 pools_dir: str | None = None) -> None:
         self.scratch = tempfile.TemporaryDirectory(prefix="offloadd-py-")
-        self.pools = tempfile.TemporaryDirectory(prefix="offloadd-py-", dir="/dev/shm")
+        self.pools = None if pools_dir else tempfile.TemporaryDirectory(prefix="offloadd-py-", dir="/dev/shm")
+        pools = pools_dir or self.pools.name
         self.uds = uds or os.path.join(self.scratch.name, "offloadd.sock")
-        cmd = [str(binary()), "serve", "--uds-path", self.uds, "--pools-dir", self.pools.name,
+        cmd = [str(binary()), "serve", "--uds-path", self.uds, "--pools-dir", pools,
                "--set", f"models.roots={','.join(roots)}", *(args or [])]
         if tcp:
             cmd += ["--tcp-addr", "127.0.0.1:0"]
@@ -53,6 +56,7 @@ class Daemon:
         if self.proc.stdout:
             self.proc.stdout.close()
         self.log.close()
-        self.pools.cleanup()
+        if self.pools is not None:
+            self.pools.cleanup()
         self.scratch.cleanup()
         return code

@@ -58,7 +58,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "build", "uptime_ms", "devices", "cuda_absent_reason", "vllm_env", "config")
+    __slots__ = ("version", "build", "uptime_ms", "devices", "cuda_absent_reason", "vllm_env", "config", "recovery")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
     UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class GetInfoResponse(_message.Message):
     CUDA_ABSENT_REASON_FIELD_NUMBER: _ClassVar[int]
     VLLM_ENV_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     version: str
     build: BuildInfo
     uptime_ms: int
@@ -73,7 +74,32 @@ class GetInfoResponse(_message.Message):
     cuda_absent_reason: str
     vllm_env: VllmEnv
     config: ConfigSummary
-    def __init__(self, version: _Optional[str] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., uptime_ms: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., cuda_absent_reason: _Optional[str] = ..., vllm_env: _Optional[_Union[VllmEnv, _Mapping]] = ..., config: _Optional[_Union[ConfigSummary, _Mapping]] = ...) -> None: ...
+    recovery: Recovery
+    def __init__(self, version: _Optional[str] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., uptime_ms: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., cuda_absent_reason: _Optional[str] = ..., vllm_env: _Optional[_Union[VllmEnv, _Mapping]] = ..., config: _Optional[_Union[ConfigSummary, _Mapping]] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ...) -> None: ...
+
+class Recovery(_message.Message):
+    __slots__ = ("journal", "journal_error", "pools_adopted", "models_adopted", "dropped")
+    JOURNAL_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    POOLS_ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    journal: str
+    journal_error: str
+    pools_adopted: _containers.RepeatedScalarFieldContainer[str]
+    models_adopted: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedCompositeFieldContainer[RecoveryDrop]
+    def __init__(self, journal: _Optional[str] = ..., journal_error: _Optional[str] = ..., pools_adopted: _Optional[_Iterable[str]] = ..., models_adopted: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[_Union[RecoveryDrop, _Mapping]]] = ...) -> None: ...
+
+class RecoveryDrop(_message.Message):
+    __slots__ = ("kind", "name", "reason")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    reason: str
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class BuildInfo(_message.Message):
     __slots__ = ("git_sha", "target", "profile")
@@ -168,7 +194,7 @@ class DeletePoolRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("name", "device", "size_bytes", "used_bytes", "pinned", "pin_reason", "path", "numa_node", "registered_bytes")
+    __slots__ = ("name", "device", "size_bytes", "used_bytes", "pinned", "pin_reason", "path", "numa_node", "registered_bytes", "adopted", "previously_pinned")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +204,8 @@ class Pool(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     NUMA_NODE_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUSLY_PINNED_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     size_bytes: int
@@ -187,7 +215,9 @@ class Pool(_message.Message):
     path: str
     numa_node: int
     registered_bytes: int
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_reason: _Optional[str] = ..., path: _Optional[str] = ..., numa_node: _Optional[int] = ..., registered_bytes: _Optional[int] = ...) -> None: ...
+    adopted: bool
+    previously_pinned: bool
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_reason: _Optional[str] = ..., path: _Optional[str] = ..., numa_node: _Optional[int] = ..., registered_bytes: _Optional[int] = ..., adopted: _Optional[bool] = ..., previously_pinned: _Optional[bool] = ...) -> None: ...
 
 class VllmEnv(_message.Message):
     __slots__ = ("disable_pin_memory", "disable_uva")
@@ -334,7 +364,7 @@ class SetBackendRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "pool", "path", "state", "bytes", "tensor_count", "loaded_bytes", "backend", "attached_workers", "error", "tensors")
+    __slots__ = ("name", "pool", "path", "state", "bytes", "tensor_count", "loaded_bytes", "backend", "attached_workers", "error", "tensors", "adopted")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +376,7 @@ class Model(_message.Message):
     ATTACHED_WORKERS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     path: str
@@ -357,7 +388,8 @@ class Model(_message.Message):
     attached_workers: int
     error: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., attached_workers: _Optional[int] = ..., error: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
+    adopted: bool
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., attached_workers: _Optional[int] = ..., error: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., adopted: _Optional[bool] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "strides", "offset", "length", "layer", "crc32c")
