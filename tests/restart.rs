@@ -553,3 +553,39 @@ async fn a_worker_verifying_every_byte_carries_on_across_a_daemon_sigkill() {
     w.child.kill().await.unwrap();
     assert!(d.terminate().await.success());
 }
+
+#[tokio::test]
+async fn ranges_of_a_model_not_adopted_stay_reserved_for_the_old_workers_ttl() {
+    let st = Setup::new();
+    let tensors = ckpt::llama(3, 128, 256);
+    let path = st.checkpoint("a", &tensors);
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    create_pool(&mut c, "p", 8 << 20).await;
+    register(&mut c, "a", "p", &path, true).await;
+    let before = table(&mut c, "a").await;
+    // A worker reads A in place under a 1.5 s lease when the daemon dies.
+    let ttl_ms = 1500;
+    c.attach_worker(offloadd::proto::AttachWorkerRequest {
+        model: "a".into(),
+        worker_name: "old".into(),
+        ttl_ms,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    kill(d).await;
+    // A is not adopted (its checkpoint changed), but that worker may read its ranges until its
+    // next renewal tells it the lease is gone: nothing else may land there for a whole ttl.
+    ckpt::write_file(&path, &ckpt::llama(3, 128, 300));
+    let started = std::time::Instant::now();
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    assert!(recovery(&mut c).await.models_adopted.is_empty());
+    assert_eq!(pool(&mut c, "p").await.used_bytes, blocks(&before), "held");
+    d.wait_for_log(|v| v["message"] == "ranges of a model that was not adopted are free again")
+        .await;
+    assert!(started.elapsed().as_millis() >= u128::from(ttl_ms));
+    assert_eq!(pool(&mut c, "p").await.used_bytes, 0, "free after the ttl");
+    assert!(d.terminate().await.success());
+}

@@ -2,10 +2,13 @@
 //! and remove everything else an earlier run left in `pools.dir`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
 
 use super::Core;
 use super::journal::{Journal, SourceRecord};
 use super::models::PendingVerify;
+use super::models::model::Allocation;
 use super::recovery::JournalOutcome;
 use crate::config::{ModelSpec, PoolSpec, VerifyOnAdopt};
 
@@ -79,8 +82,11 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
         .map(|s| (s.name.as_str(), s))
         .collect();
     let mut pending = Vec::new();
+    let started = Instant::now();
     for rec in contents.models {
         let name = rec.name.clone();
+        let pool_name = rec.pool.clone();
+        let spans: Vec<(u64, u64)> = rec.tensors.iter().map(|t| (t.offset, t.len)).collect();
         let outcome = (|| {
             if let Some(spec) = config_models.get(name.as_str()) {
                 let path = match &rec.source {
@@ -113,6 +119,17 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
                     tracing::warn!(model = %name, error = %e, "cannot remove the model from the journal");
                 }
                 recovery.dropped("model", &name, reason);
+                // Workers of the old daemon may still read its ranges in place until they
+                // learn their lease ended: nothing new goes there before the longest ttl.
+                if let Ok(pool) = core.pools.get(&pool_name) {
+                    if let Ok(ranges) = pool.claim_all(&spans) {
+                        let held = Allocation {
+                            pool: Arc::clone(&pool),
+                            ranges,
+                        };
+                        pool.quarantine(held, started);
+                    }
+                }
             }
         }
     }

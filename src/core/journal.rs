@@ -75,6 +75,11 @@ pub struct PoolRecord {
     pub ino: u64,
     /// Whether the pool was pinned, so a start that decides otherwise can say so.
     pub pinned: bool,
+    /// The longest lease ttl granted on the pool's models: workers of the old daemon may read
+    /// its pool in place for that long after a crash, so ranges of models that are not adopted
+    /// stay reserved that long before anything else may take them.
+    #[serde(default)]
+    pub max_lease_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -345,6 +350,7 @@ mod tests {
             size_bytes: 4096,
             ino: 42,
             pinned: false,
+            max_lease_ttl_ms: 0,
         }
     }
 

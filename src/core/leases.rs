@@ -326,6 +326,9 @@ impl Leases {
         })?;
         match self.build(model.clone(), pools, req) {
             Ok(lease) => {
+                if model.pool().note_lease_ttl(lease.ttl) {
+                    pools.write_journal();
+                }
                 let lease = Arc::new(lease);
                 self.map
                     .lock()

@@ -1,7 +1,9 @@
 //! One host weight pool: an exact-size shared-memory file, its pin decision and its ranges.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::alloc::{AllocError, Range, RangeAllocator};
 use super::pin_policy::PinDecision;
@@ -24,6 +26,8 @@ pub struct Pool {
     pin: Mutex<PinState>,
     /// Signalled when a pin still in progress (an adopted pool's) has settled.
     pin_settled: Condvar,
+    /// The longest lease ttl granted on this pool, in this run or (adopted) the one before.
+    max_lease_ttl_ms: AtomicU64,
     region: Arc<HostRegion>,
     alloc: Mutex<AllocState>,
 }
@@ -54,6 +58,8 @@ pub struct PoolParts {
     pub pin: Option<Box<dyn PinGuard>>,
     /// The decision is to pin, and the caller applies it later with [`Pool::settle_pin`].
     pub pin_pending: bool,
+    /// Adopted pools: the longest lease ttl the journal recorded.
+    pub max_lease_ttl_ms: u64,
     pub region: Arc<HostRegion>,
 }
 
@@ -72,6 +78,7 @@ impl Pool {
                 pending: p.pin_pending,
             }),
             pin_settled: Condvar::new(),
+            max_lease_ttl_ms: AtomicU64::new(p.max_lease_ttl_ms),
             region: p.region,
             alloc: Mutex::new(AllocState {
                 ranges: RangeAllocator::new(size),
@@ -114,6 +121,33 @@ impl Pool {
             pending: false,
         };
         self.pin_settled.notify_all();
+    }
+
+    pub fn max_lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.max_lease_ttl_ms.load(Ordering::Acquire))
+    }
+
+    /// Records a lease's ttl; true when it is the longest so far (the journal then needs it).
+    pub fn note_lease_ttl(&self, ttl: Duration) -> bool {
+        let ms = ttl.as_millis() as u64;
+        self.max_lease_ttl_ms.fetch_max(ms, Ordering::AcqRel) < ms
+    }
+
+    /// Keeps ranges a worker of the daemon before a restart may still read in place (its lease
+    /// ended with that daemon, but it learns so only at its next renewal, within its ttl) out
+    /// of reach of new models until the longest ttl granted has passed since `since`.
+    pub fn quarantine<T: Send + 'static>(&self, held: T, since: Instant) {
+        let until = since + self.max_lease_ttl();
+        if Instant::now() >= until {
+            return;
+        }
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            // A deadline, not synchronisation: nothing signals that stale workers are gone.
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+            tracing::info!(pool = %name, "ranges of a model that was not adopted are free again");
+            drop(held);
+        });
     }
 
     fn pin_state(&self) -> MutexGuard<'_, PinState> {

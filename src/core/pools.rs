@@ -328,6 +328,7 @@ impl Pools {
             previously_pinned: None,
             pin,
             pin_pending: false,
+            max_lease_ttl_ms: 0,
             region,
         }))
     }
@@ -416,6 +417,7 @@ impl Pools {
                     size_bytes: p.size_bytes,
                     ino,
                     pinned: p.decision().pin,
+                    max_lease_ttl_ms: p.max_lease_ttl().as_millis() as u64,
                 })
             })
             .collect();
@@ -488,6 +490,7 @@ impl Pools {
             previously_pinned: Some(rec.pinned),
             pin: None,
             pin_pending: decision.pin,
+            max_lease_ttl_ms: rec.max_lease_ttl_ms,
             region: Arc::clone(&region),
         }));
         if decision.pin {

@@ -21,6 +21,7 @@ use crate::core::recovery::Recovery;
 pub struct PendingVerify {
     model: Arc<Model>,
     done: watch::Sender<bool>,
+    adopted_at: Instant,
 }
 
 impl PendingVerify {
@@ -134,7 +135,11 @@ impl Models {
         }
         self.insert(&model).map_err(|e| e.to_string())?;
         tracing::info!(model = %rec.name, pool = %pool.name, bytes, verify = ?verify, "model adopted from the journal");
-        Ok((state == ModelState::Loading).then_some(PendingVerify { model, done }))
+        Ok((state == ModelState::Loading).then_some(PendingVerify {
+            model,
+            done,
+            adopted_at: Instant::now(),
+        }))
     }
 
     /// A checkpoint that changed since its bytes were loaded makes the pool copy stale. One that
@@ -171,7 +176,11 @@ impl Models {
     /// READY; a mismatch drops it (ranges freed, record removed) with the tensor named.
     /// Blocking: runs on its own thread.
     pub fn verify(&self, job: PendingVerify, recovery: &Recovery) {
-        let PendingVerify { model, done } = job;
+        let PendingVerify {
+            model,
+            done,
+            adopted_at,
+        } = job;
         let start = Instant::now();
         // This runs beside the adopted pool's background pin. Waiting for the pin first was
         // slower on the 2-core benchmark machine (0.75 s against 0.68 s for 4 GiB).
@@ -206,6 +215,8 @@ impl Models {
                 self.journal_forget(&model);
                 self.remove_if_same(&model);
                 recovery.dropped("model", &model.name, why.clone());
+                // Workers of the old daemon may still read these ranges in place.
+                model.pool().quarantine(Arc::clone(&model), adopted_at);
                 model.progress.send_modify(|p| {
                     p.state = ModelState::Failed;
                     p.error = Some(why);
