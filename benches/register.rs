@@ -8,14 +8,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::time::Instant;
 
 use offloadd::device::host::HostRegion;
 use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
 
 const ROUNDS: usize = 3;
-const CHUNK: u64 = 16 << 20;
 
 fn shards(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -25,42 +24,6 @@ fn shards(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
-}
-
-/// The bound: every byte of every shard pread into pre-faulted shared memory, `threads` wide.
-fn pread_bound(files: &[PathBuf], region: &HostRegion, threads: usize) -> f64 {
-    let opened: Vec<std::fs::File> = files
-        .iter()
-        .map(|f| std::fs::File::open(f).unwrap())
-        .collect();
-    let mut work = Vec::new();
-    let mut dst = 0u64;
-    for (fi, f) in opened.iter().enumerate() {
-        let len = f.metadata().unwrap().len();
-        let mut off = 0;
-        while off < len {
-            let n = CHUNK.min(len - off);
-            work.push((fi, off, dst, n));
-            off += n;
-            dst += n;
-        }
-    }
-    let next = AtomicUsize::new(0);
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                while let Some(&(fi, off, dst, n)) = work.get(next.fetch_add(1, Ordering::Relaxed))
-                {
-                    // SAFETY: each work item is a distinct destination range, taken by one
-                    // thread (the shared counter hands each index out once).
-                    unsafe { region.pread_from(&opened[fi], off, dst as usize, n as usize) }
-                        .unwrap();
-                }
-            });
-        }
-    });
-    t.elapsed().as_secs_f64()
 }
 
 fn python_load(files: &[PathBuf]) -> Option<f64> {
@@ -108,7 +71,7 @@ fn main() {
     let region = HostRegion::create(&shm.path().join("bound"), file_bytes).unwrap();
     region.prefault(threads).unwrap();
     let bound = (0..ROUNDS)
-        .map(|_| pread_bound(&files, &region, threads))
+        .map(|_| common::pread_bound(&files, &region, threads))
         .fold(f64::MAX, f64::min);
     drop(region);
 
@@ -155,7 +118,7 @@ fn main() {
         "checkpoint {:.2} GiB in {} shards, {threads} threads, chunk {} MiB, best of {ROUNDS}",
         bytes as f64 / (1u64 << 30) as f64,
         files.len(),
-        CHUNK >> 20
+        common::PREAD_CHUNK >> 20
     );
     println!(
         "bound: pread into pre-faulted shm : {:6.2} GB/s",

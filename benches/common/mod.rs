@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use offloadd::device::host::HostRegion;
 use offloadd::proto::GetInfoRequest;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -151,4 +153,43 @@ pub fn write_checkpoint(dir: &Path, mib: u64) -> u64 {
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     total
+}
+
+/// Bytes per `pread` of the bound, as the daemon's default `models.chunk_bytes`.
+pub const PREAD_CHUNK: u64 = 16 << 20;
+
+/// The bound: every byte of every shard pread into pre-faulted shared memory, `threads` wide.
+pub fn pread_bound(files: &[PathBuf], region: &HostRegion, threads: usize) -> f64 {
+    let opened: Vec<std::fs::File> = files
+        .iter()
+        .map(|f| std::fs::File::open(f).unwrap())
+        .collect();
+    let mut work = Vec::new();
+    let mut dst = 0u64;
+    for (fi, f) in opened.iter().enumerate() {
+        let len = f.metadata().unwrap().len();
+        let mut off = 0;
+        while off < len {
+            let n = PREAD_CHUNK.min(len - off);
+            work.push((fi, off, dst, n));
+            off += n;
+            dst += n;
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while let Some(&(fi, off, dst, n)) = work.get(next.fetch_add(1, Ordering::Relaxed))
+                {
+                    // SAFETY: each work item is a distinct destination range, taken by one
+                    // thread (the shared counter hands each index out once).
+                    unsafe { region.pread_from(&opened[fi], off, dst as usize, n as usize) }
+                        .unwrap();
+                }
+            });
+        }
+    });
+    t.elapsed().as_secs_f64()
 }

@@ -5,7 +5,7 @@
 use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use crate::device::host::HostRegion;
 
@@ -63,28 +63,83 @@ pub fn chunks(file: usize, file_offset: u64, pool_offset: u64, len: u64, chunk: 
         .collect()
 }
 
+/// Tensors at most this large are read in batches: a mixture-of-experts checkpoint has 100k of
+/// them, and a `pread`, a checksum set-up and a progress report each cost more than the bytes.
+const SMALL_TENSOR: u64 = 1 << 20;
+/// Bytes of neighbouring small tensors read with one `pread` (into a bounce buffer, since their
+/// pool ranges are 256-byte aligned and so not contiguous).
+const BATCH_BYTES: u64 = 4 << 20;
+
+/// One unit of a loader thread's work.
+enum Work {
+    /// A piece of a large tensor, read straight into the pool: (tensor, piece index, chunk).
+    Piece(usize, usize, Chunk),
+    /// Neighbouring small tensors of one file, contiguous in it.
+    Batch(Batch),
+}
+
+struct Batch {
+    file: usize,
+    file_offset: u64,
+    len: u64,
+    /// (tensor, its chunk): each small tensor is one chunk.
+    members: Vec<(usize, Chunk)>,
+}
+
+/// Groups the small tensors that follow each other in a file into batches, in file order.
+fn plan(tensors: &[Vec<Chunk>]) -> Vec<Work> {
+    let mut work = Vec::new();
+    let mut batch: Option<Batch> = None;
+    for (t, cs) in tensors.iter().enumerate() {
+        let small = match cs.as_slice() {
+            [c] if c.len <= SMALL_TENSOR => Some(*c),
+            _ => None,
+        };
+        let Some(c) = small else {
+            work.extend(batch.take().map(Work::Batch));
+            work.extend(cs.iter().enumerate().map(|(i, c)| Work::Piece(t, i, *c)));
+            continue;
+        };
+        if let Some(b) = &mut batch {
+            if b.file == c.file
+                && b.file_offset + b.len == c.file_offset
+                && b.len + c.len <= BATCH_BYTES
+            {
+                b.len += c.len;
+                b.members.push((t, c));
+                continue;
+            }
+        }
+        work.extend(batch.take().map(Work::Batch));
+        batch = Some(Batch {
+            file: c.file,
+            file_offset: c.file_offset,
+            len: c.len,
+            members: vec![(t, c)],
+        });
+    }
+    work.extend(batch.map(Work::Batch));
+    work
+}
+
 /// Runs the load; returns each tensor's CRC32C.
 pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
-    let flat: Vec<(usize, usize, Chunk)> = job
+    let work = plan(&job.tensors);
+    let crcs: Vec<Vec<AtomicU32>> = job
         .tensors
         .iter()
-        .enumerate()
-        .flat_map(|(t, cs)| cs.iter().enumerate().map(move |(i, c)| (t, i, *c)))
-        .collect();
-    let crcs: Vec<Vec<std::sync::Mutex<u32>>> = job
-        .tensors
-        .iter()
-        .map(|cs| cs.iter().map(|_| std::sync::Mutex::new(0)).collect())
+        .map(|cs| cs.iter().map(|_| AtomicU32::new(0)).collect())
         .collect();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let started = std::time::Instant::now();
     let read = std::sync::atomic::AtomicU64::new(0);
-    let threads = job.threads.clamp(1, flat.len().max(1));
+    let threads = job.threads.clamp(1, work.len().max(1));
     let result: Result<(), LoadError> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| -> Result<(), LoadError> {
+                    let mut bounce = Vec::new();
                     loop {
                         if job.cancel.load(Ordering::Relaxed) {
                             return Err(LoadError::Cancelled);
@@ -93,22 +148,28 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
                             return Ok(());
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(t, ci, c)) = flat.get(i) else {
+                        let Some(w) = work.get(i) else {
                             return Ok(());
                         };
-                        match read_chunk(job, c) {
-                            Ok(crc) => *crcs[t][ci].lock().expect("crc slot") = crc,
-                            Err(source) => {
-                                failed.store(true, Ordering::Relaxed);
-                                return Err(LoadError::Io {
-                                    file: c.file,
-                                    what: format!("{} bytes at offset {}", c.len, c.file_offset),
-                                    source,
-                                });
-                            }
+                        let (file, file_offset, len) = match w {
+                            Work::Piece(_, _, c) => (c.file, c.file_offset, c.len),
+                            Work::Batch(b) => (b.file, b.file_offset, b.len),
+                        };
+                        let done = match w {
+                            Work::Piece(t, ci, c) => read_chunk(job, *c)
+                                .map(|crc| crcs[*t][*ci].store(crc, Ordering::Relaxed)),
+                            Work::Batch(b) => read_batch(job, b, &mut bounce, &crcs),
+                        };
+                        if let Err(source) = done {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(LoadError::Io {
+                                file,
+                                what: format!("{len} bytes at offset {file_offset}"),
+                                source,
+                            });
                         }
-                        (job.on_progress)(c.len);
-                        let total = read.fetch_add(c.len, Ordering::Relaxed) + c.len;
+                        (job.on_progress)(len);
+                        let total = read.fetch_add(len, Ordering::Relaxed) + len;
                         throttle(job.max_bytes_per_sec, total, started, job.cancel);
                     }
                 })
@@ -138,11 +199,33 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
             let mut parts = cs
                 .iter()
                 .zip(parts)
-                .map(|(c, crc)| (c.len, crc.into_inner().expect("crc slot")));
+                .map(|(c, crc)| (c.len, crc.into_inner()));
             let first = parts.next().map_or(0, |(_, crc)| crc);
             parts.fold(first, |acc, (len, crc)| combine(acc, crc, len))
         })
         .collect())
+}
+
+/// Reads a batch of small tensors with one `pread` and places each in its pool range,
+/// checksumming it from the bounce buffer while it is in cache.
+fn read_batch(
+    job: &LoadJob<'_>,
+    b: &Batch,
+    bounce: &mut Vec<u8>,
+    crcs: &[Vec<AtomicU32>],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    bounce.resize(b.len as usize, 0);
+    job.files[b.file].read_exact_at(bounce, b.file_offset)?;
+    for &(t, c) in &b.members {
+        let at = (c.file_offset - b.file_offset) as usize;
+        let bytes = &bounce[at..at + c.len as usize];
+        // SAFETY: the tensor's range was allocated for this load; nothing else touches it
+        // until the model is ready, and each batch goes to exactly one loader thread.
+        unsafe { job.region.write_at(c.pool_offset as usize, bytes) };
+        crcs[t][0].store(crc32c(bytes), Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Checksummed in pieces small enough to still be in cache when the CRC reads them back, so the
@@ -214,6 +297,54 @@ mod tests {
         assert_eq!(cs[2].file_offset, 108);
         assert_eq!(cs[2].pool_offset, 4104);
         assert!(chunks(0, 0, 0, 0, 4).is_empty());
+    }
+
+    #[test]
+    fn small_neighbours_are_batched_and_large_tensors_are_not() {
+        let small = |file, off, len| {
+            vec![Chunk {
+                file,
+                file_offset: off,
+                pool_offset: off * 2,
+                len,
+            }]
+        };
+        let tensors = vec![
+            small(0, 0, 100),
+            small(0, 100, 28),
+            chunks(0, 128, 4096, 3 << 20, 1 << 20),
+            small(0, (3 << 20) + 128, 8),
+            small(1, 0, 8),
+            small(1, 16, 8), // a gap in the file: a new batch
+        ];
+        let shape: Vec<String> = plan(&tensors)
+            .iter()
+            .map(|w| match w {
+                Work::Piece(t, i, _) => format!("p{t}.{i}"),
+                Work::Batch(b) => format!(
+                    "b{}:{}+{}",
+                    b.members
+                        .iter()
+                        .map(|m| m.0.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    b.file_offset,
+                    b.len
+                ),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                "b0,1:0+128",
+                "p2.0",
+                "p2.1",
+                "p2.2",
+                "b3:3145856+8",
+                "b4:0+8",
+                "b5:16+8"
+            ]
+        );
     }
 
     #[test]
