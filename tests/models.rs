@@ -524,3 +524,59 @@ async fn an_indexed_shard_of_200k_tensors_registers() {
     );
     assert!(d.terminate().await.success());
 }
+
+/// Bytes of a file in the page cache (`mincore` over a mapping that is never read).
+fn cached_bytes(path: &Path) -> u64 {
+    let bits = offloadd::device::host::resident_pages(&std::fs::File::open(path).unwrap()).unwrap();
+    let pages: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+    pages * rustix::param::page_size() as u64
+}
+
+#[tokio::test]
+async fn a_cold_load_leaves_no_second_copy_in_the_page_cache_and_a_warm_one_stays_cached() {
+    let s = Scratch::new();
+    let root = s.models();
+    let (cold, warm) = (root.join("cold.safetensors"), root.join("warm.safetensors"));
+    ckpt::write_file(&cold, &ckpt::llama(4, 256, 512));
+    ckpt::write_file(&warm, &ckpt::llama(4, 256, 512));
+    // Evict the cold file, as after a reboot: written back, then dropped (no root needed).
+    let f = std::fs::File::open(&cold).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let len = f.metadata().unwrap().len();
+    if cached_bytes(&cold) > len / 2 {
+        eprintln!(
+            "SKIPPED: {} keeps its pages cached after POSIX_FADV_DONTNEED (tmpfs?); set TMPDIR to a disk",
+            cold.display()
+        );
+        return;
+    }
+    std::fs::read(&warm).unwrap();
+    let warm_before = cached_bytes(&warm);
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    pool(&mut c, "p", 32 << 20).await;
+    c.register_model(register("cold", "p", &cold, true))
+        .await
+        .unwrap();
+    c.register_model(register("warm", "p", &warm, true))
+        .await
+        .unwrap();
+    // What the load read from disk is dropped behind it (a page shared with the header, read
+    // before the load, may stay); what was cached before stays cached.
+    let left = cached_bytes(&cold);
+    assert!(
+        left <= 2 * 4096,
+        "{left} of {len} bytes of the cold checkpoint stayed cached"
+    );
+    assert_eq!(
+        cached_bytes(&warm),
+        warm_before,
+        "the warm checkpoint stays cached"
+    );
+    assert!(d.terminate().await.success());
+}

@@ -28,6 +28,54 @@ fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> HostMemEr
     move |source| HostMemError::Io { path, op, source }
 }
 
+/// Which pages of a file are in the page cache now, one bit per page (`mincore` over a mapping
+/// that is never read, so a concurrent truncation cannot fault this process). A loader takes
+/// this before it reads, to drop from the cache afterwards exactly the pages it brought in.
+pub fn resident_pages(file: &File) -> std::io::Result<Vec<u64>> {
+    let len = file.metadata()?.len() as usize;
+    let page = page_size();
+    let pages = len.div_ceil(page);
+    let mut bits = vec![0u64; pages.div_ceil(64)];
+    if len == 0 {
+        return Ok(bits);
+    }
+    // SAFETY: a read-only shared mapping of the whole file, never dereferenced: only handed to
+    // mincore below, and unmapped before returning.
+    let map = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ,
+            MapFlags::SHARED,
+            file,
+            0,
+        )
+    }?;
+    // A window of 1 GiB of pages at a time keeps the byte-per-page vector small.
+    const WINDOW: usize = 1 << 30;
+    let mut vec = vec![0u8; WINDOW / page];
+    let mut result = Ok(());
+    for start in (0..len).step_by(WINDOW) {
+        let n = WINDOW.min(len - start);
+        let np = n.div_ceil(page);
+        // SAFETY: `[start, start + n)` lies in the mapping; `vec` holds a byte for each of its
+        // pages, as mincore requires.
+        if unsafe { libc::mincore(map.cast::<u8>().add(start).cast(), n, vec.as_mut_ptr()) } != 0 {
+            result = Err(std::io::Error::last_os_error());
+            break;
+        }
+        for (i, &b) in vec[..np].iter().enumerate() {
+            if b & 1 == 1 {
+                let p = start / page + i;
+                bits[p / 64] |= 1 << (p % 64);
+            }
+        }
+    }
+    // SAFETY: the mapping made above, not used after this.
+    let _ = unsafe { rustix::mm::munmap(map, len) };
+    result.map(|()| bits)
+}
+
 /// Page size used to pre-fault and to describe locked memory.
 pub fn page_size() -> usize {
     rustix::param::page_size()

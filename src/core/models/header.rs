@@ -36,6 +36,9 @@ pub struct Shard {
     pub tensors: Vec<ShardTensor>,
     /// Size, modification time and header checksum, for the journal.
     pub stamp: FileStamp,
+    /// The file's pages in the page cache before anything was read (one bit each), so the
+    /// load can drop exactly what this registration brought in; None if it could not be told.
+    pub cached_at_open: Option<Vec<u64>>,
 }
 
 /// The most header bytes the safetensors format allows (the crate's own limit).
@@ -139,6 +142,7 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
     let file = open_regular(path, roots)?;
     let meta = file.metadata().map_err(|e| ModelError::io(path, e))?;
     let len = meta.len();
+    let cached_at_open = crate::device::host::resident_pages(&file).ok();
     if len == 0 {
         return Err(bad(
             "the file is empty; it is not a safetensors checkpoint".into(),
@@ -170,6 +174,7 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
             mtime_ns: mtime_ns(&meta),
             header_crc32c: crate::core::models::loader::crc32c(&head),
         },
+        cached_at_open,
     })
 }
 

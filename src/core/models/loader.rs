@@ -21,6 +21,9 @@ pub struct Chunk {
 /// A load: files, and the chunks of each tensor in order.
 pub struct LoadJob<'a> {
     pub files: &'a [File],
+    /// Per file, its pages that were cached before the registration read anything (one bit
+    /// each): the load drops the others from the page cache behind itself.
+    pub cached_at_open: &'a [Option<Vec<u64>>],
     pub region: &'a HostRegion,
     /// `tensors[i]` is the chunks of tensor i, in byte order.
     pub tensors: Vec<Vec<Chunk>>,
@@ -125,6 +128,7 @@ fn plan(tensors: &[Vec<Chunk>]) -> Vec<Work> {
 /// Runs the load; returns each tensor's CRC32C.
 pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
     let work = plan(&job.tensors);
+    let cache = job.cached_at_open;
     let crcs: Vec<Vec<AtomicU32>> = job
         .tensors
         .iter()
@@ -156,9 +160,9 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
                             Work::Batch(b) => (b.file, b.file_offset, b.len),
                         };
                         let done = match w {
-                            Work::Piece(t, ci, c) => read_chunk(job, *c)
+                            Work::Piece(t, ci, c) => read_chunk(job, *c, cache)
                                 .map(|crc| crcs[*t][*ci].store(crc, Ordering::Relaxed)),
-                            Work::Batch(b) => read_batch(job, b, &mut bounce, &crcs),
+                            Work::Batch(b) => read_batch(job, b, &mut bounce, &crcs, cache),
                         };
                         if let Err(source) = done {
                             failed.store(true, Ordering::Relaxed);
@@ -188,6 +192,12 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
         }
         outcome
     });
+    // Readahead of one thread can land in a chunk another thread finished and dropped already:
+    // one last pass over each whole file drops what is left of the pages this load brought in.
+    for (file, bits) in job.files.iter().zip(cache) {
+        let len = file.metadata().map_or(0, |m| m.len());
+        drop_behind(file, bits.as_deref(), 0, len);
+    }
     result?;
     Ok(job
         .tensors
@@ -213,10 +223,13 @@ fn read_batch(
     b: &Batch,
     bounce: &mut Vec<u8>,
     crcs: &[Vec<AtomicU32>],
+    cache: &[Option<Vec<u64>>],
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     bounce.resize(b.len as usize, 0);
-    job.files[b.file].read_exact_at(bounce, b.file_offset)?;
+    let file = &job.files[b.file];
+    file.read_exact_at(bounce, b.file_offset)?;
+    drop_behind(file, cache[b.file].as_deref(), b.file_offset, b.len);
     for &(t, c) in &b.members {
         let at = (c.file_offset - b.file_offset) as usize;
         let bytes = &bounce[at..at + c.len as usize];
@@ -234,7 +247,7 @@ fn read_batch(
 const CRC_PIECE: u64 = 1 << 18;
 
 /// Reads one chunk into the pool and returns its CRC32C.
-fn read_chunk(job: &LoadJob<'_>, c: Chunk) -> std::io::Result<u32> {
+fn read_chunk(job: &LoadJob<'_>, c: Chunk, cache: &[Option<Vec<u64>>]) -> std::io::Result<u32> {
     let file = &job.files[c.file];
     let mut digest = Digest::new(Crc32Iscsi);
     let mut done = 0;
@@ -250,7 +263,38 @@ fn read_chunk(job: &LoadJob<'_>, c: Chunk) -> std::io::Result<u32> {
         }
         done += n;
     }
+    drop_behind(file, cache[c.file].as_deref(), c.file_offset, c.len);
     Ok(digest.finalize() as u32)
+}
+
+/// Drops from the page cache the pages of `[offset, offset + len)` that were not cached when
+/// the load began: a cold load must not leave a second copy of the checkpoint in host memory
+/// beside the pool, while pages someone else cached (a warm cache) stay. Readahead pages are
+/// dropped by the chunk they belong to. Without a residency snapshot nothing is dropped.
+fn drop_behind(file: &File, resident_at_start: Option<&[u64]>, offset: u64, len: u64) {
+    let Some(bits) = resident_at_start else {
+        return;
+    };
+    let page = crate::device::host::page_size() as u64;
+    let (first, last) = (offset / page, (offset + len).div_ceil(page));
+    let was_cached = |p: u64| {
+        bits.get((p / 64) as usize)
+            .is_some_and(|w| w >> (p % 64) & 1 == 1)
+    };
+    let mut p = first;
+    while p < last {
+        if was_cached(p) {
+            p += 1;
+            continue;
+        }
+        let run = p;
+        while p < last && !was_cached(p) {
+            p += 1;
+        }
+        let n = std::num::NonZeroU64::new((p - run) * page).expect("a run has pages");
+        // Advice only: a failure leaves the pages cached, which costs memory, not correctness.
+        let _ = rustix::fs::fadvise(file, run * page, Some(n), rustix::fs::Advice::DontNeed);
+    }
 }
 
 /// CRC32C of `a ++ b` from the CRCs of `a` and `b`.

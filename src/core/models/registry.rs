@@ -52,6 +52,7 @@ pub struct Models {
 pub struct PendingLoad {
     model: Arc<Model>,
     files: Vec<std::fs::File>,
+    cached_at_open: Vec<Option<Vec<u64>>>,
     /// The shard path of each file, to name the one that fails.
     paths: Vec<std::path::PathBuf>,
     chunks: Vec<Vec<Chunk>>,
@@ -104,7 +105,7 @@ impl Models {
         let pool = pools
             .get(&req.pool)
             .map_err(|_| ModelError::PoolNotFound(req.pool.clone()))?;
-        let ckpt = source::open(&req.path, &self.params.roots)?;
+        let mut ckpt = source::open(&req.path, &self.params.roots)?;
         let mut tensors = Vec::new();
         let mut spans = Vec::new();
         for (fi, shard) in ckpt.shards.iter().enumerate() {
@@ -155,6 +156,11 @@ impl Models {
         Ok(PendingLoad {
             model,
             paths: ckpt.shards.iter().map(|s| s.path.clone()).collect(),
+            cached_at_open: ckpt
+                .shards
+                .iter_mut()
+                .map(|s| s.cached_at_open.take())
+                .collect(),
             files: ckpt.shards.into_iter().map(|s| s.file).collect(),
             chunks,
             done,
@@ -167,6 +173,7 @@ impl Models {
         let PendingLoad {
             model,
             files,
+            cached_at_open,
             paths,
             chunks,
             done,
@@ -190,6 +197,7 @@ impl Models {
         };
         let result = loader::run(&LoadJob {
             files: &files,
+            cached_at_open: &cached_at_open,
             region: model.pool().region(),
             tensors: chunks,
             threads,

@@ -1,0 +1,176 @@
+//! Cold and warm RegisterModel of a large checkpoint through the real daemon, with the page
+//! cache the load leaves behind. Cold: caches dropped first (needs root; the benchmark says so
+//! and skips the cold half without it), compared with `dd iflag=direct bs=16M` of the same
+//! shards in the same run. Warm: compared with the parallel `pread` bound of `register`.
+//! Page-cache growth is the checkpoint's resident bytes after the load (`mincore`).
+//!
+//! `cargo bench --bench cold` (OFFLOADD_BENCH_MODEL_MIB sets the size, default 4200).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use offloadd::device::host::HostRegion;
+use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
+
+fn shards(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Writes back dirty pages and drops the page cache; false when not allowed (not root).
+fn drop_caches() -> bool {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// Bytes of `files` in the page cache.
+fn resident(files: &[PathBuf]) -> u64 {
+    let page = rustix::param::page_size() as u64;
+    files
+        .iter()
+        .map(|f| {
+            let file = std::fs::File::open(f).unwrap();
+            // SAFETY: a read-only mapping that is never read: mincore only asks the kernel
+            // about residency, so a concurrent truncation cannot fault here.
+            let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+            let pages = (map.len() as u64).div_ceil(page) as usize;
+            let mut vec = vec![0u8; pages];
+            // SAFETY: `vec` has one byte per page of the mapping, as mincore requires.
+            let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, map.len(), vec.as_mut_ptr()) };
+            assert_eq!(rc, 0, "mincore");
+            vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * page
+        })
+        .sum()
+}
+
+fn dd_direct(files: &[PathBuf]) -> f64 {
+    let t = Instant::now();
+    for f in files {
+        let out = std::process::Command::new("dd")
+            .arg(format!("if={}", f.display()))
+            .args(["of=/dev/null", "iflag=direct", "bs=16M"])
+            .output()
+            .expect("run dd");
+        assert!(
+            out.status.success(),
+            "dd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let mib: u64 = std::env::var("OFFLOADD_BENCH_MODEL_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4200);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // On disk, not tmpfs: a cold read must come from a device.
+    let work =
+        tempfile::tempdir_in(std::env::var("OFFLOADD_BENCH_DIR").unwrap_or("/var/tmp".into()))
+            .unwrap();
+    let ckpt = work.path().join("llama");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let bytes = common::write_checkpoint(&ckpt, mib);
+    let files = shards(&ckpt);
+    let file_bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+    let shm = tempfile::Builder::new()
+        .prefix("offloadd-bench-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut child, channel) = rt.block_on(common::start_daemon(
+        &work.path().join("offloadd.sock"),
+        &shm.path().join("pools"),
+        work.path(),
+    ));
+    let mut c = offloadd::client::offload(channel);
+    rt.block_on(c.create_pool(CreatePoolRequest {
+        name: "p".into(),
+        device: "cpu".into(),
+        size_bytes: bytes + (64 << 20),
+    }))
+    .unwrap();
+    let mut register = || {
+        let t = Instant::now();
+        rt.block_on(c.register_model(RegisterModelRequest {
+            name: "m".into(),
+            pool: "p".into(),
+            path: ckpt.display().to_string(),
+            wait: true,
+            backend: None,
+        }))
+        .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        rt.block_on(c.unregister_model(UnregisterModelRequest { name: "m".into() }))
+            .unwrap();
+        secs
+    };
+    let gib = file_bytes as f64 / (1u64 << 30) as f64;
+    let gbps = |s: f64| file_bytes as f64 / s / 1e9;
+    println!(
+        "checkpoint {gib:.2} GiB in {} shards, {threads} threads",
+        files.len()
+    );
+
+    if drop_caches() {
+        let dd = dd_direct(&files);
+        assert!(drop_caches());
+        let before = resident(&files);
+        let cold = register();
+        let after = resident(&files);
+        println!(
+            "bound: dd iflag=direct bs=16M           : {:6.2} GB/s",
+            gbps(dd)
+        );
+        println!(
+            "cold RegisterModel                      : {:6.2} GB/s  ratio {:.2} (target >= 0.9)",
+            gbps(cold),
+            dd / cold
+        );
+        println!(
+            "page cache grown by the cold load       : {:6.2}% of the checkpoint ({} MiB; target <= 2%)",
+            after.saturating_sub(before) as f64 * 100.0 / file_bytes as f64,
+            after.saturating_sub(before) >> 20
+        );
+    } else {
+        println!("cold: skipped, cannot drop the page cache (run as root to measure it)");
+    }
+
+    // Warm: the files are read once, so the load finds them cached, and must leave them so.
+    for f in &files {
+        std::io::copy(&mut std::fs::File::open(f).unwrap(), &mut std::io::sink()).unwrap();
+    }
+    let region = HostRegion::create(&shm.path().join("bound"), file_bytes).unwrap();
+    region.prefault(threads).unwrap();
+    let bound = (0..2)
+        .map(|_| common::pread_bound(&files, &region, threads))
+        .fold(f64::MAX, f64::min);
+    region.unlink().unwrap();
+    drop(region);
+    let warm = (0..2).map(|_| register()).fold(f64::MAX, f64::min);
+    let cached = resident(&files);
+    println!(
+        "bound: parallel pread from the cache    : {:6.2} GB/s",
+        gbps(bound)
+    );
+    println!(
+        "warm RegisterModel                      : {:6.2} GB/s  ratio {:.2} (target >= 0.8)",
+        gbps(warm),
+        bound / warm
+    );
+    println!(
+        "checkpoint still cached after warm loads: {:6.2}%",
+        cached as f64 * 100.0 / file_bytes as f64
+    );
+    rt.block_on(child.kill()).unwrap();
+}
