@@ -90,6 +90,7 @@ async fn client(channel: Channel, i: usize, stop: Arc<AtomicBool>) -> Vec<Durati
                 c.get_model(GetModelRequest {
                     name: "m".into(),
                     include_tensors: true,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -340,6 +341,7 @@ async fn load_round(
             .get_model(GetModelRequest {
                 name: "m".into(),
                 include_tensors: false,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -87,6 +87,7 @@ async fn restart(mut child: Child, p: &Paths, verify: &str) -> (Restarted, Child
         .get_model(GetModelRequest {
             name: "llama".into(),
             include_tensors: false,
+            ..Default::default()
         })
         .await
         .unwrap()

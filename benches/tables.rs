@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use offloadd::proto::{
-    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, GetModelRequest,
-    RegisterModelRequest,
+    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, RegisterModelRequest,
 };
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -76,15 +75,9 @@ async fn main() {
         let (stop, n, mut c) = (stop.clone(), tables.clone(), c.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let m = c
-                    .get_model(GetModelRequest {
-                        name: "moe".into(),
-                        include_tensors: true,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert_eq!(m.tensors.len(), TENSORS);
+                // The whole table, page by page, as a client reads it.
+                let tensors = common::all_tensors(&mut c, "moe").await;
+                assert_eq!(tensors.len(), TENSORS);
                 n.fetch_add(1, Ordering::Relaxed);
             }
         })

@@ -1,7 +1,8 @@
 //! Mixture-of-experts scale: checkpoints of 1k to 200k tensors of 4 KiB, registered, attached
 //! and listed through the real daemon. RegisterModel is compared with the bound measured in the
 //! same run on the same file: a parallel chunked `pread` of it into pre-faulted shared memory.
-//! Per-tensor costs show whether each step grows linearly.
+//! Per-tensor costs show whether each step grows linearly. GetModel is the whole table, read
+//! page by page (10,000 tensors each).
 //!
 //! `cargo bench --bench tensors` (OFFLOADD_BENCH_TENSORS=1000,10000 picks the sizes).
 
@@ -12,7 +13,7 @@ use std::time::Instant;
 use offloadd::device::host::HostRegion;
 use offloadd::proto::{
     AttachWorkerRequest, CreatePoolRequest, DeletePoolRequest, DetachWorkerRequest,
-    GetModelRequest, RegisterModelRequest, UnregisterModelRequest,
+    RegisterModelRequest, UnregisterModelRequest,
 };
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -123,16 +124,9 @@ fn main() {
             .await
             .unwrap();
             let t = Instant::now();
-            let m = c
-                .get_model(GetModelRequest {
-                    name: "m".into(),
-                    include_tensors: true,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let tensors = common::all_tensors(&mut c, "m").await;
             let get_model = t.elapsed().as_secs_f64();
-            assert_eq!(m.tensors.len(), n);
+            assert_eq!(tensors.len(), n);
             c.unregister_model(UnregisterModelRequest { name: "m".into() })
                 .await
                 .unwrap();

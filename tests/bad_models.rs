@@ -533,6 +533,7 @@ async fn swapping_a_symlink_during_registration_never_escapes_the_roots() {
                     .get_model(offloadd::proto::GetModelRequest {
                         name: name.clone(),
                         include_tensors: true,
+                        ..Default::default()
                     })
                     .await
                     .unwrap()

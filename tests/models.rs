@@ -53,6 +53,7 @@ async fn verify_in_pool(c: &mut OffloadClient<Channel>, model: &str, tensors: &[
         .get_model(GetModelRequest {
             name: model.into(),
             include_tensors: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -260,6 +261,7 @@ async fn unregister_during_a_load_cancels_it_and_frees_its_ranges() {
         .get_model(GetModelRequest {
             name: "m".into(),
             include_tensors: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -358,6 +360,7 @@ async fn published_tensors_are_sealed_with_checksums() {
         .get_model(GetModelRequest {
             name: "pub".into(),
             include_tensors: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -482,6 +485,7 @@ async fn models_declared_in_toml_register_at_startup() {
         .get_model(GetModelRequest {
             name: "boot".into(),
             include_tensors: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -578,5 +582,64 @@ async fn a_cold_load_leaves_no_second_copy_in_the_page_cache_and_a_warm_one_stay
         warm_before,
         "the warm checkpoint stays cached"
     );
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn get_model_pages_a_large_table_within_default_message_limits() {
+    let s = Scratch::new();
+    let root = s.models();
+    let path = root.join("moe.safetensors");
+    let tensors = ckpt::experts(25_000);
+    ckpt::write_file(&path, &tensors);
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    // A plain tonic client, with gRPC's default 4 MiB limit on answers, as grpcurl has.
+    let mut c = OffloadClient::new(d.channel().await);
+    pool(&mut c, "p", 16 << 20).await;
+    c.register_model(register("moe", "p", &path, true))
+        .await
+        .unwrap();
+    let page = |token: &str, size: u32| GetModelRequest {
+        name: "moe".into(),
+        include_tensors: true,
+        page_size: size,
+        page_token: token.into(),
+    };
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let m = c.get_model(page(&token, 0)).await.unwrap().into_inner();
+        assert!(prost::Message::encoded_len(&m) < 4 << 20);
+        assert_eq!(m.tensor_count, 25_000);
+        names.extend(m.tensors.into_iter().map(|t| t.name));
+        pages += 1;
+        if m.next_page_token.is_empty() {
+            break;
+        }
+        token = m.next_page_token;
+    }
+    assert_eq!(pages, 3, "10,000 tensors a page by default");
+    // Every tensor exactly once (the table is in file order, which sorts the names).
+    let mut want: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    want.sort_unstable();
+    let mut got: Vec<&str> = names.iter().map(String::as_str).collect();
+    got.sort_unstable();
+    assert!(
+        got == want,
+        "{} names, {} distinct expected",
+        got.len(),
+        want.len()
+    );
+    let small = c.get_model(page("24998", 7)).await.unwrap().into_inner();
+    assert_eq!(small.tensors.len(), 2);
+    assert!(small.next_page_token.is_empty());
+    let e = c.get_model(page("ten", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("next_page_token"), "{}", e.message());
     assert!(d.terminate().await.success());
 }

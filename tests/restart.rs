@@ -133,6 +133,7 @@ async fn table(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::M
     c.get_model(GetModelRequest {
         name: name.into(),
         include_tensors: true,
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -203,6 +204,7 @@ async fn survives(signal: Signal) {
         .get_model(GetModelRequest {
             name: "b".into(),
             include_tensors: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -359,6 +361,7 @@ async fn a_pool_changed_while_down_drops_its_model_and_spares_the_others() {
         .get_model(GetModelRequest {
             name: "a".into(),
             include_tensors: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -193,3 +193,29 @@ pub fn pread_bound(files: &[PathBuf], region: &HostRegion, threads: usize) -> f6
     });
     t.elapsed().as_secs_f64()
 }
+
+/// Every tensor of a model's table, following GetModel's pages.
+pub async fn all_tensors(
+    c: &mut offloadd::proto::offload_client::OffloadClient<Channel>,
+    name: &str,
+) -> Vec<offloadd::proto::TensorInfo> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let m = c
+            .get_model(offloadd::proto::GetModelRequest {
+                name: name.into(),
+                include_tensors: true,
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(m.tensors);
+        if m.next_page_token.is_empty() {
+            return out;
+        }
+        token = m.next_page_token;
+    }
+}

@@ -167,9 +167,20 @@ class Client:
             raise from_rpc_error(e) from None
 
     def get_model(self, name: str, include_tensors: bool = False) -> pb.Model:
-        return self._call(
+        """The model; with ``include_tensors`` its whole tensor table, read page by page."""
+        model: pb.Model = self._call(
             "GetModel", pb.GetModelRequest(name=name, include_tensors=include_tensors)
         )
+        while model.next_page_token:
+            page: pb.Model = self._call(
+                "GetModel",
+                pb.GetModelRequest(
+                    name=name, include_tensors=True, page_token=model.next_page_token
+                ),
+            )
+            model.tensors.extend(page.tensors)
+            model.next_page_token = page.next_page_token
+        return model
 
     def list_models(self) -> list[pb.Model]:
         return list(self._call("ListModels", pb.ListModelsRequest()).models)

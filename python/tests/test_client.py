@@ -116,7 +116,10 @@ def test_a_100k_tensor_table_is_over_the_grpc_default_and_still_attaches(client:
     with client.attach("moe") as lease:
         assert len(lease.tensors) == n
         assert lease.numpy("model.layers.99.experts.998.w").tolist() == [99998 % 251] * 4
-    assert client.get_model("moe", include_tensors=True).tensor_count == n
+    # GetModel pages the table (10,000 tensors an answer); the client follows the pages.
+    table = client.get_model("moe", include_tensors=True)
+    assert table.tensor_count == n and len({t.name for t in table.tensors}) == n
+    assert not table.next_page_token
 
 
 def test_a_daemon_that_is_not_running_is_unavailable_within_the_timeout(tmp_path: Path):

@@ -208,7 +208,23 @@ pub fn tensor(t: &TensorEntry) -> proto::TensorInfo {
     }
 }
 
+/// A model and, when `tensors` is given, that range of its table (clamped to it) with the
+/// token of the next page.
+pub fn model_page(m: &Model, tensors: std::ops::Range<usize>) -> proto::Model {
+    let len = m.tensors.lock().expect("tensors lock").len();
+    let (start, end) = (tensors.start.min(len), tensors.end.min(len));
+    let mut reply = model_with(m, Some(start..end));
+    if end < len {
+        reply.next_page_token = end.to_string();
+    }
+    reply
+}
+
 pub fn model(m: &Model, include_tensors: bool) -> proto::Model {
+    model_with(m, include_tensors.then_some(0..usize::MAX))
+}
+
+fn model_with(m: &Model, table: Option<std::ops::Range<usize>>) -> proto::Model {
     let p = m.progress();
     let tensors = m.tensors.lock().expect("tensors lock");
     proto::Model {
@@ -225,12 +241,15 @@ pub fn model(m: &Model, include_tensors: bool) -> proto::Model {
         backend: m.backend().as_ref().map(backend),
         attached_workers: m.attached_workers() as u32,
         error: p.error.unwrap_or_default(),
-        tensors: if include_tensors {
-            tensors.iter().map(tensor).collect()
-        } else {
-            Vec::new()
+        tensors: match table {
+            Some(r) => tensors[r.start.min(tensors.len())..r.end.min(tensors.len())]
+                .iter()
+                .map(tensor)
+                .collect(),
+            None => Vec::new(),
         },
         adopted: m.adopted,
+        next_page_token: String::new(),
     }
 }
 

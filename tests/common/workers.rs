@@ -127,6 +127,7 @@ pub async fn attached_workers(c: &mut OffloadClient<Channel>, model: &str) -> u3
     c.get_model(GetModelRequest {
         name: model.into(),
         include_tensors: false,
+        ..Default::default()
     })
     .await
     .unwrap()

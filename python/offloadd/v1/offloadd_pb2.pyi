@@ -304,12 +304,16 @@ class ModelProgress(_message.Message):
     def __init__(self, state: _Optional[_Union[ModelState, str]] = ..., loaded_bytes: _Optional[int] = ..., bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("name", "include_tensors")
+    __slots__ = ("name", "include_tensors", "page_size", "page_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     include_tensors: bool
-    def __init__(self, name: _Optional[str] = ..., include_tensors: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, name: _Optional[str] = ..., include_tensors: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -364,7 +368,7 @@ class SetBackendRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "pool", "path", "state", "bytes", "tensor_count", "loaded_bytes", "backend", "attached_workers", "error", "tensors", "adopted")
+    __slots__ = ("name", "pool", "path", "state", "bytes", "tensor_count", "loaded_bytes", "backend", "attached_workers", "error", "tensors", "adopted", "next_page_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -377,6 +381,7 @@ class Model(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     path: str
@@ -389,7 +394,8 @@ class Model(_message.Message):
     error: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     adopted: bool
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., attached_workers: _Optional[int] = ..., error: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., adopted: _Optional[bool] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., attached_workers: _Optional[int] = ..., error: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., adopted: _Optional[bool] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "strides", "offset", "length", "layer", "crc32c")
