@@ -8,21 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use offloadd::device::host::HostRegion;
 use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
-
-fn shards(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    v.sort();
-    v
-}
 
 /// Writes back dirty pages and drops the page cache; false when not allowed (not root).
 fn drop_caches() -> bool {
@@ -81,7 +71,7 @@ fn main() {
     let ckpt = work.path().join("llama");
     std::fs::create_dir_all(&ckpt).unwrap();
     let bytes = common::write_checkpoint(&ckpt, mib);
-    let files = shards(&ckpt);
+    let files = common::shards(&ckpt);
     let file_bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
     let shm = tempfile::Builder::new()
         .prefix("offloadd-bench-")

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use std::time::Instant;
 
@@ -15,16 +15,6 @@ use offloadd::device::host::HostRegion;
 use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
 
 const ROUNDS: usize = 3;
-
-fn shards(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    v.sort();
-    v
-}
 
 fn python_load(files: &[PathBuf]) -> Option<f64> {
     let script = "import sys,time\nfrom safetensors.numpy import load_file\nt=time.perf_counter()\nfor f in sys.argv[1:]: load_file(f)\nprint(time.perf_counter()-t)";
@@ -57,7 +47,7 @@ fn main() {
     let ckpt = work.path().join("llama");
     std::fs::create_dir_all(&ckpt).unwrap();
     let bytes = common::write_checkpoint(&ckpt, mib);
-    let files = shards(&ckpt);
+    let files = common::shards(&ckpt);
     let file_bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
     // Warm the page cache so both sides read from it.
     for f in &files {

@@ -281,6 +281,10 @@ async fn assert_clean_start(st: &Setup, reason: &str) {
     );
     // The start after that one finds no journal at all.
     assert!(d.terminate().await.success());
+    assert_next_start_finds_no_journal(st).await;
+}
+
+async fn assert_next_start_finds_no_journal(st: &Setup) {
     let d = st.daemon().start().await.unwrap();
     let mut c = d.client().await;
     assert_eq!(recovery(&mut c).await.journal, "absent");
@@ -446,10 +450,7 @@ async fn keep_on_exit_false_leaves_nothing_and_the_next_start_is_clean() {
     assert!(d.terminate().await.success());
     assert_eq!(pool_files(&st), Vec::<String>::new());
     assert!(!st.journal().exists());
-    let d = st.daemon().start().await.unwrap();
-    let mut c = d.client().await;
-    assert_eq!(recovery(&mut c).await.journal, "absent");
-    assert!(d.terminate().await.success());
+    assert_next_start_finds_no_journal(&st).await;
 }
 
 #[tokio::test]

@@ -219,3 +219,14 @@ pub async fn all_tensors(
         token = m.next_page_token;
     }
 }
+
+/// The `.safetensors` files of a checkpoint directory, in name order.
+pub fn shards(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
