@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use offloadd::proto::{
-    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, RegisterModelRequest,
-};
+use offloadd::proto::{CreatePoolRequest, DetachWorkerRequest, RegisterModelRequest};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
@@ -87,15 +85,7 @@ async fn main() {
         let mut c = offloadd::client::offload(offloadd::client::connect_uds(&uds).await.unwrap());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let lease = c
-                    .attach_worker(AttachWorkerRequest {
-                        model: "moe".into(),
-                        worker_name: "bench".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let lease = common::attach_all(&mut c, "moe").await;
                 c.detach_worker(DetachWorkerRequest {
                     lease_id: lease.lease_id,
                 })

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use offloadd::device::host::HostRegion;
 use offloadd::proto::{
-    AttachWorkerRequest, CreatePoolRequest, DeletePoolRequest, DetachWorkerRequest,
-    RegisterModelRequest, UnregisterModelRequest,
+    CreatePoolRequest, DeletePoolRequest, DetachWorkerRequest, RegisterModelRequest,
+    UnregisterModelRequest,
 };
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -107,15 +107,7 @@ fn main() {
                 register = register.min(t.elapsed().as_secs_f64());
             }
             let t = Instant::now();
-            let lease = c
-                .attach_worker(AttachWorkerRequest {
-                    model: "m".into(),
-                    worker_name: "bench".into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let lease = common::attach_all(&mut c, "m").await;
             let attach = t.elapsed().as_secs_f64();
             assert_eq!(lease.tensors.len(), n);
             c.detach_worker(DetachWorkerRequest {

@@ -86,6 +86,7 @@ async fn a_lease_tied_to_the_fast_path_ends_when_its_connection_closes() {
         worker_name: name.into(),
         ttl_ms: 600_000,
         end_with_fast_path: tied,
+        page_size: 0,
     };
     let tied =
         f.c.attach_worker(attach_tied(true, "tied"))

@@ -340,5 +340,42 @@ async fn a_worker_attaches_to_a_100k_tensor_model() {
         .finish()
         .await;
     assert_eq!(done["tensors_verified"].as_u64().unwrap() as usize, N);
+
+    // A plain client with gRPC's default 4 MiB limit (as grpcurl has) reads the same lease
+    // page by page: AttachWorker answers the first 10,000 rows, GetLeaseTensors the rest.
+    let lease = c
+        .attach_worker(offloadd::proto::AttachWorkerRequest {
+            model: "moe".into(),
+            worker_name: "plain".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.tensors.len(), 10_000);
+    let mut names: std::collections::HashSet<String> =
+        lease.tensors.into_iter().map(|t| t.name).collect();
+    let page = |token: String| offloadd::proto::GetLeaseTensorsRequest {
+        lease_id: lease.lease_id.clone(),
+        page_size: 0,
+        page_token: token,
+    };
+    let mut token = lease.next_page_token.clone();
+    while !token.is_empty() {
+        let p = c.get_lease_tensors(page(token)).await.unwrap().into_inner();
+        assert!(prost::Message::encoded_len(&p) < 4 << 20);
+        names.extend(p.tensors.into_iter().map(|t| t.name));
+        token = p.next_page_token;
+    }
+    assert_eq!(names.len(), N, "every row once");
+    let e = c.get_lease_tensors(page("x".into())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    c.detach_worker(offloadd::proto::DetachWorkerRequest {
+        lease_id: lease.lease_id.clone(),
+    })
+    .await
+    .unwrap();
+    let e = c.get_lease_tensors(page("0".into())).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "the lease has ended");
     assert!(d.terminate().await.success());
 }

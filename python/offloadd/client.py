@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from .errors import Internal, Unavailable, from_rpc_error
+from .errors import Internal, OffloaddError, Unavailable, from_rpc_error
 from .v1 import offloadd_pb2 as pb
 from .v1 import offloadd_pb2_grpc as pb_grpc
 
@@ -220,12 +220,28 @@ class Client:
 
         worker_name = worker_name or f"python-{os.getpid()}"
         raw = self.attach_worker(model, worker_name, int(ttl * 1000), end_with_fast_path)
+        try:
+            # AttachWorker answers the first 10,000 rows of the table; the rest come in pages.
+            while raw.next_page_token:
+                page = self.get_lease_tensors(raw.lease_id, raw.next_page_token)
+                raw.tensors.extend(page.tensors)
+                raw.next_page_token = page.next_page_token
+        except OffloaddError:
+            self.detach_worker(raw.lease_id)
+            raise
         return Lease(self, raw)
+
+    def get_lease_tensors(self, lease_id: str, page_token: str, page_size: int = 0) -> pb.LeaseTensorPage:
+        """A page of a lease's tensor table after AttachWorker's first (``Lease.next_page_token``)."""
+        return self._call(
+            "GetLeaseTensors",
+            pb.GetLeaseTensorsRequest(lease_id=lease_id, page_token=page_token, page_size=page_size),
+        )
 
     def attach_worker(
         self, model: str, worker_name: str, ttl_ms: int = 0, end_with_fast_path: bool = False
     ) -> pb.Lease:
-        """The raw AttachWorker call; :meth:`attach` wraps its answer."""
+        """The raw AttachWorker call (its table's first page); :meth:`attach` wraps its answer."""
         return self._call(
             "AttachWorker",
             pb.AttachWorkerRequest(

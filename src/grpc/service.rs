@@ -228,6 +228,16 @@ impl Offload for OffloadService {
         ))
     }
 
+    #[tracing::instrument(skip_all, fields(lease = %request.get_ref().lease_id, page = %request.get_ref().page_token))]
+    async fn get_lease_tensors(
+        &self,
+        request: Request<proto::GetLeaseTensorsRequest>,
+    ) -> Reply<proto::LeaseTensorPage> {
+        let r = request.into_inner();
+        let page = blocking(&self.core, move |c| workers::lease_page(c, &r)).await?;
+        Ok(Response::new(page))
+    }
+
     #[tracing::instrument(skip_all, fields(lease = %request.get_ref().lease_id))]
     async fn keep_alive(
         &self,

@@ -33,10 +33,11 @@ pub async fn attach(
         ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
         end_with_fast_path: r.end_with_fast_path,
     };
+    let page = page_size(r.page_size);
     // The lease's table is built on the blocking thread too: 100k rows take tens of ms.
     let (lease, reply) = blocking(core, move |c| {
         c.leases.attach(&c.models, &c.pools, &req).map(|l| {
-            let reply = lease_proto(&l);
+            let reply = lease_proto(&l, page);
             (l, reply)
         })
     })
@@ -170,34 +171,27 @@ impl Drop for FastSession {
     }
 }
 
-fn lease_proto(l: &Lease) -> proto::Lease {
-    let pool = l.model.pool();
-    let device = pool.device.info().id.clone();
-    let mut segments = vec![proto::Segment {
-        path: pool.path().display().to_string(),
-        size_bytes: pool.size_bytes,
-        kind: proto::SegmentKind::Pool as i32,
-        device: device.clone(),
-        ipc_handle: Vec::new(),
-    }];
-    let static_segment = l.statics.as_ref().map(|s| {
-        segments.push(proto::Segment {
-            path: s
-                .path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            size_bytes: s.len(),
-            kind: proto::SegmentKind::Static as i32,
-            device: device.clone(),
-            ipc_handle: s.ipc_handle(),
-        });
-        (segments.len() - 1) as u32
-    });
-    let tensors = l
-        .tensors
+/// Tensors per page of a lease's table unless asked otherwise: under 2 MB, within the 4 MiB
+/// that gRPC clients and grpcurl accept by default.
+const DEFAULT_TENSOR_PAGE: usize = 10_000;
+
+fn page_size(asked: u32) -> usize {
+    match asked {
+        0 => DEFAULT_TENSOR_PAGE,
+        n => n as usize,
+    }
+}
+
+/// Rows `range` of a lease's table (clamped to it), and the token of the next page.
+fn lease_tensors(l: &Lease, range: std::ops::Range<usize>) -> (Vec<proto::LeaseTensor>, String) {
+    let len = l.tensors.len();
+    let (start, end) = (range.start.min(len), range.end.min(len));
+    // The static buffers, when the lease has them, are always its second segment.
+    let static_segment = l.statics.as_ref().map(|_| 1u32);
+    let rows = l.tensors[start..end]
         .iter()
-        .zip(&l.plan.placements)
-        .zip(&l.static_slots)
+        .zip(&l.plan.placements[start..end])
+        .zip(&l.static_slots[start..end])
         .map(|((t, p), slot)| {
             let info = convert::tensor(t);
             proto::LeaseTensor {
@@ -220,6 +214,58 @@ fn lease_proto(l: &Lease) -> proto::Lease {
             }
         })
         .collect();
+    let next = if end < len {
+        end.to_string()
+    } else {
+        String::new()
+    };
+    (rows, next)
+}
+
+/// GetLeaseTensors: a page of the table after AttachWorker's first. Blocking (a page of many
+/// rows takes milliseconds to build).
+pub fn lease_page(
+    core: &Core,
+    r: &proto::GetLeaseTensorsRequest,
+) -> Result<proto::LeaseTensorPage, Status> {
+    let lease = core.leases.get(&r.lease_id)?;
+    let start: usize = r.page_token.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "page_token {:?} is not one this lease gave; pass Lease.next_page_token or the previous page's next_page_token",
+            r.page_token.chars().take(64).collect::<String>()
+        ))
+    })?;
+    let (tensors, next_page_token) =
+        lease_tensors(&lease, start..start.saturating_add(page_size(r.page_size)));
+    Ok(proto::LeaseTensorPage {
+        tensors,
+        next_page_token,
+    })
+}
+
+fn lease_proto(l: &Lease, page: usize) -> proto::Lease {
+    let pool = l.model.pool();
+    let device = pool.device.info().id.clone();
+    let mut segments = vec![proto::Segment {
+        path: pool.path().display().to_string(),
+        size_bytes: pool.size_bytes,
+        kind: proto::SegmentKind::Pool as i32,
+        device: device.clone(),
+        ipc_handle: Vec::new(),
+    }];
+    if let Some(s) = &l.statics {
+        segments.push(proto::Segment {
+            path: s
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            size_bytes: s.len(),
+            kind: proto::SegmentKind::Static as i32,
+            device: device.clone(),
+            ipc_handle: s.ipc_handle(),
+        });
+    }
+    let (tensors, next_page_token) = lease_tensors(l, 0..page);
     let pf = l.plan.prefetch.as_ref();
     proto::Lease {
         lease_id: l.id.clone(),
@@ -239,5 +285,6 @@ fn lease_proto(l: &Lease) -> proto::Lease {
             .as_ref()
             .map(|s| s.copy_done_events())
             .unwrap_or_default(),
+        next_page_token,
     }
 }

@@ -20,8 +20,8 @@ use crate::fast::FastError;
 use crate::fast::client::FastClient;
 use crate::proto::offload_client::OffloadClient;
 use crate::proto::{
-    AttachWorkerRequest, DetachWorkerRequest, KeepAliveRequest, Lease, LeaseTensor,
-    OnloadToStaticRequest, OnloadToStaticResponse, Placement, SegmentKind,
+    AttachWorkerRequest, DetachWorkerRequest, GetLeaseTensorsRequest, KeepAliveRequest, Lease,
+    LeaseTensor, OnloadToStaticRequest, OnloadToStaticResponse, Placement, SegmentKind,
 };
 
 #[derive(Debug, Error)]
@@ -69,6 +69,39 @@ pub struct Worker {
     /// CUDA static buffers: the device pointer of each segment opened by IPC handle.
     device_segments: HashMap<usize, u64>,
     cuda: Option<CudaAccess>,
+}
+
+/// Attaches and reads the whole tensor table, following its pages (AttachWorker answers the
+/// first 10,000 rows). If a page cannot be read, the lease is detached rather than left for
+/// its ttl.
+async fn attach_whole(
+    client: &mut OffloadClient<Channel>,
+    request: &AttachWorkerRequest,
+) -> Result<Lease, tonic::Status> {
+    let mut lease = client.attach_worker(request.clone()).await?.into_inner();
+    while !lease.next_page_token.is_empty() {
+        let page = GetLeaseTensorsRequest {
+            lease_id: lease.lease_id.clone(),
+            page_size: 0,
+            page_token: std::mem::take(&mut lease.next_page_token),
+        };
+        match client.get_lease_tensors(page).await {
+            Ok(p) => {
+                let p = p.into_inner();
+                lease.tensors.extend(p.tensors);
+                lease.next_page_token = p.next_page_token;
+            }
+            Err(e) => {
+                let _ = client
+                    .detach_worker(DetachWorkerRequest {
+                        lease_id: lease.lease_id,
+                    })
+                    .await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(lease)
 }
 
 /// What [`Worker::reattach`] did.
@@ -195,7 +228,7 @@ impl Worker {
             ttl_ms,
             ..Default::default()
         };
-        let lease = client.attach_worker(request.clone()).await?.into_inner();
+        let lease = attach_whole(&mut client, &request).await?;
         let (mapped, _) = map_lease(&lease, Vec::new(), None)?;
         Ok(Self::with(client, request, lease, mapped))
     }
@@ -240,8 +273,8 @@ impl Worker {
         self.fast = None;
         let lease = loop {
             attempts += 1;
-            match self.client.attach_worker(self.request.clone()).await {
-                Ok(r) => break r.into_inner(),
+            match attach_whole(&mut self.client, &self.request).await {
+                Ok(lease) => break lease,
                 Err(s) if retry_attach(s.code()) && started.elapsed() + delay < timeout => {
                     // Backoff between attempts while the daemon restarts.
                     tokio::time::sleep(delay).await;

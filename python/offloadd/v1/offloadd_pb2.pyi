@@ -418,16 +418,36 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., strides: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., layer: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class AttachWorkerRequest(_message.Message):
-    __slots__ = ("model", "worker_name", "ttl_ms", "end_with_fast_path")
+    __slots__ = ("model", "worker_name", "ttl_ms", "end_with_fast_path", "page_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     END_WITH_FAST_PATH_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     worker_name: str
     ttl_ms: int
     end_with_fast_path: bool
-    def __init__(self, model: _Optional[str] = ..., worker_name: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., end_with_fast_path: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    def __init__(self, model: _Optional[str] = ..., worker_name: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., end_with_fast_path: _Optional[bool] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class GetLeaseTensorsRequest(_message.Message):
+    __slots__ = ("lease_id", "page_size", "page_token")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, lease_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class LeaseTensorPage(_message.Message):
+    __slots__ = ("tensors", "next_page_token")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[LeaseTensor]
+    next_page_token: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[LeaseTensor, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("path", "size_bytes", "kind", "device", "ipc_handle")
@@ -472,7 +492,7 @@ class LeaseTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., strides: _Optional[_Iterable[int]] = ..., layer: _Optional[int] = ..., placement: _Optional[_Union[Placement, str]] = ..., segment: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., static_segment: _Optional[int] = ..., static_offset: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "ttl_ms", "pinned", "pin_reason", "backend", "segments", "tensors", "prefetch_next", "offloaded_layers", "prefetch_slots", "uva_mode", "model", "copy_done_events")
+    __slots__ = ("lease_id", "ttl_ms", "pinned", "pin_reason", "backend", "segments", "tensors", "prefetch_next", "offloaded_layers", "prefetch_slots", "uva_mode", "model", "copy_done_events", "next_page_token")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
@@ -486,6 +506,7 @@ class Lease(_message.Message):
     UVA_MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COPY_DONE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     ttl_ms: int
     pinned: bool
@@ -499,7 +520,8 @@ class Lease(_message.Message):
     uva_mode: UvaMode
     model: str
     copy_done_events: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, lease_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_reason: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[LeaseTensor, _Mapping]]] = ..., prefetch_next: _Optional[_Iterable[int]] = ..., offloaded_layers: _Optional[_Iterable[int]] = ..., prefetch_slots: _Optional[int] = ..., uva_mode: _Optional[_Union[UvaMode, str]] = ..., model: _Optional[str] = ..., copy_done_events: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, lease_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_reason: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[LeaseTensor, _Mapping]]] = ..., prefetch_next: _Optional[_Iterable[int]] = ..., offloaded_layers: _Optional[_Iterable[int]] = ..., prefetch_slots: _Optional[int] = ..., uva_mode: _Optional[_Union[UvaMode, str]] = ..., model: _Optional[str] = ..., copy_done_events: _Optional[_Iterable[bytes]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class KeepAliveRequest(_message.Message):
     __slots__ = ("lease_id",)

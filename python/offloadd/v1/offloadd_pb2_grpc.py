@@ -105,6 +105,11 @@ class OffloadStub:
                 request_serializer=offloadd_dot_v1_dot_offloadd__pb2.AttachWorkerRequest.SerializeToString,
                 response_deserializer=offloadd_dot_v1_dot_offloadd__pb2.Lease.FromString,
                 _registered_method=True)
+        self.GetLeaseTensors = channel.unary_unary(
+                '/offloadd.v1.Offload/GetLeaseTensors',
+                request_serializer=offloadd_dot_v1_dot_offloadd__pb2.GetLeaseTensorsRequest.SerializeToString,
+                response_deserializer=offloadd_dot_v1_dot_offloadd__pb2.LeaseTensorPage.FromString,
+                _registered_method=True)
         self.KeepAlive = channel.unary_unary(
                 '/offloadd.v1.Offload/KeepAlive',
                 request_serializer=offloadd_dot_v1_dot_offloadd__pb2.KeepAliveRequest.SerializeToString,
@@ -241,6 +246,14 @@ class OffloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLeaseTensors(self, request, context):
+        """The rest of a lease's tensor table, a page at a time, after AttachWorker's first page
+        (Lease.next_page_token). NOT_FOUND once the lease has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def KeepAlive(self, request, context):
         """Renews a lease for another ttl. NOT_FOUND once it has ended.
         """
@@ -339,6 +352,11 @@ def add_OffloadServicer_to_server(servicer, server):
                     servicer.AttachWorker,
                     request_deserializer=offloadd_dot_v1_dot_offloadd__pb2.AttachWorkerRequest.FromString,
                     response_serializer=offloadd_dot_v1_dot_offloadd__pb2.Lease.SerializeToString,
+            ),
+            'GetLeaseTensors': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLeaseTensors,
+                    request_deserializer=offloadd_dot_v1_dot_offloadd__pb2.GetLeaseTensorsRequest.FromString,
+                    response_serializer=offloadd_dot_v1_dot_offloadd__pb2.LeaseTensorPage.SerializeToString,
             ),
             'KeepAlive': grpc.unary_unary_rpc_method_handler(
                     servicer.KeepAlive,
@@ -735,6 +753,33 @@ class Offload:
             '/offloadd.v1.Offload/AttachWorker',
             offloadd_dot_v1_dot_offloadd__pb2.AttachWorkerRequest.SerializeToString,
             offloadd_dot_v1_dot_offloadd__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLeaseTensors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offloadd.v1.Offload/GetLeaseTensors',
+            offloadd_dot_v1_dot_offloadd__pb2.GetLeaseTensorsRequest.SerializeToString,
+            offloadd_dot_v1_dot_offloadd__pb2.LeaseTensorPage.FromString,
             options,
             channel_credentials,
             insecure,
