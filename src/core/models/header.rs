@@ -149,21 +149,8 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
             None,
         ));
     }
-    let mut n = [0u8; 8];
-    if len < 8 {
-        return Err(bad(describe(&SafeTensorError::HeaderTooSmall), None));
-    }
-    read_at(&file, path, &mut n, 0)?;
-    let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER {
-        return Err(bad(describe(&SafeTensorError::HeaderTooLarge), None));
-    }
-    if 8 + n > len {
-        return Err(bad(describe(&SafeTensorError::InvalidHeaderLength), None));
-    }
-    let mut head = vec![0u8; 8 + n as usize];
-    read_at(&file, path, &mut head, 0)?;
-    let tensors = parse_header(&head, len - 8 - n).map_err(|e| bad(e.why, e.tensor))?;
+    let head = read_head(&file, path, len)?;
+    let tensors = parse_header(&head, len - head.len() as u64).map_err(|e| bad(e.why, e.tensor))?;
     Ok(Shard {
         path: path.to_path_buf(),
         file,
@@ -184,29 +171,37 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec()
 }
 
-/// CRC32C of a shard's header (length prefix included), read from an open file: what
-/// [`FileStamp::header_crc32c`] recorded at registration.
-pub fn header_crc(file: &File, path: &Path, size: u64) -> Result<u32, ModelError> {
+/// The 8-byte length and the JSON header of a shard of `len` bytes, checked against the
+/// format's limits before anything large is read.
+fn read_head(file: &File, path: &Path, len: u64) -> Result<Vec<u8>, ModelError> {
+    let bad = |e: SafeTensorError| ModelError::BadFile {
+        path: path.to_path_buf(),
+        tensor: None,
+        why: describe(&e),
+    };
     let mut n = [0u8; 8];
-    if size < 8 {
-        return Err(ModelError::BadFile {
-            path: path.to_path_buf(),
-            tensor: None,
-            why: describe(&SafeTensorError::HeaderTooSmall),
-        });
+    if len < 8 {
+        return Err(bad(SafeTensorError::HeaderTooSmall));
     }
     read_at(file, path, &mut n, 0)?;
     let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER || 8 + n > size {
-        return Err(ModelError::BadFile {
-            path: path.to_path_buf(),
-            tensor: None,
-            why: describe(&SafeTensorError::InvalidHeaderLength),
-        });
+    if n > MAX_HEADER {
+        return Err(bad(SafeTensorError::HeaderTooLarge));
+    }
+    if 8 + n > len {
+        return Err(bad(SafeTensorError::InvalidHeaderLength));
     }
     let mut head = vec![0u8; 8 + n as usize];
     read_at(file, path, &mut head, 0)?;
-    Ok(crate::core::models::loader::crc32c(&head))
+    Ok(head)
+}
+
+/// CRC32C of a shard's header (length prefix included), read from an open file: what
+/// [`FileStamp::header_crc32c`] recorded at registration.
+pub fn header_crc(file: &File, path: &Path, size: u64) -> Result<u32, ModelError> {
+    Ok(crate::core::models::loader::crc32c(&read_head(
+        file, path, size,
+    )?))
 }
 
 /// Why a header was refused, and the tensor at fault when one is.
