@@ -173,35 +173,32 @@ impl Pool {
 
     /// Allocates ranges for `lens` all at once, or none of them.
     pub fn alloc_all(&self, lens: &[u64], align: u64) -> Result<Vec<Range>, AllocError> {
+        self.take_all(lens, |ranges, &len| ranges.alloc(len, align))
+    }
+
+    /// Takes the exact ranges `(offset, len)` a journal recorded, all or none.
+    pub fn claim_all(&self, spans: &[(u64, u64)]) -> Result<Vec<Range>, AllocError> {
+        self.take_all(spans, |ranges, &(offset, len)| ranges.claim(offset, len))
+    }
+
+    /// Takes a range for each item under one lock, giving back those taken if one fails, so a
+    /// model never holds part of its ranges; refused once the pool is retired.
+    fn take_all<T>(
+        &self,
+        items: &[T],
+        mut take: impl FnMut(&mut RangeAllocator, &T) -> Result<Range, AllocError>,
+    ) -> Result<Vec<Range>, AllocError> {
         let mut st = self.state();
         if st.retired {
             return Err(AllocError::Retired);
         }
-        let mut out = Vec::with_capacity(lens.len());
-        for &len in lens {
-            match st.ranges.alloc(len, align) {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match take(&mut st.ranges, item) {
                 Ok(r) => out.push(r),
                 Err(e) => {
                     for r in out {
-                        st.ranges.free(r).expect("just allocated");
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Takes the exact ranges a journal recorded, all or none.
-    pub fn claim_all(&self, ranges: &[(u64, u64)]) -> Result<Vec<Range>, AllocError> {
-        let mut st = self.state();
-        let mut out = Vec::with_capacity(ranges.len());
-        for &(offset, len) in ranges {
-            match st.ranges.claim(offset, len) {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    for r in out {
-                        st.ranges.free(r).expect("just claimed");
+                        st.ranges.free(r).expect("just taken");
                     }
                     return Err(e);
                 }

@@ -287,17 +287,9 @@ impl Pools {
             name: req.name.clone(),
             source,
         };
-        let path = self
-            .params
-            .dir
-            .join(format!("{POOL_FILE_PREFIX}{}", req.name));
+        let path = self.pool_path(&req.name);
         let region = Arc::new(HostRegion::create(&path, req.size_bytes).map_err(host)?);
-        let numa_node = device.info().numa_node;
-        if let Some(node) = numa_node {
-            if let Err(e) = region.bind_numa(node) {
-                tracing::warn!(pool = %req.name, node, error = %e, "cannot bind pool to its device's NUMA node");
-            }
-        }
+        let numa_node = bind_to_device_node(&req.name, device.as_ref(), &region);
         let threads = match self.params.prefault_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -331,6 +323,10 @@ impl Pools {
             max_lease_ttl_ms: 0,
             region,
         }))
+    }
+
+    fn pool_path(&self, name: &str) -> PathBuf {
+        self.params.dir.join(format!("{POOL_FILE_PREFIX}{name}"))
     }
 
     /// The shared pin policy, applied to one pool's memory now; a failed pin leaves it unpinned
@@ -441,10 +437,7 @@ impl Pools {
         if let Some(cause) = device.fault() {
             return Err(format!("device {} faulted: {cause}", rec.device));
         }
-        let path = self
-            .params
-            .dir
-            .join(format!("{POOL_FILE_PREFIX}{}", rec.name));
+        let path = self.pool_path(&rec.name);
         let region = HostRegion::open(&path).map_err(|e| e.to_string())?;
         let ino = region.ino().map_err(|e| e.to_string())?;
         if ino != rec.ino || region.len() as u64 != rec.size_bytes {
@@ -468,12 +461,7 @@ impl Pools {
             return Err("a pool of that name exists already".into());
         }
         let region = Arc::new(region);
-        let numa_node = device.info().numa_node;
-        if let Some(node) = numa_node {
-            if let Err(e) = region.bind_numa(node) {
-                tracing::warn!(pool = %rec.name, node, error = %e, "cannot bind pool to its device's NUMA node");
-            }
-        }
+        let numa_node = bind_to_device_node(&rec.name, device.as_ref(), &region);
         // Pinning re-faults and locks every page (0.1 s per GiB on the benchmark machine):
         // it runs in the background, so the models' bytes are READY at once; AttachWorker
         // waits for it, since a lease's copies depend on whether the pool is pinned.
@@ -566,6 +554,16 @@ impl Pools {
         }
         bytes
     }
+}
+
+/// Binds a pool's memory to its device's NUMA node, where the device has one; a failure is
+/// logged (the pool works, only farther from the device). Returns the node.
+fn bind_to_device_node(pool: &str, device: &dyn Device, region: &HostRegion) -> Option<u32> {
+    let node = device.info().numa_node?;
+    if let Err(e) = region.bind_numa(node) {
+        tracing::warn!(pool, node, error = %e, "cannot bind pool to its device's NUMA node");
+    }
+    Some(node)
 }
 
 fn stale_pool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
