@@ -208,15 +208,12 @@ pub fn tensor(t: &TensorEntry) -> proto::TensorInfo {
     }
 }
 
-/// A model and, when `tensors` is given, that range of its table (clamped to it) with the
-/// token of the next page.
-pub fn model_page(m: &Model, tensors: std::ops::Range<usize>) -> proto::Model {
+/// A model with the rows `rows` of its table (clamped to it) and the token of the next page.
+pub fn model_page(m: &Model, rows: std::ops::Range<usize>) -> proto::Model {
     let len = m.tensors.lock().expect("tensors lock").len();
-    let (start, end) = (tensors.start.min(len), tensors.end.min(len));
-    let mut reply = model_with(m, Some(start..end));
-    if end < len {
-        reply.next_page_token = end.to_string();
-    }
+    let (rows, next) = super::paging::clamp(rows, len);
+    let mut reply = model_with(m, Some(rows));
+    reply.next_page_token = next;
     reply
 }
 

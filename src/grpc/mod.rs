@@ -8,6 +8,7 @@ mod convert;
 mod incoming;
 pub mod listen;
 mod models;
+mod paging;
 pub mod server;
 mod service;
 mod status;

@@ -8,6 +8,7 @@ use super::blocking::blocking;
 use super::convert;
 use super::incoming;
 use super::models::{self, ProgressStream};
+use super::paging;
 use super::workers;
 use crate::core::Core;
 use crate::core::pools::NewPool;
@@ -130,34 +131,24 @@ impl Offload for OffloadService {
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
     async fn get_model(&self, request: Request<proto::GetModelRequest>) -> Reply<proto::Model> {
-        /// Tensors per GetModel page unless asked otherwise: about 0.8 MB, well within the
-        /// 4 MiB that gRPC clients and grpcurl accept by default.
-        const DEFAULT_TENSOR_PAGE: usize = 10_000;
         let r = request.into_inner();
         let model = self.core.models.get(&r.name)?;
         if !r.include_tensors {
             return Ok(Response::new(convert::model(&model, false)));
         }
-        let start: usize = match r.page_token.as_str() {
+        let start = match r.page_token.as_str() {
             "" => 0,
-            t => t.parse().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "page_token {:?} is not one GetModel gave; pass next_page_token of the previous answer, or none for the first page",
-                    t.chars().take(64).collect::<String>()
-                ))
-            })?,
+            t => paging::start_of(
+                t,
+                "next_page_token of the previous answer, or none for the first page",
+            )?,
         };
-        let size = match r.page_size {
-            0 => DEFAULT_TENSOR_PAGE,
-            n => n as usize,
-        };
+        let rows = paging::rows(start, r.page_size);
         // A page of many tensors takes milliseconds to build: not on the runtime's thread,
         // where every other call waits behind it.
-        let reply = tokio::task::spawn_blocking(move || {
-            convert::model_page(&model, start..start.saturating_add(size))
-        })
-        .await
-        .map_err(super::status::join_error)?;
+        let reply = tokio::task::spawn_blocking(move || convert::model_page(&model, rows))
+            .await
+            .map_err(super::status::join_error)?;
         Ok(Response::new(reply))
     }
 

@@ -8,6 +8,7 @@ use tonic::Status;
 
 use super::blocking::blocking;
 use super::convert;
+use super::paging;
 use super::status::join_error;
 use crate::core::Core;
 use crate::core::backend::plan::Placement;
@@ -33,7 +34,7 @@ pub async fn attach(
         ttl: (r.ttl_ms > 0).then(|| Duration::from_millis(r.ttl_ms)),
         end_with_fast_path: r.end_with_fast_path,
     };
-    let page = page_size(r.page_size);
+    let page = paging::rows(0, r.page_size);
     // The lease's table is built on the blocking thread too: 100k rows take tens of ms.
     let (lease, reply) = blocking(core, move |c| {
         c.leases.attach(&c.models, &c.pools, &req).map(|l| {
@@ -171,21 +172,9 @@ impl Drop for FastSession {
     }
 }
 
-/// Tensors per page of a lease's table unless asked otherwise: under 2 MB, within the 4 MiB
-/// that gRPC clients and grpcurl accept by default.
-const DEFAULT_TENSOR_PAGE: usize = 10_000;
-
-fn page_size(asked: u32) -> usize {
-    match asked {
-        0 => DEFAULT_TENSOR_PAGE,
-        n => n as usize,
-    }
-}
-
 /// Rows `range` of a lease's table (clamped to it), and the token of the next page.
-fn lease_tensors(l: &Lease, range: std::ops::Range<usize>) -> (Vec<proto::LeaseTensor>, String) {
-    let len = l.tensors.len();
-    let (start, end) = (range.start.min(len), range.end.min(len));
+fn lease_tensors(l: &Lease, rows: std::ops::Range<usize>) -> (Vec<proto::LeaseTensor>, String) {
+    let (std::ops::Range { start, end }, next) = paging::clamp(rows, l.tensors.len());
     // The static buffers, when the lease has them, are always its second segment.
     let static_segment = l.statics.as_ref().map(|_| 1u32);
     let rows = l.tensors[start..end]
@@ -214,11 +203,6 @@ fn lease_tensors(l: &Lease, range: std::ops::Range<usize>) -> (Vec<proto::LeaseT
             }
         })
         .collect();
-    let next = if end < len {
-        end.to_string()
-    } else {
-        String::new()
-    };
     (rows, next)
 }
 
@@ -229,21 +213,18 @@ pub fn lease_page(
     r: &proto::GetLeaseTensorsRequest,
 ) -> Result<proto::LeaseTensorPage, Status> {
     let lease = core.leases.get(&r.lease_id)?;
-    let start: usize = r.page_token.parse().map_err(|_| {
-        Status::invalid_argument(format!(
-            "page_token {:?} is not one this lease gave; pass Lease.next_page_token or the previous page's next_page_token",
-            r.page_token.chars().take(64).collect::<String>()
-        ))
-    })?;
-    let (tensors, next_page_token) =
-        lease_tensors(&lease, start..start.saturating_add(page_size(r.page_size)));
+    let start = paging::start_of(
+        &r.page_token,
+        "Lease.next_page_token or the previous page's next_page_token",
+    )?;
+    let (tensors, next_page_token) = lease_tensors(&lease, paging::rows(start, r.page_size));
     Ok(proto::LeaseTensorPage {
         tensors,
         next_page_token,
     })
 }
 
-fn lease_proto(l: &Lease, page: usize) -> proto::Lease {
+fn lease_proto(l: &Lease, page: std::ops::Range<usize>) -> proto::Lease {
     let pool = l.model.pool();
     let device = pool.device.info().id.clone();
     let mut segments = vec![proto::Segment {
@@ -265,7 +246,7 @@ fn lease_proto(l: &Lease, page: usize) -> proto::Lease {
             ipc_handle: s.ipc_handle(),
         });
     }
-    let (tensors, next_page_token) = lease_tensors(l, 0..page);
+    let (tensors, next_page_token) = lease_tensors(l, page);
     let pf = l.plan.prefetch.as_ref();
     proto::Lease {
         lease_id: l.id.clone(),
