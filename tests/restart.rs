@@ -69,19 +69,32 @@ async fn register(c: &mut OffloadClient<Channel>, name: &str, pool: &str, path: 
     .unwrap();
 }
 
+/// The model's WatchModel stream, each update within the test deadline.
+struct Watch(tonic::Streaming<offloadd::proto::ModelProgress>);
+
+impl Watch {
+    async fn new(c: &mut OffloadClient<Channel>, name: &str) -> Self {
+        let s = c
+            .watch_model(WatchModelRequest { name: name.into() })
+            .await
+            .unwrap();
+        Self(s.into_inner())
+    }
+
+    async fn next(&mut self) -> offloadd::proto::ModelProgress {
+        tokio::time::timeout(common::DEADLINE, self.0.message())
+            .await
+            .expect("an update in time")
+            .unwrap()
+            .expect("the stream ends only after a final state")
+    }
+}
+
 /// Follows WatchModel until the model is READY or FAILED; returns the last update.
 async fn settle(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::ModelProgress {
-    let mut s = c
-        .watch_model(WatchModelRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = Watch::new(c, name).await;
     loop {
-        let p = tokio::time::timeout(common::DEADLINE, s.message())
-            .await
-            .expect("model settles in time")
-            .unwrap()
-            .expect("stream ends only after a final state");
+        let p = w.next().await;
         if matches!(p.state(), ModelState::Ready | ModelState::Failed) {
             return p;
         }
@@ -90,17 +103,9 @@ async fn settle(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::
 
 /// Waits until a load has copied some bytes but not all: a load in flight.
 async fn until_partly_loaded(c: &mut OffloadClient<Channel>, name: &str) {
-    let mut s = c
-        .watch_model(WatchModelRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = Watch::new(c, name).await;
     loop {
-        let p = tokio::time::timeout(common::DEADLINE, s.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let p = w.next().await;
         assert_eq!(p.state(), ModelState::Loading, "the load must still run");
         if p.loaded_bytes > 0 {
             return;

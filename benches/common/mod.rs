@@ -236,27 +236,10 @@ pub async fn attach_all(
     c: &mut offloadd::proto::offload_client::OffloadClient<Channel>,
     model: &str,
 ) -> offloadd::proto::Lease {
-    let mut lease = c
-        .attach_worker(offloadd::proto::AttachWorkerRequest {
-            model: model.into(),
-            worker_name: "bench".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while !lease.next_page_token.is_empty() {
-        let page = c
-            .get_lease_tensors(offloadd::proto::GetLeaseTensorsRequest {
-                lease_id: lease.lease_id.clone(),
-                page_size: 0,
-                page_token: std::mem::take(&mut lease.next_page_token),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        lease.tensors.extend(page.tensors);
-        lease.next_page_token = page.next_page_token;
-    }
-    lease
+    let request = offloadd::proto::AttachWorkerRequest {
+        model: model.into(),
+        worker_name: "bench".into(),
+        ..Default::default()
+    };
+    offloadd::worker::attach_lease(c, &request).await.unwrap()
 }

@@ -74,7 +74,7 @@ pub struct Worker {
 /// Attaches and reads the whole tensor table, following its pages (AttachWorker answers the
 /// first 10,000 rows). If a page cannot be read, the lease is detached rather than left for
 /// its ttl.
-async fn attach_whole(
+pub async fn attach_lease(
     client: &mut OffloadClient<Channel>,
     request: &AttachWorkerRequest,
 ) -> Result<Lease, tonic::Status> {
@@ -228,7 +228,7 @@ impl Worker {
             ttl_ms,
             ..Default::default()
         };
-        let lease = attach_whole(&mut client, &request).await?;
+        let lease = attach_lease(&mut client, &request).await?;
         let (mapped, _) = map_lease(&lease, Vec::new(), None)?;
         Ok(Self::with(client, request, lease, mapped))
     }
@@ -273,7 +273,7 @@ impl Worker {
         self.fast = None;
         let lease = loop {
             attempts += 1;
-            match attach_whole(&mut self.client, &self.request).await {
+            match attach_lease(&mut self.client, &self.request).await {
                 Ok(lease) => break lease,
                 Err(s) if retry_attach(s.code()) && started.elapsed() + delay < timeout => {
                     // Backoff between attempts while the daemon restarts.
