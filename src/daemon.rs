@@ -100,7 +100,11 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     }
     let mut devices: Vec<Arc<dyn Device>> = vec![Arc::new(cpu::CpuDevice::new())];
     for (ordinal, info) in probe.devices.into_iter().enumerate() {
-        devices.push(Arc::new(cuda::CudaDevice::new(info, ordinal as i32)?));
+        devices.push(Arc::new(cuda::CudaDevice::new(
+            info,
+            ordinal as i32,
+            config.pin.staging_bytes,
+        )?));
     }
 
     // Before binding anything: a bad token file stops startup with nothing to clean up.

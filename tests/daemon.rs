@@ -132,6 +132,13 @@ fn config_check_reports_invalid_values() {
         err.contains("pools.dir") && err.contains("absolute"),
         "{err}"
     );
+    write(&file, "[pin]\nstaging_bytes = 1000\n");
+    let (st, _, err) = run_cli(&["config", "check", file.to_str().unwrap()], &[]);
+    assert_eq!(st.code(), Some(2));
+    assert!(err.contains("pin.staging_bytes = 1000"), "{err}");
+    write(&file, "[pin]\nstaging_bytes = 0\n");
+    let (st, _, err) = run_cli(&["config", "check", file.to_str().unwrap()], &[]);
+    assert!(st.success(), "0 turns staging off: {err}");
     let (st, _, err) = run_cli(&["config", "check", "/nonexistent/offloadd.toml"], &[]);
     assert_eq!(st.code(), Some(2));
     assert!(err.contains("/nonexistent/offloadd.toml"), "{err}");
@@ -168,6 +175,10 @@ async fn vllm_variables_are_parsed_as_vllm_does() {
             (want, want),
             "value {value:?}"
         );
+        // Host-to-host copies need no pinned staging, whatever the variable says.
+        let staging = info.devices[0].staging.clone().unwrap();
+        assert_eq!((staging.bytes, staging.allocated), (0, false));
+        assert!(staging.reason.contains("no staging"), "{staging:?}");
         assert!(d.terminate().await.success());
     }
     for var in [PIN, UVA] {

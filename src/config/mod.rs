@@ -143,12 +143,17 @@ pub struct PinConfig {
     /// On coherent platforms (GH200/GB200) pinned host memory is carved out of GPU memory and buys
     /// little, so decline to pin there.
     pub avoid_on_coherent: bool,
+    /// Pinned staging ring per cuda device for copies from unpinned pools (two buffers of half
+    /// this each). 0: copy straight from pageable memory (synchronous and slower, nothing
+    /// pinned). Coherent platforms never get one.
+    pub staging_bytes: u64,
 }
 
 impl Default for PinConfig {
     fn default() -> Self {
         Self {
             avoid_on_coherent: true,
+            staging_bytes: 128 << 20,
         }
     }
 }

@@ -41,6 +41,12 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
              to serve it unauthenticated anyway"
         ));
     }
+    let stage = c.pin.staging_bytes;
+    if stage != 0 && (stage < 2 << 20 || stage % (2 << 20) != 0) {
+        return invalid(format!(
+            "pin.staging_bytes = {stage} must be 0 (no staging) or a multiple of 2 MiB (two buffers of whole MiB); the default is 134217728"
+        ));
+    }
     if c.pools.max_host_bytes == Some(0) {
         return invalid("pools.max_host_bytes must be > 0; leave it unset for the default".into());
     }

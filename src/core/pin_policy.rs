@@ -163,6 +163,7 @@ mod tests {
             };
             let cfg = PinConfig {
                 avoid_on_coherent: *avoid,
+                ..PinConfig::default()
             };
             let d = decide(PinInputs {
                 capabilities: &c,

@@ -196,7 +196,7 @@ impl Pools {
 
     fn try_reserve_host(&self, bytes: u64) -> Result<HostReservation, PoolError> {
         let inner = self.inner.lock().expect("pools lock");
-        let committed = inner.committed();
+        let committed = inner.committed() + self.staging_held();
         let available = self.params.budget.saturating_sub(committed);
         if bytes > available {
             return Err(PoolError::StaticsOverBudget {
@@ -251,7 +251,17 @@ impl Pools {
                 cause,
             });
         }
-        if self.params.budget.saturating_sub(self.committed()) < req.size_bytes {
+        // An unpinned pool on a device that stages its copies brings the pinned staging ring
+        // with it: the budget sees both, and the ring is made now, not at the first copy.
+        let staging = device.staging();
+        let staging_bytes =
+            if staging.allocated || self.decision_for(device.as_ref(), req.size_bytes).pin {
+                0
+            } else {
+                staging.bytes
+            };
+        let needed = req.size_bytes.saturating_add(staging_bytes);
+        if self.params.budget.saturating_sub(self.committed()) < needed {
             self.reclaim();
         }
         {
@@ -259,20 +269,25 @@ impl Pools {
             if inner.pools.contains_key(&req.name) || inner.creating.contains_key(&req.name) {
                 return Err(PoolError::AlreadyExists(req.name.clone()));
             }
-            let committed = inner.committed();
+            let committed = inner.committed() + self.staging_held();
             let available = self.params.budget.saturating_sub(committed);
-            if req.size_bytes > available {
+            if needed > available {
                 return Err(PoolError::OverBudget {
                     name: req.name.clone(),
-                    requested: req.size_bytes,
+                    requested: needed,
                     committed,
                     available,
                     budget: self.params.budget,
                 });
             }
-            inner.creating.insert(req.name.clone(), req.size_bytes);
+            inner.creating.insert(req.name.clone(), needed);
         }
-        let built = self.build(req, device);
+        let built = self.build(req, Arc::clone(&device));
+        if built.as_ref().is_ok_and(|p| !p.pinned()) && staging_bytes > 0 {
+            if let Err(e) = device.prepare_staging() {
+                tracing::warn!(device = %req.device, error = %e, "staging ring not made; the first copy from an unpinned pool tries again");
+            }
+        }
         let mut inner = self.inner.lock().expect("pools lock");
         inner.creating.remove(&req.name);
         let pool = Arc::new(built?);
@@ -369,9 +384,21 @@ impl Pools {
             .collect()
     }
 
-    /// Bytes promised to pools (existing and being created).
+    /// Host bytes promised: pools (existing and being created), leases' cpu static buffers and
+    /// the devices' pinned staging rings.
     pub fn committed(&self) -> u64 {
-        self.inner.lock().expect("pools lock").committed()
+        self.inner.lock().expect("pools lock").committed() + self.staging_held()
+    }
+
+    /// Pinned staging memory the devices have made (it lives as long as the daemon).
+    fn staging_held(&self) -> u64 {
+        self.params
+            .devices
+            .iter()
+            .map(|d| d.staging())
+            .filter(|s| s.allocated)
+            .map(|s| s.bytes)
+            .sum()
     }
 
     /// Removes an unused pool and its file. The memory is released when the last reference to
@@ -450,7 +477,10 @@ impl Pools {
             ));
         }
         let mut inner = self.inner.lock().expect("pools lock");
-        let available = self.params.budget.saturating_sub(inner.committed());
+        let available = self
+            .params
+            .budget
+            .saturating_sub(inner.committed() + self.staging_held());
         if rec.size_bytes > available {
             return Err(format!(
                 "{} bytes do not fit the {} bytes left of pools.max_host_bytes ({})",

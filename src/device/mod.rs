@@ -57,6 +57,18 @@ pub struct Capabilities {
     pub free_memory_bytes: Option<u64>,
 }
 
+/// Pinned host memory a device holds outside pools (the cuda staging ring), for GetInfo and the
+/// host budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staging {
+    /// Bytes the ring takes once made; 0 where copies from unpinned pools need none.
+    pub bytes: u64,
+    /// Whether it has been made (from then on it counts against pools.max_host_bytes).
+    pub allocated: bool,
+    /// Why it is needed or not, and the setting that changes it.
+    pub reason: String,
+}
+
 /// Keeps memory pinned; unpins when dropped.
 pub trait PinGuard: Send + Sync + fmt::Debug {}
 
@@ -166,6 +178,21 @@ pub trait Device: Send + Sync + fmt::Debug {
     ) -> Result<Box<dyn StaticBuffer>, DeviceError>;
     /// Bytes of `region` registered with the device, asked of the driver (cuda); None where the
     /// device has no such notion (cpu).
+    /// The staging memory copies from unpinned pools use on this device.
+    fn staging(&self) -> Staging {
+        Staging {
+            bytes: 0,
+            allocated: false,
+            reason: "host-to-host copies need no staging".into(),
+        }
+    }
+
+    /// Makes the staging memory now, so it is counted when an unpinned pool is created rather
+    /// than appearing at the first copy.
+    fn prepare_staging(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
     fn registered_bytes(&self, _region: &HostRegion) -> Option<u64> {
         None
     }

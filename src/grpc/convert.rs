@@ -25,6 +25,7 @@ pub fn device(core: &Core, d: &dyn Device) -> proto::Device {
     let probe_bytes = caps.max_pinnable_bytes.clamp(1, u64::MAX);
     let a = info.attributes;
     let would = core.pools.decision_for(d, probe_bytes);
+    let staging = d.staging();
     proto::Device {
         id: info.id.clone(),
         kind: info.kind.to_string(),
@@ -48,6 +49,11 @@ pub fn device(core: &Core, d: &dyn Device) -> proto::Device {
             would.pin,
             core.node.params.vllm_env.disable_uva,
         )) as i32,
+        staging: Some(proto::DeviceStaging {
+            bytes: staging.bytes,
+            allocated: staging.allocated,
+            reason: staging.reason,
+        }),
     }
 }
 

@@ -144,7 +144,7 @@ class Daemon:
         self.log = open(os.path.join(work, f"{tag}.log"), "w")
         self.p = subprocess.Popen(
             [args.offloadd, "serve", "--uds-path", self.uds, "--pools-dir", f"/dev/shm/offloadd-gpu-{tag}",
-             "--set", f"models.roots={work}"],
+             "--set", f"models.roots={work}", "--set", "pools.keep_on_exit=false"],
             stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
         line = self.p.stdout.readline()
         if not line:
@@ -372,6 +372,8 @@ def run_daemon(args, work, pinned):
     expect(pool.pinned == pinned, f"{label}: pool.pinned {pool.pinned}: {pool.pin_reason}")
     reg = api.call("GetPool", "GetPoolRequest", "Pool", name="gpu").registered_bytes
     expect(reg == (size if pinned else 0), f"{label}: driver reports {reg} registered bytes for a {size}-byte pool")
+    staging = [x for x in api.call("GetInfo", "GetInfoRequest", "GetInfoResponse").devices if x.id == "cuda:0"][0].staging
+    expect(staging.allocated == (not pinned), f"{label}: the pinned staging ring exists only with an unpinned pool: {staging}")
     bigsize = 6 * 256 * MIB + 64 * MIB
     big = api.call("CreatePool", "CreatePoolRequest", "Pool", name="big", device="cuda:0", size_bytes=bigsize)
     big_reg = api.call("GetPool", "GetPoolRequest", "Pool", name="big").registered_bytes

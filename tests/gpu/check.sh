@@ -4,7 +4,8 @@
 #                                                    grpcio/protobuf wheels into .gpu-carry/)
 #   on a GPU:  bash tests/gpu/check.sh               (with .gpu-carry carried along)
 # On a machine with cargo and a GPU, plain `bash tests/gpu/check.sh` builds and runs.
-# Two parts: check.py (the daemon's CUDA data plane, driven through the driver API) and
+# Three parts: check.py (the daemon's CUDA data plane, driven through the driver API),
+# lifecycle_check.py (per-lease streams, the per-device budget, staging, restarts) and
 # python_check.py (the `offloadd` Python package on a random Llama: tokens and tokens/s).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,5 +46,6 @@ fi
 export PYTHONUNBUFFERED=1
 rc=0
 python3 tests/gpu/check.py --offloadd "$carry/offloadd" --worker "$carry/offloadd-worker" --descriptor "$carry/offloadd_descriptor.bin" || rc=1
+python3 tests/gpu/lifecycle_check.py --offloadd "$carry/offloadd" --worker "$carry/offloadd-worker" --descriptor "$carry/offloadd_descriptor.bin" || rc=1
 python3 tests/gpu/python_check.py --offloadd "$carry/offloadd" || rc=1
 exit $rc

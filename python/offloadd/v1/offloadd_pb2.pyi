@@ -112,7 +112,7 @@ class BuildInfo(_message.Message):
     def __init__(self, git_sha: _Optional[str] = ..., target: _Optional[str] = ..., profile: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("id", "kind", "name", "total_memory_bytes", "numa_node", "capabilities", "pin_decision", "fault", "uva_mode")
+    __slots__ = ("id", "kind", "name", "total_memory_bytes", "numa_node", "capabilities", "pin_decision", "fault", "uva_mode", "staging")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class Device(_message.Message):
     PIN_DECISION_FIELD_NUMBER: _ClassVar[int]
     FAULT_FIELD_NUMBER: _ClassVar[int]
     UVA_MODE_FIELD_NUMBER: _ClassVar[int]
+    STAGING_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     name: str
@@ -131,7 +132,18 @@ class Device(_message.Message):
     pin_decision: PinDecision
     fault: str
     uva_mode: UvaMode
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., numa_node: _Optional[int] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., pin_decision: _Optional[_Union[PinDecision, _Mapping]] = ..., fault: _Optional[str] = ..., uva_mode: _Optional[_Union[UvaMode, str]] = ...) -> None: ...
+    staging: DeviceStaging
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., numa_node: _Optional[int] = ..., capabilities: _Optional[_Union[DeviceCapabilities, _Mapping]] = ..., pin_decision: _Optional[_Union[PinDecision, _Mapping]] = ..., fault: _Optional[str] = ..., uva_mode: _Optional[_Union[UvaMode, str]] = ..., staging: _Optional[_Union[DeviceStaging, _Mapping]] = ...) -> None: ...
+
+class DeviceStaging(_message.Message):
+    __slots__ = ("bytes", "allocated", "reason")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    allocated: bool
+    reason: str
+    def __init__(self, bytes: _Optional[int] = ..., allocated: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DeviceCapabilities(_message.Message):
     __slots__ = ("pin_available", "pin_unavailable_reason", "coherent", "max_pinnable_bytes", "host_register_supported", "pageable_memory_access", "integrated", "unified_addressing")

@@ -6,7 +6,9 @@ use cudarc::driver::sys;
 
 use super::driver::DriverThread;
 use crate::device::host::HostRegion;
-use crate::device::{Capabilities, Device, DeviceError, DeviceInfo, PinGuard, StaticBuffer};
+use crate::device::{
+    Capabilities, Device, DeviceError, DeviceInfo, PinGuard, Staging, StaticBuffer,
+};
 
 /// cuMemHostRegister flags: visible to every context (PORTABLE) and mapped into the device
 /// address space (DEVICEMAP) so uva workers can get a device pointer.
@@ -17,20 +19,58 @@ pub struct CudaDevice {
     info: DeviceInfo,
     driver: Arc<DriverThread>,
     wsl: bool,
+    /// Bytes of the staging ring where copies from unpinned pools need one; 0 where they read
+    /// pageable memory directly.
+    staging_bytes: u64,
+    staging_reason: String,
 }
 
 impl CudaDevice {
-    pub fn new(info: DeviceInfo, ordinal: i32) -> std::io::Result<Self> {
+    /// `staging_bytes`: `pin.staging_bytes`, the pinned ring for copies from unpinned pools.
+    pub fn new(info: DeviceInfo, ordinal: i32, staging_bytes: u64) -> std::io::Result<Self> {
+        let coherent = info.attributes.pageable_memory_access_uses_host_page_tables;
+        let (staging_bytes, staging_reason) = staging_plan(coherent, staging_bytes);
         Ok(Self {
             info,
-            driver: Arc::new(DriverThread::spawn(ordinal)?),
+            driver: Arc::new(DriverThread::spawn(
+                ordinal,
+                (staging_bytes / 2).max(1) as usize,
+            )?),
             wsl: is_wsl(),
+            staging_bytes,
+            staging_reason,
         })
     }
 
     pub fn driver(&self) -> &Arc<DriverThread> {
         &self.driver
     }
+}
+
+/// How copies from unpinned pools reach the device: the pin policy covers this memory too. A
+/// coherent GPU reads pageable memory at full speed, so it gets no pinned ring at all. Elsewhere a
+/// pageable `cuMemcpyHtoD` is synchronous and runs at about an eighth of pinned bandwidth, so the
+/// ring stays pinned even when the pool may not be, and says so; `pin.staging_bytes = 0` trades
+/// that speed for no pinned memory.
+pub fn staging_plan(coherent: bool, staging_bytes: u64) -> (u64, String) {
+    if coherent {
+        return (
+            0,
+            "coherent platform: copies from unpinned pools read pageable memory directly, no pinned staging".into(),
+        );
+    }
+    if staging_bytes == 0 {
+        return (
+            0,
+            "pin.staging_bytes = 0: copies from unpinned pools read pageable memory directly (synchronous, about 1/8 of pinned bandwidth), no pinned staging".into(),
+        );
+    }
+    (
+        staging_bytes,
+        format!(
+            "copies from unpinned pools go through a pinned ring of {staging_bytes} bytes, made with the first unpinned pool and counted in pools.max_host_bytes: it stays pinned even with VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY because pageable copies are synchronous and about 1/8 as fast; set pin.staging_bytes = 0 to pin nothing"
+        ),
+    )
 }
 
 /// vLLM's `is_pin_memory_available()` is false under WSL, where pinned memory is unreliable.
@@ -107,11 +147,29 @@ impl Device for CudaDevice {
             .driver
             .run_checked(move |st| super::statics::alloc(st, &id, len, slots))?;
         Ok(Box::new(super::statics::CudaStatic::new(
-            self.info.id.clone(),
             a,
-            len,
-            Arc::clone(&self.driver),
+            super::statics::StaticParts {
+                id: self.info.id.clone(),
+                len,
+                direct_pageable: self.staging_bytes == 0,
+                driver: Arc::clone(&self.driver),
+            },
         )))
+    }
+
+    fn staging(&self) -> Staging {
+        Staging {
+            bytes: self.staging_bytes,
+            allocated: self.driver.has_staging(),
+            reason: self.staging_reason.clone(),
+        }
+    }
+
+    fn prepare_staging(&self) -> Result<(), DeviceError> {
+        if self.staging_bytes == 0 || self.driver.has_staging() {
+            return Ok(());
+        }
+        self.driver.run_checked(|st| st.staging().map(|_| ()))
     }
 
     fn registered_bytes(&self, region: &HostRegion) -> Option<u64> {
@@ -153,5 +211,27 @@ impl Drop for CudaPin {
         if !matches!(res, Ok(Ok(()))) {
             tracing::warn!(path = %self.region.path().display(), "cuMemHostUnregister failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::staging_plan;
+
+    #[test]
+    fn staging_follows_the_platform_and_the_setting() {
+        let (bytes, why) = staging_plan(true, 128 << 20);
+        assert_eq!(bytes, 0, "coherent: no pinned ring");
+        assert!(why.contains("coherent"), "{why}");
+        let (bytes, why) = staging_plan(false, 0);
+        assert_eq!(bytes, 0);
+        assert!(why.contains("pin.staging_bytes = 0"), "{why}");
+        let (bytes, why) = staging_plan(false, 128 << 20);
+        assert_eq!(bytes, 128 << 20);
+        assert!(
+            why.contains("VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY")
+                && why.contains("pin.staging_bytes = 0"),
+            "{why}"
+        );
     }
 }

@@ -2,8 +2,9 @@
 //! for long), so they never run on the async runtime; one thread also keeps the context current
 //! without per-call bookkeeping.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys};
 
@@ -17,15 +18,20 @@ pub struct DriverState {
     /// The device's primary context, retained the first time a call needs one, so devices no
     /// pool uses never get a context.
     ctx: Option<sys::CUcontext>,
-    /// The device's copy stream, made on first use.
-    stream: Option<sys::CUstream>,
     /// Pinned staging ring for copies from unpinned pools, made on first use.
     staging: Option<Staging>,
+    /// Bytes of each of the ring's two buffers (half of `pin.staging_bytes`).
+    stage_bytes: usize,
+    /// Set once the ring exists, for readers that must not queue behind copies (GetInfo and the
+    /// host budget).
+    staged: Arc<AtomicBool>,
 }
 
 /// Two pinned host buffers and the events that say when each is free again.
 pub struct Staging {
     pub buffers: [*mut std::ffi::c_void; 2],
+    /// Bytes of each buffer.
+    pub stage_bytes: usize,
     pub events: [sys::CUevent; 2],
     pub in_flight: [bool; 2],
     /// Threads that fill the staging buffers.
@@ -64,19 +70,6 @@ impl DriverState {
         super::statics::check(&format!("cuda:{}", self.ordinal), call, rc)
     }
 
-    /// The device's copy stream (non-blocking, so it never serialises with the legacy stream).
-    pub fn stream(&mut self) -> Result<sys::CUstream, DeviceError> {
-        if let Some(s) = self.stream {
-            return Ok(s);
-        }
-        self.context()?;
-        let mut s = std::ptr::null_mut();
-        // SAFETY: out-pointer to a local; context current.
-        self.check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, 1) })?;
-        self.stream = Some(s);
-        Ok(s)
-    }
-
     /// The staging ring, allocated on the first copy from an unpinned pool.
     pub fn staging(&mut self) -> Result<&mut Staging, DeviceError> {
         if self.staging.is_none() {
@@ -87,7 +80,7 @@ impl DriverState {
                 // SAFETY: out-pointers to locals; context current. Leaked on failure is bounded
                 // (at most one buffer) and only at setup.
                 self.check("cuMemAllocHost", unsafe {
-                    sys::cuMemAllocHost_v2(&mut buffers[i], super::statics::STAGE_BYTES)
+                    sys::cuMemAllocHost_v2(&mut buffers[i], self.stage_bytes)
                 })?;
                 // SAFETY: as above; DISABLE_TIMING (2) makes the events cheap.
                 self.check("cuEventCreate", unsafe {
@@ -96,7 +89,7 @@ impl DriverState {
             }
             tracing::info!(
                 device = self.ordinal,
-                bytes = 2 * super::statics::STAGE_BYTES,
+                bytes = 2 * self.stage_bytes,
                 "allocated pinned staging ring for unpinned pools"
             );
             let threads = std::thread::available_parallelism()
@@ -107,8 +100,10 @@ impl DriverState {
                 .thread_name(move |i| format!("stage-copy-{i}"))
                 .build()
                 .map_err(|e| DeviceError::Unsupported(format!("staging copy threads: {e}")))?;
+            self.staged.store(true, Ordering::Release);
             self.staging = Some(Staging {
                 buffers,
+                stage_bytes: self.stage_bytes,
                 events,
                 in_flight: [false; 2],
                 copiers,
@@ -155,20 +150,25 @@ pub struct DriverThread {
     tx: Mutex<mpsc::Sender<Job>>,
     /// The sticky error that faulted the device, once one has.
     fault: Mutex<Option<String>>,
+    staged: Arc<AtomicBool>,
 }
 
 impl DriverThread {
-    pub fn spawn(ordinal: i32) -> std::io::Result<Self> {
+    /// `stage_bytes`: each staging buffer's size (the ring is two of them).
+    pub fn spawn(ordinal: i32, stage_bytes: usize) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let id = format!("cuda:{ordinal}");
+        let staged = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&staged);
         std::thread::Builder::new()
             .name(format!("cuda-{ordinal}"))
             .spawn(move || {
                 let mut state = DriverState {
                     ordinal,
                     ctx: None,
-                    stream: None,
                     staging: None,
+                    stage_bytes,
+                    staged: flag,
                 };
                 while let Ok(job) = rx.recv() {
                     job(&mut state);
@@ -178,7 +178,13 @@ impl DriverThread {
             id,
             tx: Mutex::new(tx),
             fault: Mutex::new(None),
+            staged,
         })
+    }
+
+    /// Whether the staging ring has been allocated (without waiting for the driver thread).
+    pub fn has_staging(&self) -> bool {
+        self.staged.load(Ordering::Acquire)
     }
 
     /// The error that faulted the device, if one has.
@@ -199,6 +205,12 @@ impl DriverThread {
             });
         }
         let result = self.run(f)?;
+        self.observe(result)
+    }
+
+    /// Faults the device if `result` is a sticky CUDA error, for driver calls made on other
+    /// threads (waits on events and streams, which must not hold up this thread's queue).
+    pub fn observe<R>(&self, result: Result<R, DeviceError>) -> Result<R, DeviceError> {
         if let Err(DeviceError::Cuda { name, call, .. }) = &result {
             if is_sticky(name) {
                 tracing::error!(device = %self.id, call, error = %name, "device faulted; it answers UNAVAILABLE until offloadd restarts");
@@ -235,7 +247,7 @@ mod tests {
     /// No driver is needed: the jobs below never call CUDA.
     #[test]
     fn a_sticky_error_faults_the_device_and_later_calls_are_refused() {
-        let t = DriverThread::spawn(7).unwrap();
+        let t = DriverThread::spawn(7, 1 << 20).unwrap();
         assert_eq!(t.run_checked(|st| Ok(st.ordinal)).unwrap(), 7);
         let transient = t.run_checked::<()>(|_| {
             Err(DeviceError::Cuda {

@@ -1,8 +1,10 @@
 //! Prefetch static buffers in GPU memory (cuMemAlloc), exported to workers as CUDA IPC memory
-//! handles, and the copies into them: `cuMemcpyHtoDAsync` on the device's copy stream straight
+//! handles, and the copies into them: `cuMemcpyHtoDAsync` on the lease's own stream straight
 //! from a pinned pool, or through a small pinned staging ring when the pool is not pinned, so the
 //! copy stays asynchronous without pinning the pool (and never asserts pinning when the policy
-//! said no).
+//! said no). Each lease has its own stream, and a synchronous copy waits on an event recorded
+//! after its own copies, on the calling thread: neither another lease's copies nor the driver
+//! thread's queue stand between a worker and its layer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,14 +15,19 @@ use super::driver::{DriverState, DriverThread};
 use crate::device::host::HostRegion;
 use crate::device::{AsyncCopy, CopyOp, DeviceError, StaticBuffer};
 
-/// Bytes per staging buffer; two of them make the ring.
-pub const STAGE_BYTES: usize = 64 << 20;
-
 #[derive(Debug)]
 pub struct CudaStatic {
     id: String,
     dptr: u64,
     len: u64,
+    /// The lease's copy stream and the event a synchronous copy waits on (as addresses).
+    stream: usize,
+    synced: usize,
+    /// The device's primary context, made current on threads that wait.
+    ctx: usize,
+    /// Copy straight from pageable memory when the pool is not pinned (coherent platforms, or
+    /// `pin.staging_bytes = 0`) instead of through the pinned staging ring.
+    direct_pageable: bool,
     handle: Vec<u8>,
     /// Per slot: our inter-process "copy done" event (as an address) and its IPC handle.
     copy_done: Vec<(usize, Vec<u8>)>,
@@ -32,16 +39,37 @@ pub struct CudaStatic {
 /// What `alloc` made on the driver thread.
 pub struct Allocated {
     dptr: u64,
+    stream: usize,
+    synced: usize,
+    ctx: usize,
     handle: Vec<u8>,
     copy_done: Vec<(usize, Vec<u8>)>,
 }
 
+/// How [`CudaStatic::new`] wires a buffer to its device.
+pub struct StaticParts {
+    pub id: String,
+    pub len: u64,
+    pub direct_pageable: bool,
+    pub driver: Arc<DriverThread>,
+}
+
 impl CudaStatic {
-    pub fn new(id: String, a: Allocated, len: u64, driver: Arc<DriverThread>) -> Self {
+    pub fn new(a: Allocated, p: StaticParts) -> Self {
+        let StaticParts {
+            id,
+            len,
+            direct_pageable,
+            driver,
+        } = p;
         Self {
             id,
             dptr: a.dptr,
             len,
+            stream: a.stream,
+            synced: a.synced,
+            ctx: a.ctx,
+            direct_pageable,
             handle: a.handle,
             copy_done: a.copy_done,
             opened: Arc::default(),
@@ -61,99 +89,166 @@ pub(super) fn check(id: &str, call: &'static str, rc: CUresult) -> Result<(), De
     })
 }
 
-/// Allocates `len` bytes on the device and exports them, with one "copy done" event per slot.
-/// Runs on the driver thread.
+/// Allocates `len` bytes on the device and exports them, with the lease's stream, the event its
+/// synchronous copies wait on and one "copy done" event per slot. Runs on the driver thread.
 pub(super) fn alloc(
     st: &mut DriverState,
     id: &str,
     len: u64,
     slots: usize,
 ) -> Result<Allocated, DeviceError> {
-    st.context()?;
-    let mut dptr: sys::CUdeviceptr = 0;
-    // SAFETY: out-pointer to a local; the context is current on this thread.
-    check(id, "cuMemAlloc", unsafe {
-        sys::cuMemAlloc_v2(&mut dptr, len.max(1) as usize)
-    })?;
-    let mut handle = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();
-    // SAFETY: `dptr` was just allocated by cuMemAlloc; the handle is a plain 64-byte struct.
-    let rc = unsafe { sys::cuIpcGetMemHandle(handle.as_mut_ptr(), dptr) };
-    if let Err(e) = check(id, "cuIpcGetMemHandle", rc) {
-        // SAFETY: freeing what we allocated above.
-        unsafe { sys::cuMemFree_v2(dptr) };
-        return Err(e);
+    let ctx = st.context()? as usize;
+    let mut made = Made::default();
+    match alloc_into(&mut made, id, len, slots) {
+        Ok(handle) => Ok(Allocated {
+            dptr: made.dptr,
+            stream: made.stream,
+            synced: made.events[0],
+            ctx,
+            handle,
+            copy_done: made.events[1..].iter().copied().zip(made.handles).collect(),
+        }),
+        Err(e) => {
+            made.release();
+            Err(e)
+        }
     }
-    // SAFETY: initialised by cuIpcGetMemHandle on success.
-    let handle = unsafe { handle.assume_init() };
-    let mut copy_done = Vec::with_capacity(slots);
-    for _ in 0..slots {
-        let mut ev = std::ptr::null_mut();
-        // SAFETY: out-pointer to a local; context current.
-        let made = check(id, "cuEventCreate", unsafe {
-            sys::cuEventCreate(&mut ev, IPC_EVENT_FLAGS)
-        })
-        .and_then(|()| {
-            let mut h = std::mem::MaybeUninit::<sys::CUipcEventHandle>::zeroed();
-            // SAFETY: `ev` is a live inter-process event.
-            check(id, "cuIpcGetEventHandle", unsafe {
-                sys::cuIpcGetEventHandle(h.as_mut_ptr(), ev)
-            })?;
-            // SAFETY: initialised on success.
-            Ok(unsafe { h.assume_init() }
-                .reserved
-                .iter()
-                .map(|&b| b as u8)
-                .collect::<Vec<u8>>())
-        });
-        match made {
-            Ok(h) => copy_done.push((ev as usize, h)),
-            Err(e) => {
-                // SAFETY: releasing what this function created so far.
-                unsafe {
-                    for (ev, _) in &copy_done {
-                        sys::cuEventDestroy_v2(*ev as sys::CUevent);
-                    }
-                    sys::cuMemFree_v2(dptr);
-                }
-                return Err(e);
+}
+
+/// What `alloc_into` has made so far, so a failure part way releases exactly that.
+#[derive(Default)]
+struct Made {
+    dptr: u64,
+    stream: usize,
+    /// The synchronous-copy event, then one "copy done" event per slot.
+    events: Vec<usize>,
+    handles: Vec<Vec<u8>>,
+}
+
+impl Made {
+    fn release(&self) {
+        // SAFETY: each handle below was created by `alloc_into` on this thread's context and
+        // was never handed out; zero means not made.
+        unsafe {
+            for ev in &self.events {
+                sys::cuEventDestroy_v2(*ev as sys::CUevent);
+            }
+            if self.stream != 0 {
+                sys::cuStreamDestroy_v2(self.stream as sys::CUstream);
+            }
+            if self.dptr != 0 {
+                sys::cuMemFree_v2(self.dptr);
             }
         }
     }
-    Ok(Allocated {
-        dptr,
-        handle: handle.reserved.iter().map(|&b| b as u8).collect(),
-        copy_done,
-    })
 }
 
-/// Enqueues `ops` on the copy stream: direct from a pinned pool, through the staging ring
-/// otherwise.
+fn alloc_into(made: &mut Made, id: &str, len: u64, slots: usize) -> Result<Vec<u8>, DeviceError> {
+    // SAFETY: out-pointer to a field; the context is current on this thread.
+    check(id, "cuMemAlloc", unsafe {
+        sys::cuMemAlloc_v2(&mut made.dptr, len.max(1) as usize)
+    })?;
+    let mut handle = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();
+    // SAFETY: `dptr` was just allocated by cuMemAlloc; the handle is a plain 64-byte struct.
+    check(id, "cuIpcGetMemHandle", unsafe {
+        sys::cuIpcGetMemHandle(handle.as_mut_ptr(), made.dptr)
+    })?;
+    // SAFETY: initialised by cuIpcGetMemHandle on success.
+    let handle = unsafe { handle.assume_init() };
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local; non-blocking (1), so it never serialises with the legacy
+    // stream.
+    check(id, "cuStreamCreate", unsafe {
+        sys::cuStreamCreate(&mut stream, 1)
+    })?;
+    made.stream = stream as usize;
+    let mut ev = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local; DISABLE_TIMING (2) makes the event cheap.
+    check(id, "cuEventCreate", unsafe {
+        sys::cuEventCreate(&mut ev, 2)
+    })?;
+    made.events.push(ev as usize);
+    for _ in 0..slots {
+        let mut ev = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; context current.
+        check(id, "cuEventCreate", unsafe {
+            sys::cuEventCreate(&mut ev, IPC_EVENT_FLAGS)
+        })?;
+        made.events.push(ev as usize);
+        let mut h = std::mem::MaybeUninit::<sys::CUipcEventHandle>::zeroed();
+        // SAFETY: `ev` is a live inter-process event.
+        check(id, "cuIpcGetEventHandle", unsafe {
+            sys::cuIpcGetEventHandle(h.as_mut_ptr(), ev)
+        })?;
+        // SAFETY: initialised on success.
+        let h = unsafe { h.assume_init() };
+        made.handles
+            .push(h.reserved.iter().map(|&b| b as u8).collect());
+    }
+    Ok(handle.reserved.iter().map(|&b| b as u8).collect())
+}
+
+/// Where a copy goes and how its source is read.
+#[derive(Clone, Copy)]
+struct Target {
+    dptr: u64,
+    stream: usize,
+    /// The source is registered (pinned) memory.
+    src_pinned: bool,
+    direct_pageable: bool,
+}
+
+/// Enqueues `ops` on the lease's stream: direct from a pinned pool (or from pageable memory
+/// where that is the plan), through the staging ring otherwise.
 fn enqueue(
     st: &mut DriverState,
     id: &str,
     base: usize,
-    dptr: u64,
+    to: Target,
     ops: &[CopyOp],
-    src_pinned: bool,
 ) -> Result<(), DeviceError> {
-    let stream = st.stream()?;
-    if !src_pinned {
-        return staged_copy(st, id, base, dptr, ops);
+    if !to.src_pinned && !to.direct_pageable {
+        return staged_copy(st, id, base, to, ops);
     }
     for op in ops {
-        // SAFETY: source inside the registered (pinned) pool, destination inside our allocation
-        // (the lease computed both from the plan).
+        // SAFETY: source inside the pool mapping (registered, or read by the driver as
+        // pageable memory), destination inside our allocation (the lease computed both from the
+        // plan).
         let rc = unsafe {
             sys::cuMemcpyHtoDAsync_v2(
-                dptr + op.dst_offset,
+                to.dptr + op.dst_offset,
                 (base + op.src_offset as usize) as *const _,
                 op.len as usize,
-                stream,
+                to.stream as sys::CUstream,
             )
         };
         check(id, "cuMemcpyHtoDAsync", rc)?;
     }
     Ok(())
+}
+
+impl CudaStatic {
+    fn target(&self, src_pinned: bool) -> Target {
+        Target {
+            dptr: self.dptr,
+            stream: self.stream,
+            src_pinned,
+            direct_pageable: self.direct_pageable,
+        }
+    }
+
+    /// Waits on the calling thread (never the driver thread, whose queue other leases need).
+    fn wait(&self, call: &'static str, f: impl FnOnce() -> CUresult) -> Result<(), DeviceError> {
+        // SAFETY: the primary context stays retained by the driver thread for the device's life;
+        // making it current here only affects this thread.
+        let current =
+            unsafe { cudarc::driver::result::ctx::set_current(self.ctx as sys::CUcontext) };
+        let rc = match current {
+            Ok(()) => f(),
+            Err(e) => e.0,
+        };
+        self.driver.observe(check(&self.id, call, rc))
+    }
 }
 
 impl StaticBuffer for CudaStatic {
@@ -180,26 +275,29 @@ impl StaticBuffer for CudaStatic {
         src_pinned: bool,
     ) -> Result<(), DeviceError> {
         let id = self.id.clone();
-        let dptr = self.dptr;
+        let to = self.target(src_pinned);
+        let synced = self.synced;
         let base = src.as_ptr() as usize;
         let ops = ops.to_vec();
         self.driver.run_checked(move |st| {
             st.context()?;
-            enqueue(st, &id, base, dptr, &ops, src_pinned)?;
-            let stream = st.stream()?;
-            // SAFETY: our own stream.
-            check(&id, "cuStreamSynchronize", unsafe {
-                sys::cuStreamSynchronize(stream)
+            enqueue(st, &id, base, to, &ops)?;
+            // SAFETY: our event, our stream.
+            check(&id, "cuEventRecord", unsafe {
+                sys::cuEventRecord(synced as sys::CUevent, to.stream as sys::CUstream)
             })
+        })?;
+        // SAFETY: our event, just recorded after this call's copies.
+        self.wait("cuEventSynchronize", || unsafe {
+            sys::cuEventSynchronize(synced as sys::CUevent)
         })
     }
 
     fn copy_from_async(&self, req: AsyncCopy<'_>) -> Result<(), DeviceError> {
         let id = self.id.clone();
-        let dptr = self.dptr;
+        let to = self.target(req.src_pinned);
         let base = req.src.as_ptr() as usize;
         let ops = req.ops.to_vec();
-        let src_pinned = req.src_pinned;
         let done = self
             .copy_done
             .get(req.slot)
@@ -211,7 +309,7 @@ impl StaticBuffer for CudaStatic {
         let opened = Arc::clone(&self.opened);
         self.driver.run_checked(move |st| {
             st.context()?;
-            let stream = st.stream()?;
+            let stream = to.stream as sys::CUstream;
             if let Some(handle) = slot_free {
                 let ev = open_event(&id, &opened, handle)?;
                 // SAFETY: an event opened from the worker's handle; our stream.
@@ -219,7 +317,7 @@ impl StaticBuffer for CudaStatic {
                     sys::cuStreamWaitEvent(stream, ev as sys::CUevent, 0)
                 })?;
             }
-            enqueue(st, &id, base, dptr, &ops, src_pinned)?;
+            enqueue(st, &id, base, to, &ops)?;
             // SAFETY: our inter-process event, our stream.
             check(&id, "cuEventRecord", unsafe {
                 sys::cuEventRecord(done as sys::CUevent, stream)
@@ -263,18 +361,18 @@ fn staged_copy(
     st: &mut DriverState,
     id: &str,
     base: usize,
-    dptr: u64,
+    to: Target,
     ops: &[CopyOp],
 ) -> Result<(), DeviceError> {
-    let stream = st.stream()?;
+    let stream = to.stream as sys::CUstream;
     let ring = st.staging()?;
     let mut slot = 0;
     for op in ops {
         let mut done = 0u64;
         while done < op.len {
-            let n = (STAGE_BYTES as u64).min(op.len - done) as usize;
+            let n = (ring.stage_bytes as u64).min(op.len - done) as usize;
             if ring.in_flight[slot] {
-                // SAFETY: an event recorded on our stream.
+                // SAFETY: an event recorded on some lease's stream of this context.
                 check(id, "cuEventSynchronize", unsafe {
                     sys::cuEventSynchronize(ring.events[slot])
                 })?;
@@ -282,10 +380,15 @@ fn staged_copy(
             let stage = ring.buffers[slot];
             let src = base + (op.src_offset + done) as usize;
             parallel_copy(&ring.copiers, src, stage as usize, n);
-            // SAFETY: the staging buffer is pinned host memory of STAGE_BYTES; the destination
+            // SAFETY: the staging buffer is pinned host memory of `stage_bytes`; the destination
             // lies inside our allocation.
             let rc = unsafe {
-                sys::cuMemcpyHtoDAsync_v2(dptr + op.dst_offset + done, stage as *const _, n, stream)
+                sys::cuMemcpyHtoDAsync_v2(
+                    to.dptr + op.dst_offset + done,
+                    stage as *const _,
+                    n,
+                    stream,
+                )
             };
             check(id, "cuMemcpyHtoDAsync", rc)?;
             // SAFETY: our event and stream.
@@ -362,26 +465,35 @@ fn stream_copy(dst: &mut [u8], src: &[u8]) {
 
 impl Drop for CudaStatic {
     fn drop(&mut self) {
+        let stream = self.stream;
+        // Asynchronous copies may still be writing this buffer or reading the pool: wait for
+        // this lease's stream (here, not on the driver thread) before anything is freed.
+        // SAFETY: our own stream, alive until the job below destroys it.
+        if let Err(e) = self.wait("cuStreamSynchronize", || unsafe {
+            sys::cuStreamSynchronize(stream as sys::CUstream)
+        }) {
+            tracing::warn!(device = %self.id, error = %e, "waiting for a lease's copies failed");
+        }
         let dptr = self.dptr;
         let id = self.id.clone();
-        let events: Vec<usize> = self.copy_done.iter().map(|(ev, _)| *ev).collect();
-        let opened: Vec<usize> = self
-            .opened
-            .lock()
-            .expect("event cache lock")
-            .values()
-            .copied()
-            .collect();
+        let mut events: Vec<usize> = self.copy_done.iter().map(|(ev, _)| *ev).collect();
+        events.push(self.synced);
+        events.extend(
+            self.opened
+                .lock()
+                .expect("event cache lock")
+                .values()
+                .copied(),
+        );
         let res = self.driver.run(move |st| {
             st.context()?;
-            let stream = st.stream()?;
-            // SAFETY: asynchronous copies may still be in flight into this buffer: drain the
-            // stream, then release the events and the allocation made in `alloc`.
+            // SAFETY: the stream is drained; these are the events, stream and allocation made in
+            // `alloc` (and the workers' events opened for this lease), used by nothing else.
             unsafe {
-                sys::cuStreamSynchronize(stream);
-                for ev in events.iter().chain(&opened) {
+                for ev in &events {
                     sys::cuEventDestroy_v2(*ev as sys::CUevent);
                 }
+                sys::cuStreamDestroy_v2(stream as sys::CUstream);
             }
             // SAFETY: see above.
             check(&id, "cuMemFree", unsafe { sys::cuMemFree_v2(dptr) })
