@@ -11,8 +11,9 @@ commands=$(sed -n '/<!-- operator-session:begin/,/<!-- operator-session:end/p' R
 [ "$(printf '%s\n' "$commands" | wc -l)" -ge 7 ] || { echo "operator session not found in README.md" >&2; exit 1; }
 
 # The README's commands use the default socket path and 127.0.0.1:50051. Start through
-# `cargo run`, as the README does, so whatever cargo adds to the environment is exercised too.
-cargo run --quiet --bin offloadd -- serve --tcp-addr 127.0.0.1:50051 >"$work/stdout" 2>"$work/stderr" &
+# `cargo run`, as the README does, so whatever cargo adds to the environment is exercised too;
+# keep_on_exit=false leaves no pools behind in the default pools.dir for the next run to adopt.
+cargo run --quiet --bin offloadd -- serve --tcp-addr 127.0.0.1:50051 --set pools.keep_on_exit=false >"$work/stdout" 2>"$work/stderr" &
 pid=$!
 # Wait for the readiness line rather than for time.
 for _ in $(seq 1 600); do
@@ -38,6 +39,45 @@ while IFS= read -r cmd; do
     *) echo "no expectation for: $cmd" >&2; exit 1 ;;
   esac || { echo "unexpected output from: $cmd" >&2; exit 1; }
 done <<<"$commands"
+
+# Mixture-of-experts scale with grpcurl's default flags (4 MiB messages): publish 200k tensors
+# through CreateModelStream in pages, then read the whole table back page by page.
+g() { grpcurl -plaintext -unix -authority localhost -d "$1" /tmp/offloadd/offloadd.sock "$2"; }
+n_tensors=200000
+g '{"name":"moe","device":"cpu","size_bytes":134217728}' offloadd.v1.Offload/CreatePool >/dev/null
+python3 - "$n_tensors" >"$work/specs.json" <<'PY'
+import json, sys
+n, per = int(sys.argv[1]), 10000
+for i in range(0, n, per):
+    m = {"tensors": [{"name": f"model.layers.{j // 1000}.mlp.experts.{j % 1000}.w", "dtype": "U8", "shape": ["4"]}
+                     for j in range(i, min(i + per, n))]}
+    if i == 0:
+        m.update(name="moe", pool="moe")
+    print(json.dumps(m))
+PY
+g @ offloadd.v1.Offload/CreateModelStream <"$work/specs.json" >"$work/page.json"
+rows=0
+while :; do
+  read -r count token < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(len(m.get("tensors",[])), m.get("nextPageToken","-"))' "$work/page.json")
+  rows=$((rows + count))
+  [ "$token" = "-" ] && break
+  g "{\"name\":\"moe\",\"include_tensors\":true,\"page_token\":\"$token\"}" offloadd.v1.Offload/GetModel >"$work/page.json"
+done
+[ "$rows" -eq "$n_tensors" ] || { echo "grpcurl read $rows of $n_tensors rows" >&2; exit 1; }
+g '{"name":"moe"}' offloadd.v1.Offload/SealModel | grep -q MODEL_STATE_READY
+# A lease on it: AttachWorker answers the first page, GetLeaseTensors the rest.
+g '{"model":"moe","worker_name":"grpcurl","ttl_ms":300000}' offloadd.v1.Offload/AttachWorker >"$work/page.json"
+lease=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["leaseId"])' "$work/page.json")
+leased=0
+while :; do
+  read -r count token < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(len(m.get("tensors",[])), m.get("nextPageToken","-"))' "$work/page.json")
+  leased=$((leased + count))
+  [ "$token" = "-" ] && break
+  g "{\"lease_id\":\"$lease\",\"page_token\":\"$token\"}" offloadd.v1.Offload/GetLeaseTensors >"$work/page.json"
+done
+[ "$leased" -eq "$n_tensors" ] || { echo "grpcurl read $leased of $n_tensors lease rows" >&2; exit 1; }
+g "{\"lease_id\":\"$lease\"}" offloadd.v1.Offload/DetachWorker >/dev/null
+echo "grpcurl (default flags): published $n_tensors tensors with CreateModelStream, read all $rows rows of GetModel and $leased of a lease in pages"
 
 kill -TERM "$pid"
 # Wait for the daemon (not our child: it runs under cargo) to exit.

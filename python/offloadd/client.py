@@ -30,6 +30,8 @@ DEFAULT_SOCKET = "/tmp/offloadd/offloadd.sock"
 DEFAULT_TIMEOUT = 10.0
 #: Seconds RegisterModel(wait=True) may take: a load reads the whole checkpoint.
 DEFAULT_LOAD_TIMEOUT = 3600.0
+# Tensor specs per CreateModelStream message: about 0.6 MB, well under gRPC's 4 MiB default.
+SPECS_PER_MESSAGE = 10_000
 
 Progress = Callable[[pb.ModelProgress], None]
 
@@ -171,16 +173,7 @@ class Client:
         model: pb.Model = self._call(
             "GetModel", pb.GetModelRequest(name=name, include_tensors=include_tensors)
         )
-        while model.next_page_token:
-            page: pb.Model = self._call(
-                "GetModel",
-                pb.GetModelRequest(
-                    name=name, include_tensors=True, page_token=model.next_page_token
-                ),
-            )
-            model.tensors.extend(page.tensors)
-            model.next_page_token = page.next_page_token
-        return model
+        return self._rest_of_table(model)
 
     def list_models(self) -> list[pb.Model]:
         return list(self._call("ListModels", pb.ListModelsRequest()).models)
@@ -195,11 +188,35 @@ class Client:
         tensors: Iterable[pb.TensorSpec],
         backend: pb.Backend | None = None,
     ) -> pb.Model:
-        """Allocates ranges for tensors the caller writes itself, then :meth:`seal_model`."""
-        return self._call(
-            "CreateModel",
-            pb.CreateModelRequest(name=name, pool=pool, tensors=list(tensors), backend=backend),
-        )
+        """Allocates ranges for tensors the caller writes itself, then :meth:`seal_model`.
+        Returns the model with its whole tensor table (offsets). The specs go in pages of
+        10,000 over CreateModelStream, so a mixture-of-experts model's 100k+ tensors stay under
+        gRPC's 4 MiB message limit; the answer's table is read page by page."""
+        specs = list(tensors)
+        requests = [
+            pb.CreateModelRequest(
+                name=name if i == 0 else "",
+                pool=pool if i == 0 else "",
+                tensors=specs[i : i + SPECS_PER_MESSAGE],
+                backend=backend if i == 0 else None,
+            )
+            for i in range(0, max(len(specs), 1), SPECS_PER_MESSAGE)
+        ]
+        model: pb.Model = self._call("CreateModelStream", iter(requests))
+        return self._rest_of_table(model)
+
+    def _rest_of_table(self, model: pb.Model) -> pb.Model:
+        """Appends the pages after ``model.next_page_token`` to ``model.tensors``."""
+        while model.next_page_token:
+            page: pb.Model = self._call(
+                "GetModel",
+                pb.GetModelRequest(
+                    name=model.name, include_tensors=True, page_token=model.next_page_token
+                ),
+            )
+            model.tensors.extend(page.tensors)
+            model.next_page_token = page.next_page_token
+        return model
 
     def seal_model(self, name: str) -> pb.Model:
         return self._call("SealModel", pb.SealModelRequest(name=name), timeout=DEFAULT_LOAD_TIMEOUT)

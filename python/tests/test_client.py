@@ -62,6 +62,23 @@ def test_every_rpc_round_trips(client: offloadd.Client, tmp_path: Path):
     assert client.seal_model("pub").state == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
 
 
+def test_a_mixture_of_experts_model_is_published_in_pages(client: offloadd.Client):
+    # 25k specs and their table are over one 4 MiB message each way at the daemon's page size
+    # only together; the client sends and reads both in pages.
+    n = 25_000
+    specs = [
+        offloadd.v1.offloadd_pb2.TensorSpec(
+            name=f"model.layers.{i // 1000}.mlp.experts.{i % 1000}.w", dtype="U8", shape=[4]
+        )
+        for i in range(n)
+    ]
+    client.create_pool("moe", size_bytes=16 << 20)
+    created = client.create_model("moe", pool="moe", tensors=specs)
+    assert created.tensor_count == n and not created.next_page_token
+    assert [t.name for t in created.tensors] == [s.name for s in specs]
+    assert len({t.offset for t in created.tensors}) == n
+
+
 def test_errors_carry_the_daemons_message(client: offloadd.Client, tmp_path: Path):
     with pytest.raises(offloadd.NotFound, match="nope"):
         client.attach("nope")

@@ -98,22 +98,78 @@ pub async fn create(
     core: &Arc<Core>,
     r: proto::CreateModelRequest,
 ) -> Result<proto::Model, Status> {
+    let backend = convert::backend_config(r.backend);
     let req = NewPublished {
         name: r.name,
         pool: r.pool,
-        tensors: r
-            .tensors
-            .into_iter()
-            .map(|t| PublishedTensor {
-                name: t.name,
-                dtype: t.dtype,
-                shape: t.shape.into_iter().map(|d| d as usize).collect(),
-            })
-            .collect(),
-        backend: convert::backend_config(r.backend),
+        tensors: r.tensors.into_iter().map(published).collect(),
+        backend,
     };
+    create_published(core, req).await
+}
+
+/// Most tensors one CreateModelStream may describe: far above any checkpoint's, and a bound on
+/// what a client can make the daemon hold before anything is allocated.
+const MAX_STREAMED_SPECS: usize = 4_000_000;
+
+/// Collects the stream's specs, then creates the model as [`create`] does.
+pub async fn create_streamed(
+    core: &Arc<Core>,
+    mut stream: tonic::Streaming<proto::CreateModelRequest>,
+) -> Result<proto::Model, Status> {
+    let Some(first) = stream.message().await? else {
+        return Err(Status::invalid_argument(
+            "CreateModelStream got no message: send one naming the model, pool and backend, then the tensors",
+        ));
+    };
+    tracing::Span::current().record("model", first.name.as_str());
+    let mut req = NewPublished {
+        name: first.name,
+        pool: first.pool,
+        tensors: first.tensors.into_iter().map(published).collect(),
+        backend: convert::backend_config(first.backend),
+    };
+    while let Some(m) = stream.message().await? {
+        let differs = |given: &str, first: &str| !given.is_empty() && given != first;
+        if differs(&m.name, &req.name) || differs(&m.pool, &req.pool) || m.backend.is_some() {
+            return Err(Status::invalid_argument(format!(
+                "CreateModelStream: only the first message names the model, pool and backend (model {:?}, pool {:?}); a later one named model {:?}, pool {:?}{}",
+                req.name,
+                req.pool,
+                m.name.chars().take(64).collect::<String>(),
+                m.pool.chars().take(64).collect::<String>(),
+                if m.backend.is_some() {
+                    " and a backend"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if req.tensors.len() + m.tensors.len() > MAX_STREAMED_SPECS {
+            return Err(Status::resource_exhausted(format!(
+                "CreateModelStream: more than {MAX_STREAMED_SPECS} tensors; nothing was created"
+            )));
+        }
+        req.tensors.extend(m.tensors.into_iter().map(published));
+    }
+    create_published(core, req).await
+}
+
+fn published(t: proto::TensorSpec) -> PublishedTensor {
+    PublishedTensor {
+        name: t.name,
+        dtype: t.dtype,
+        shape: t.shape.into_iter().map(|d| d as usize).collect(),
+    }
+}
+
+/// Allocates, then answers the first page of the table (a whole 100k-row table is over the
+/// 4 MiB a default client accepts; GetModel pages the rest).
+async fn create_published(core: &Arc<Core>, req: NewPublished) -> Result<proto::Model, Status> {
     let model = blocking(core, move |c| c.models.create_published(&c.pools, &req)).await?;
-    Ok(convert::model(&model, true))
+    tokio::task::spawn_blocking(move || convert::model_page(&model, super::paging::rows(0, 0)))
+        .await
+        .map_err(super::status::join_error)
 }
 
 pub async fn seal(core: &Arc<Core>, name: String) -> Result<proto::Model, Status> {

@@ -189,6 +189,16 @@ impl Offload for OffloadService {
         ))
     }
 
+    #[tracing::instrument(skip_all, fields(model = tracing::field::Empty))]
+    async fn create_model_stream(
+        &self,
+        request: Request<tonic::Streaming<proto::CreateModelRequest>>,
+    ) -> Reply<proto::Model> {
+        Ok(Response::new(
+            models::create_streamed(&self.core, request.into_inner()).await?,
+        ))
+    }
+
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
     async fn seal_model(&self, request: Request<proto::SealModelRequest>) -> Reply<proto::Model> {
         Ok(Response::new(

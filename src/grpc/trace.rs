@@ -19,6 +19,7 @@ const MUTATING: &[&str] = &[
     "DeletePool",
     "RegisterModel",
     "CreateModel",
+    "CreateModelStream",
     "SealModel",
     "UnregisterModel",
     "SetBackend",

@@ -90,6 +90,11 @@ class OffloadStub:
                 request_serializer=offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.SerializeToString,
                 response_deserializer=offloadd_dot_v1_dot_offloadd__pb2.Model.FromString,
                 _registered_method=True)
+        self.CreateModelStream = channel.stream_unary(
+                '/offloadd.v1.Offload/CreateModelStream',
+                request_serializer=offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=offloadd_dot_v1_dot_offloadd__pb2.Model.FromString,
+                _registered_method=True)
         self.SealModel = channel.unary_unary(
                 '/offloadd.v1.Offload/SealModel',
                 request_serializer=offloadd_dot_v1_dot_offloadd__pb2.SealModelRequest.SerializeToString,
@@ -215,7 +220,19 @@ class OffloadServicer:
 
     def CreateModel(self, request, context):
         """Allocates ranges for tensors an engine will write itself through the pool file (e.g. after
-        quantization repacking); answers with the tensor table (offsets) and state AWAITING_SEAL.
+        quantization repacking); answers with state AWAITING_SEAL and the first page of the tensor
+        table (offsets); GetModel with include_tensors and next_page_token gives the rest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateModelStream(self, request_iterator, context):
+        """CreateModel for spec lists too big for one message (a mixture-of-experts model's 100k
+        tensors are over gRPC's default 4 MiB): the first message names the model, pool and
+        backend; every message, the first included, adds tensors in order (later messages leave
+        name, pool and backend empty or repeat them). Nothing is allocated until the stream ends,
+        so a client that breaks off leaves nothing behind. Answers as CreateModel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -335,6 +352,11 @@ def add_OffloadServicer_to_server(servicer, server):
             ),
             'CreateModel': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateModel,
+                    request_deserializer=offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.FromString,
+                    response_serializer=offloadd_dot_v1_dot_offloadd__pb2.Model.SerializeToString,
+            ),
+            'CreateModelStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.CreateModelStream,
                     request_deserializer=offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.FromString,
                     response_serializer=offloadd_dot_v1_dot_offloadd__pb2.Model.SerializeToString,
             ),
@@ -670,6 +692,33 @@ class Offload:
             request,
             target,
             '/offloadd.v1.Offload/CreateModel',
+            offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.SerializeToString,
+            offloadd_dot_v1_dot_offloadd__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModelStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/offloadd.v1.Offload/CreateModelStream',
             offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.SerializeToString,
             offloadd_dot_v1_dot_offloadd__pb2.Model.FromString,
             options,

@@ -1,0 +1,296 @@
+//! Models an engine publishes itself: CreateModel (or CreateModelStream for spec lists over one
+//! message), writes through the pool file, SealModel. Through the real daemon, with a plain
+//! tonic client and gRPC's default 4 MiB message limit, as grpcurl has.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use common::ckpt;
+use common::{DaemonBuilder, Scratch};
+use offloadd::proto::offload_client::OffloadClient;
+use offloadd::proto::{
+    CreateModelRequest, CreatePoolRequest, GetModelRequest, GetPoolRequest, Model, ModelState,
+    SealModelRequest, TensorSpec,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1 << 20;
+
+async fn pool(c: &mut OffloadClient<Channel>, name: &str, size: u64) {
+    c.create_pool(CreatePoolRequest {
+        name: name.into(),
+        device: "cpu".into(),
+        size_bytes: size,
+    })
+    .await
+    .unwrap();
+}
+
+async fn used(c: &mut OffloadClient<Channel>, name: &str) -> u64 {
+    c.get_pool(GetPoolRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .used_bytes
+}
+
+/// `n` specs of 4-byte experts, as a mixture-of-experts engine would publish them.
+fn specs(n: usize) -> Vec<TensorSpec> {
+    (0..n)
+        .map(|i| TensorSpec {
+            name: format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000),
+            dtype: "U8".into(),
+            shape: vec![4],
+        })
+        .collect()
+}
+
+/// The messages of one CreateModelStream: the first names the model, each carries a page.
+fn pages(name: &str, specs: Vec<TensorSpec>, per: usize) -> Vec<CreateModelRequest> {
+    specs
+        .chunks(per)
+        .enumerate()
+        .map(|(i, chunk)| CreateModelRequest {
+            name: if i == 0 { name.into() } else { String::new() },
+            pool: if i == 0 { "p".into() } else { String::new() },
+            tensors: chunk.to_vec(),
+            backend: None,
+        })
+        .collect()
+}
+
+/// The whole table of a model, page by page.
+async fn table(c: &mut OffloadClient<Channel>, first: Model) -> Vec<offloadd::proto::TensorInfo> {
+    let mut rows = first.tensors;
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let m = c
+            .get_model(GetModelRequest {
+                name: first.name.clone(),
+                include_tensors: true,
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(prost::Message::encoded_len(&m) < 4 << 20);
+        rows.extend(m.tensors);
+        token = m.next_page_token;
+    }
+    rows
+}
+
+#[tokio::test]
+async fn a_200k_tensor_model_is_published_through_a_stream_of_pages() {
+    const N: usize = 200_000;
+    let s = Scratch::new();
+    let d = DaemonBuilder::new(&s).start().await.unwrap();
+    let mut c = OffloadClient::new(d.channel().await);
+    pool(&mut c, "p", 64 * MIB).await;
+    let all = specs(N);
+
+    // One message with every spec is over the limit a server may take; nothing is created.
+    let whole = CreateModelRequest {
+        name: "moe".into(),
+        pool: "p".into(),
+        tensors: all.clone(),
+        backend: None,
+    };
+    assert!(prost::Message::encoded_len(&whole) > 4 << 20);
+
+    let created = c
+        .create_model_stream(tokio_stream::iter(pages("moe", all.clone(), 10_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        prost::Message::encoded_len(&created) < 4 << 20,
+        "the answer is a page"
+    );
+    assert_eq!(created.state(), ModelState::AwaitingSeal);
+    assert_eq!(created.tensor_count, N as u64);
+    let rows = table(&mut c, created).await;
+    assert_eq!(rows.len(), N);
+    // In the order sent, each 4 bytes, none overlapping.
+    for (r, s) in rows.iter().zip(&all) {
+        assert_eq!((r.name.as_str(), r.length), (s.name.as_str(), 4));
+    }
+    let mut ranges: Vec<(u64, u64)> = rows.iter().map(|r| (r.offset, r.length)).collect();
+    ranges.sort_unstable();
+    assert!(ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+    assert!(used(&mut c, "p").await >= 4 * N as u64);
+
+    // The engine writes through the pool file; sealing checksums what it wrote.
+    let path = c
+        .get_pool(GetPoolRequest { name: "p".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .path;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for (i, r) in rows.iter().enumerate().step_by(997) {
+        file.write_all_at(&(i as u32).to_le_bytes(), r.offset)
+            .unwrap();
+    }
+    let sealed = c
+        .seal_model(SealModelRequest { name: "moe".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sealed.state(), ModelState::Ready);
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_off_or_renames_creates_nothing() {
+    let s = Scratch::new();
+    let d = DaemonBuilder::new(&s).start().await.unwrap();
+    let mut c = OffloadClient::new(d.channel().await);
+    pool(&mut c, "p", 4 * MIB).await;
+
+    // A later page that names another model is refused, naming both.
+    let mut msgs = pages("a", specs(30), 10);
+    msgs[2].name = "b".into();
+    let e = c
+        .create_model_stream(tokio_stream::iter(msgs))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("\"a\"") && e.message().contains("\"b\""),
+        "{}",
+        e.message()
+    );
+
+    // A client that goes away mid-stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut c2 = c.clone();
+    let call = tokio::spawn(async move { c2.create_model_stream(ReceiverStream::new(rx)).await });
+    for m in pages("a", specs(20), 10) {
+        tx.send(m).await.unwrap();
+    }
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    drop(tx);
+
+    // A stream with no message at all.
+    let e = c
+        .create_model_stream(tokio_stream::iter(Vec::<CreateModelRequest>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // None of them left a model, a name or a range behind.
+    assert_eq!(used(&mut c, "p").await, 0);
+    let e = c
+        .get_model(GetModelRequest {
+            name: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let m = c
+        .create_model_stream(tokio_stream::iter(pages("a", specs(30), 10)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.tensor_count, 30);
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test]
+async fn published_tensors_are_sealed_with_checksums() {
+    let s = Scratch::new();
+    let d = DaemonBuilder::new(&s).start().await.unwrap();
+    let mut c = d.client().await;
+    pool(&mut c, "p", 4 * MIB).await;
+    let specs = vec![
+        TensorSpec {
+            name: "model.layers.0.mlp.w".into(),
+            dtype: "F8_E4M3".into(),
+            shape: vec![64, 32],
+        },
+        TensorSpec {
+            name: "model.layers.1.mlp.w".into(),
+            dtype: "BF16".into(),
+            shape: vec![10],
+        },
+    ];
+    let m = c
+        .create_model(CreateModelRequest {
+            name: "pub".into(),
+            pool: "p".into(),
+            tensors: specs,
+            backend: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.state(), ModelState::AwaitingSeal);
+    assert_eq!(m.tensors.len(), 2);
+    assert_eq!(m.tensors[0].length, 2048);
+    assert_eq!(m.tensors[1].length, 20);
+    // The engine writes through the shared pool file.
+    let p = c
+        .get_pool(GetPoolRequest { name: "p".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p.path)
+        .unwrap();
+    let data: Vec<Vec<u8>> = m
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ckpt::bytes(t.length as usize, i as u64 + 7))
+        .collect();
+    for (t, bytes) in m.tensors.iter().zip(&data) {
+        file.write_all_at(bytes, t.offset).unwrap();
+    }
+    let sealed = c
+        .seal_model(SealModelRequest { name: "pub".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sealed.state(), ModelState::Ready);
+    let m = c
+        .get_model(GetModelRequest {
+            name: "pub".into(),
+            include_tensors: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (t, bytes) in m.tensors.iter().zip(&data) {
+        assert_eq!(t.crc32c, crc32c::crc32c(bytes));
+    }
+    let err = c
+        .seal_model(SealModelRequest { name: "pub".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = c
+        .create_model(CreateModelRequest {
+            name: "bad".into(),
+            pool: "p".into(),
+            tensors: vec![TensorSpec {
+                name: "x".into(),
+                dtype: "F128".into(),
+                shape: vec![1],
+            }],
+            backend: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("F128"));
+    assert!(d.terminate().await.success());
+}
