@@ -217,17 +217,22 @@ pub struct HeaderProblem {
 /// its shape times its dtype size.
 pub fn parse_header(head: &[u8], data_len: u64) -> Result<Vec<ShardTensor>, HeaderProblem> {
     let problem = |why: String, tensor: Option<String>| HeaderProblem { why, tensor };
-    // Deserializing `Metadata` runs the crate's own validation (`Metadata::new`): one parse on
-    // the success path, which is most of the time of a 100k-tensor registration. Only a header
-    // that fails goes through `read_metadata`, for the crate's precise error.
+    // The one-pass parser takes the common case; what it declines, the crate judges:
+    // deserializing `Metadata` runs its validation (`Metadata::new`), and only a header that
+    // fails that goes through `read_metadata`, for the crate's precise error.
     let prefix_matches = head.get(..8).is_some_and(|n| {
         u64::from_le_bytes(n.try_into().expect("8 bytes")) == head.len() as u64 - 8
     });
-    let parsed = head
+    let json = head
         .get(8..)
         .filter(|_| prefix_matches)
-        .and_then(|json| std::str::from_utf8(json).ok())
-        .and_then(|json| serde_json::from_str::<Metadata>(json).ok());
+        .and_then(|json| std::str::from_utf8(json).ok());
+    if let Some((tensors, end)) = json.and_then(|j| super::header_json::parse(j, head.len() as u64))
+        && end == data_len
+    {
+        return Ok(tensors);
+    }
+    let parsed = json.and_then(|json| serde_json::from_str::<Metadata>(json).ok());
     // The crate checks the header against a buffer; given the header alone it can only
     // disagree about where the data ends, which is checked below against the file's length.
     let metadata = match parsed.map_or_else(|| SafeTensors::read_metadata(head).map(|(_, m)| m), Ok)
@@ -423,6 +428,36 @@ mod tests {
             let data_len = data_len.saturating_add_signed(data_delta);
             if let Ok(tensors) = parse_header(&head, data_len) {
                 check_invariants(&tensors, head.len() as u64, data_len);
+            }
+        }
+
+        #[test]
+        fn the_one_pass_parser_accepts_only_what_the_crate_accepts(
+            specs in specs(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        ) {
+            let (mut head, _) = valid(&specs);
+            for (at, byte) in flips {
+                let i = 8 + at.index(head.len() - 8);
+                head[i] = byte;
+            }
+            let Ok(json) = std::str::from_utf8(&head[8..]) else { return Ok(()) };
+            if let Some((fast, end)) = super::super::header_json::parse(json, 8) {
+                let m: Metadata = serde_json::from_str(json).expect("the crate accepts it too");
+                prop_assert_eq!(end, m.data_len() as u64);
+                let mut slow = tensors_in_order(&m, 8);
+                // Empty tensors share an offset; the crate orders those by its hash map's
+                // iteration order, the one-pass parser by document order.
+                let mut fast = fast;
+                fast.sort_by(|a, b| (a.file_offset, a.len, &a.name).cmp(&(b.file_offset, b.len, &b.name)));
+                slow.sort_by(|a, b| (a.file_offset, a.len, &a.name).cmp(&(b.file_offset, b.len, &b.name)));
+                prop_assert_eq!(fast.len(), slow.len());
+                for (f, s) in fast.iter().zip(&slow) {
+                    prop_assert_eq!(
+                        (&f.name, f.dtype, &f.shape, f.file_offset, f.len),
+                        (&s.name, s.dtype, &s.shape, s.file_offset, s.len)
+                    );
+                }
             }
         }
 

@@ -1,6 +1,7 @@
 //! Models: checkpoints (or engine-published tensors) placed in a pool, with a tensor table.
 
 pub mod header;
+mod header_json;
 pub mod layers;
 pub mod loader;
 pub mod model;

@@ -1,0 +1,134 @@
+//! The common case of a safetensors header, parsed in one pass: each entry goes straight into a
+//! list, in the crate's own types. The crate's `Metadata` reads the header through a flattened
+//! map, which serde buffers whole before building a hash map of the names; at 100k tensors that
+//! was most of a registration's time. This path only ever accepts; anything it does not accept
+//! goes to the crate, whose error is the one reported, so both always agree on what is valid
+//! (a property test holds them to it).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use safetensors::Dtype;
+use serde::Deserialize;
+use serde::de::{MapAccess, Visitor};
+
+use super::header::ShardTensor;
+
+/// One entry as the crate's `TensorInfo` reads it (unknown fields ignored, as there).
+#[derive(Deserialize)]
+struct Info {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+/// The header's tensor entries in document order; `None` where the crate might disagree.
+struct Entries(Option<Vec<(String, Info)>>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(EntriesVisitor)
+    }
+}
+
+struct EntriesVisitor;
+
+impl<'de> Visitor<'de> for EntriesVisitor {
+    type Value = Entries;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a safetensors header object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        let mut metadata_seen = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "__metadata__" {
+                // The crate refuses a second one as a duplicate field.
+                if metadata_seen {
+                    return Ok(Entries(None));
+                }
+                metadata_seen = true;
+                map.next_value::<Option<HashMap<String, String>>>()?;
+            } else {
+                entries.push((key, map.next_value::<Info>()?));
+            }
+        }
+        Ok(Entries(Some(entries)))
+    }
+}
+
+/// The tensors of `json` (the header after its 8-byte length) in file order, when they are
+/// exactly what the crate would accept: names unique, spans back to back from 0, each exactly
+/// its shape times its dtype size. `None` otherwise (or for JSON it cannot read), so the caller
+/// asks the crate, for its precise error. `data_start` is where the data section begins.
+pub fn parse(json: &str, data_start: u64) -> Option<(Vec<ShardTensor>, u64)> {
+    let Entries(entries) = serde_json::from_str(json).ok()?;
+    let mut entries = entries?;
+    // The crate keeps the last of duplicate names, which then leaves a gap or not: let it decide.
+    let mut names = HashSet::with_capacity(entries.len());
+    if !entries.iter().all(|(n, _)| names.insert(n.as_str())) {
+        return None;
+    }
+    drop(names);
+    entries.sort_by_key(|(_, i)| i.data_offsets);
+    let mut end = 0usize;
+    let mut out = Vec::with_capacity(entries.len());
+    for (name, info) in entries {
+        let (s, e) = info.data_offsets;
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))?
+            .checked_mul(info.dtype.bitsize())?;
+        if s != end || e < s || bits % 8 != 0 || e - s != bits / 8 {
+            return None;
+        }
+        end = e;
+        out.push(ShardTensor {
+            name,
+            dtype: info.dtype,
+            shape: info.shape,
+            file_offset: data_start + s as u64,
+            len: (e - s) as u64,
+        });
+    }
+    Some((out, end as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    fn header(json: &str) -> Option<Vec<String>> {
+        parse(json, 0).map(|(t, _)| t.into_iter().map(|t| t.name).collect())
+    }
+
+    #[test]
+    fn entries_come_back_in_file_order_whatever_the_document_order() {
+        let json = r#"{"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},
+                       "__metadata__":{"format":"pt"},
+                       "a":{"dtype":"U8","shape":[4],"data_offsets":[0,4],"extra":1}}"#;
+        assert_eq!(header(json), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(parse(json, 100).unwrap().1, 12);
+    }
+
+    #[test]
+    fn what_only_the_crate_can_judge_is_left_to_it() {
+        for json in [
+            // a duplicate name, a second __metadata__, a gap, an overlap, a wrong size,
+            // a part byte, an overflowing shape, not an object
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#,
+            r#"{"__metadata__":{},"__metadata__":{},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[1,5]}}"#,
+            r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,4]}}"#,
+            r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,1]}}"#,
+            r#"{"a":{"dtype":"F32","shape":[18446744073709551615,2],"data_offsets":[0,4]}}"#,
+            r#"[1,2]"#,
+        ] {
+            assert_eq!(header(json), None, "{json}");
+        }
+    }
+}
