@@ -40,6 +40,8 @@ pub enum DaemonError {
     StartupModel { name: String, message: String },
     #[error("server.auth_token_file {}: {reason}", path.display())]
     TokenFile { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Tls(#[from] crate::grpc::tls::TlsError),
 }
 
 /// The server's connection limits and auth policy; reads the token file.
@@ -62,8 +64,16 @@ fn serve_options(config: &Config) -> Result<server::ServeOptions, DaemonError> {
         }
         None => None,
     };
+    let tls = match (&s.tls_cert_file, &s.tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::grpc::tls::acceptor(&crate::grpc::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: s.tls_client_ca_file.clone(),
+        })?),
+        _ => None,
+    };
     if let Some(addr) = s.tcp_addr.filter(|a| !a.ip().is_loopback()) {
-        if token.is_none() {
+        if token.is_none() && s.tls_client_ca_file.is_none() {
             tracing::warn!(%addr, "server.tcp_insecure: serving TCP on a non-loopback address WITHOUT authentication; anyone who reaches it controls this daemon");
         }
     }
@@ -79,6 +89,7 @@ fn serve_options(config: &Config) -> Result<server::ServeOptions, DaemonError> {
             allowed_uids: s.allowed_uids.clone(),
             allowed_gids: s.allowed_gids.clone(),
         },
+        tls,
     })
 }
 

@@ -53,8 +53,16 @@ pub struct ServerConfig {
     /// File holding the bearer token that TCP callers must send (`authorization: Bearer
     /// <token>`) for every offloadd.v1.Offload method; health and reflection stay open.
     pub auth_token_file: Option<PathBuf>,
-    /// Serve TCP on a non-loopback address without a token. Refused unless set explicitly.
+    /// Serve TCP on a non-loopback address without authentication (neither a token nor
+    /// client certificates). Refused unless set explicitly.
     pub tcp_insecure: bool,
+    /// PEM certificate chain for TLS on the TCP listener; with `tls_key_file`. Unset: plaintext.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates that TCP clients' certificates must chain to (mutual TLS). Set, it
+    /// authenticates callers by itself; a token, if also set, is required as well.
+    pub tls_client_ca_file: Option<PathBuf>,
     /// Unix-socket callers allowed by uid (SO_PEERCRED), besides the socket's 0660 mode.
     /// Empty together with `allowed_gids`: anyone who can open the socket.
     pub allowed_uids: Vec<u32>,
@@ -79,6 +87,9 @@ impl Default for ServerConfig {
             max_fast_connections: 256,
             auth_token_file: None,
             tcp_insecure: false,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
         }

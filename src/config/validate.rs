@@ -26,19 +26,40 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
             c.server.max_connections, c.server.max_fast_connections
         ));
     }
-    if let Some(file) = &c.server.auth_token_file {
-        require_absolute("server.auth_token_file", file)?;
+    let srv = &c.server;
+    for (setting, file) in [
+        ("server.auth_token_file", &srv.auth_token_file),
+        ("server.tls_cert_file", &srv.tls_cert_file),
+        ("server.tls_key_file", &srv.tls_key_file),
+        ("server.tls_client_ca_file", &srv.tls_client_ca_file),
+    ] {
+        if let Some(file) = file {
+            require_absolute(setting, file)?;
+        }
     }
-    if let Some(addr) = c.server.tcp_addr
+    if srv.tls_cert_file.is_some() != srv.tls_key_file.is_some() {
+        return invalid(
+            "server.tls_cert_file and server.tls_key_file go together: set both for TLS, or neither".into(),
+        );
+    }
+    if srv.tls_client_ca_file.is_some() && srv.tls_cert_file.is_none() {
+        return invalid(
+            "server.tls_client_ca_file asks TCP clients for certificates, which needs TLS: set server.tls_cert_file and server.tls_key_file too".into(),
+        );
+    }
+    if let Some(addr) = srv.tcp_addr
         && !addr.ip().is_loopback()
-        && c.server.auth_token_file.is_none()
-        && !c.server.tcp_insecure
+        && srv.auth_token_file.is_none()
+        && srv.tls_client_ca_file.is_none()
+        && !srv.tcp_insecure
     {
         return invalid(format!(
-            "server.tcp_addr = {addr} is reachable from other hosts and no server.auth_token_file is set: \
-             anyone who reaches it could control the daemon. Set server.auth_token_file (clients send \
-             `authorization: Bearer <token>`), bind a loopback address, or set server.tcp_insecure = true \
-             to serve it unauthenticated anyway"
+            "server.tcp_addr = {addr} is reachable from other hosts and neither server.auth_token_file nor \
+             server.tls_client_ca_file is set: anyone who reaches it could control the daemon. Set \
+             server.auth_token_file (clients send `authorization: Bearer <token>`; with \
+             server.tls_cert_file/tls_key_file it travels encrypted), or mutual TLS (server.tls_cert_file, \
+             server.tls_key_file, server.tls_client_ca_file), bind a loopback address, or set \
+             server.tcp_insecure = true to serve it unauthenticated anyway"
         ));
     }
     let stage = c.pin.staging_bytes;

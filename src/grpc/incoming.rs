@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use rustix::net::RecvFlags;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::AuthPolicy;
 use super::conn::{Backoff, Conn, Gate, Peer};
+use super::tls::TcpIo;
 use super::workers::FastSession;
 use crate::fast;
 use crate::metrics::Metrics;
@@ -74,8 +76,13 @@ pub fn unix(
     ReceiverStream::new(rx)
 }
 
-/// Accepts TCP connections until the returned stream is dropped.
-pub fn tcp(listener: TcpListener, gate: Gate) -> ReceiverStream<io::Result<Conn<TcpStream>>> {
+/// Accepts TCP connections until the returned stream is dropped; with `tls`, each connection
+/// completes its handshake (on its own task, within the sniff timeout) before tonic sees it.
+pub fn tcp(
+    listener: TcpListener,
+    gate: Gate,
+    tls: Option<TlsAcceptor>,
+) -> ReceiverStream<io::Result<Conn<TcpIo>>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let mut backoff = Backoff::default();
@@ -88,9 +95,34 @@ pub fn tcp(listener: TcpListener, gate: Gate) -> ReceiverStream<io::Result<Conn<
             };
             // Small request/response frames: Nagle would add up to 40 ms to each.
             let _ = stream.set_nodelay(true);
-            if tx.send(Ok(gate.wrap(stream, peer, permit))).await.is_err() {
-                return;
-            }
+            let Some(tls) = tls.clone() else {
+                if tx
+                    .send(Ok(gate.wrap(TcpIo::Plain(stream), peer, permit)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            };
+            let (tx, gate) = (tx.clone(), gate.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(SNIFF_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx
+                            .send(Ok(gate.wrap(TcpIo::Tls(Box::new(s)), peer, permit)))
+                            .await;
+                    }
+                    // A plaintext client, an untrusted or missing client certificate: the
+                    // client sees the TLS alert; the daemon notes it and goes on.
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake failed; connection closed")
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake did not finish in time; closed")
+                    }
+                }
+            });
         }
     });
     ReceiverStream::new(rx)

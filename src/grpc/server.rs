@@ -25,7 +25,6 @@ const OVERALL: &str = "";
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How connections are admitted, kept and checked (the `server.*` settings).
-#[derive(Debug)]
 pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Per listener.
@@ -35,6 +34,8 @@ pub struct ServeOptions {
     pub keepalive: Option<Duration>,
     pub max_fast_connections: usize,
     pub auth: AuthPolicy,
+    /// TLS for the TCP listener (the Unix socket never uses it).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 #[derive(Debug, Error)]
@@ -127,7 +128,7 @@ pub async fn serve(
     ));
     if let Some(tcp) = listeners.tcp {
         servers.spawn(router.serve_with_incoming_shutdown(
-            incoming::tcp(tcp, gate("tcp")),
+            incoming::tcp(tcp, gate("tcp"), opts.tls.clone()),
             stopped(stop_rx.clone()),
         ));
     }
