@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 work=$(mktemp -d)
-trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill "$pid" ${tls_pid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
 
 commands=$(sed -n '/<!-- operator-session:begin/,/<!-- operator-session:end/p' README.md | grep '^grpcurl ')
 [ "$(printf '%s\n' "$commands" | wc -l)" -ge 7 ] || { echo "operator session not found in README.md" >&2; exit 1; }
@@ -78,6 +78,36 @@ done
 [ "$leased" -eq "$n_tensors" ] || { echo "grpcurl read $leased of $n_tensors lease rows" >&2; exit 1; }
 g "{\"lease_id\":\"$lease\"}" offloadd.v1.Offload/DetachWorker >/dev/null
 echo "grpcurl (default flags): published $n_tensors tensors with CreateModelStream, read all $rows rows of GetModel and $leased of a lease in pages"
+
+# TLS as an operator sets it up: certificates from openssl, mutual TLS on a second daemon, and
+# grpcurl with -cacert/-cert/-key (the deploy/README.md recipe).
+tls="$work/tls"
+mkdir -p "$tls"
+ossl() { openssl "$@" 2>/dev/null; }
+ossl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=offloadd-ca -keyout "$tls/ca.key" -out "$tls/ca.pem"
+for who in server client; do
+  ossl req -newkey rsa:2048 -nodes -subj "/CN=$who" -keyout "$tls/$who.key" -out "$tls/$who.csr"
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$tls/$who.ext"
+  ossl x509 -req -in "$tls/$who.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial -days 1 \
+    -extfile "$tls/$who.ext" -out "$tls/$who.pem"
+done
+target/debug/offloadd serve --uds-path "$work/tls.sock" --pools-dir "$work/tls-pools" \
+  --tcp-addr 127.0.0.1:0 --set pools.keep_on_exit=false \
+  --set "server.tls_cert_file=$tls/server.pem" --set "server.tls_key_file=$tls/server.key" \
+  --set "server.tls_client_ca_file=$tls/ca.pem" >"$work/tls.out" 2>"$work/tls.err" &
+tls_pid=$!
+for _ in $(seq 1 600); do
+  grep -q '"event":"ready"' "$work/tls.out" && break
+  kill -0 "$tls_pid" 2>/dev/null || { cat "$work/tls.err" >&2; echo "TLS daemon exited early" >&2; exit 1; }
+  sleep 0.1
+done
+addr=$(sed -n 's/.*"tcp":"\([^"]*\)".*/\1/p' "$work/tls.out")
+grpcurl -cacert "$tls/ca.pem" -cert "$tls/client.pem" -key "$tls/client.key" "$addr" offloadd.v1.Offload/GetInfo | grep -q '"id": "cpu"'
+! grpcurl -cacert "$tls/ca.pem" "$addr" offloadd.v1.Offload/GetInfo >/dev/null 2>&1 || { echo "TLS daemon served a client without a certificate" >&2; exit 1; }
+! grpcurl -plaintext "$addr" offloadd.v1.Offload/GetInfo >/dev/null 2>&1 || { echo "TLS daemon served plaintext" >&2; exit 1; }
+kill -TERM "$tls_pid"
+wait "$tls_pid"
+echo "grpcurl over mutual TLS: served with a client certificate, refused without one and in plaintext"
 
 kill -TERM "$pid"
 # Wait for the daemon (not our child: it runs under cargo) to exit.
