@@ -129,8 +129,21 @@ async fn server_tls_carries_the_token_and_refuses_plaintext() {
         identity: None,
     };
     assert!(get_info(&d, &wrong_trust, Some(TOKEN)).await.is_err());
-    // The Unix socket is untouched: no TLS, no token.
+    // The Unix socket is untouched: no TLS, no token; exec probes ask health there.
     d.client().await.get_info(GetInfoRequest {}).await.unwrap();
+    let probe = |uds: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_offloadd"))
+            .args(["health", "--uds-path"])
+            .arg(uds)
+            .output()
+            .unwrap()
+    };
+    let ok = probe(&d.uds);
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "SERVING");
+    let gone = probe(&s.path("nobody.sock"));
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("nobody.sock"));
     get_info(&d, &trust, Some(TOKEN)).await.unwrap();
     assert!(d.terminate().await.success());
 }

@@ -32,6 +32,10 @@ enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Ask a running daemon's health service over its Unix socket (server.uds_path): exits 0
+    /// when it is SERVING, 1 otherwise. For exec probes, which work whatever the TCP listener
+    /// does (kubelet's native gRPC probe cannot speak TLS).
+    Health(Overrides),
 }
 
 #[derive(Subcommand)]
@@ -106,6 +110,10 @@ fn main() -> ExitCode {
             }
             Err(e) => config_error(e),
         },
+        Command::Health(flags) => match flags.load(cli.config) {
+            Ok(c) => health(&c.server.uds_path),
+            Err(e) => config_error(e),
+        },
         Command::Config(ConfigCommand::Check { path }) => {
             let sources = ConfigSources {
                 file: Some(path.clone()),
@@ -118,6 +126,40 @@ fn main() -> ExitCode {
                 }
                 Err(e) => config_error(e),
             }
+        }
+    }
+}
+
+fn health(uds: &std::path::Path) -> ExitCode {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let ask = async {
+        let channel = offloadd::client::connect_uds(uds).await?;
+        let reply = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await?;
+        anyhow::Ok(reply.into_inner().status())
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime");
+    match rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), ask).await })
+    {
+        Ok(Ok(ServingStatus::Serving)) => {
+            println!("SERVING");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(other)) => {
+            println!("{}", other.as_str_name());
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("offloadd health: {}: {e:#}", uds.display());
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("offloadd health: {}: no answer within 5 s", uds.display());
+            ExitCode::FAILURE
         }
     }
 }
