@@ -114,7 +114,10 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         devices.push(Arc::new(cuda::CudaDevice::new(
             info,
             ordinal as i32,
-            config.pin.staging_bytes,
+            cuda::Copies {
+                staging_bytes: config.pin.staging_bytes,
+                window_bytes: config.leases.copy_window_bytes,
+            },
         )?));
     }
 

@@ -136,6 +136,10 @@ fn config_check_reports_invalid_values() {
     let (st, _, err) = run_cli(&["config", "check", file.to_str().unwrap()], &[]);
     assert_eq!(st.code(), Some(2));
     assert!(err.contains("pin.staging_bytes = 1000"), "{err}");
+    write(&file, "[leases]\ncopy_window_bytes = 4096\n");
+    let (st, _, err) = run_cli(&["config", "check", file.to_str().unwrap()], &[]);
+    assert_eq!(st.code(), Some(2));
+    assert!(err.contains("leases.copy_window_bytes = 4096"), "{err}");
     write(&file, "[pin]\nstaging_bytes = 0\n");
     let (st, _, err) = run_cli(&["config", "check", file.to_str().unwrap()], &[]);
     assert!(st.success(), "0 turns staging off: {err}");

@@ -259,6 +259,11 @@ pub struct LeasesConfig {
     /// beside the inference engine's; on cpu also counted in pools.max_host_bytes). Unset: only
     /// what the device has free bounds them.
     pub max_static_bytes_per_device: Option<u64>,
+    /// cuda: pace asynchronous onloads from pinned pools so one lease's queued layers cannot
+    /// hold a GPU's copy engine for the others: at most this many bytes are let through at once,
+    /// in 16 MiB pieces (e.g. 67108864). 0 (the default): unpaced; the engine runs every lease's
+    /// copies in the order they were issued.
+    pub copy_window_bytes: u64,
 }
 
 impl Default for LeasesConfig {
@@ -268,6 +273,7 @@ impl Default for LeasesConfig {
             max_per_model: 64,
             max_total: 1024,
             max_static_bytes_per_device: None,
+            copy_window_bytes: 0,
         }
     }
 }

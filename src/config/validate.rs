@@ -62,6 +62,12 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
              server.tcp_insecure = true to serve it unauthenticated anyway"
         ));
     }
+    let window = c.leases.copy_window_bytes;
+    if window != 0 && window < 16 << 20 {
+        return invalid(format!(
+            "leases.copy_window_bytes = {window} is below one 16 MiB piece; use 0 (unpaced) or at least 16777216, e.g. 67108864"
+        ));
+    }
     let stage = c.pin.staging_bytes;
     if stage != 0 && (stage < 2 << 20 || stage % (2 << 20) != 0) {
         return invalid(format!(

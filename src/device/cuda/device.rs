@@ -25,16 +25,25 @@ pub struct CudaDevice {
     staging_reason: String,
 }
 
+/// How copies to the device are made (from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Copies {
+    /// `pin.staging_bytes`: the pinned ring for copies from unpinned pools.
+    pub staging_bytes: u64,
+    /// `leases.copy_window_bytes`: 0 leaves asynchronous copies unpaced.
+    pub window_bytes: u64,
+}
+
 impl CudaDevice {
-    /// `staging_bytes`: `pin.staging_bytes`, the pinned ring for copies from unpinned pools.
-    pub fn new(info: DeviceInfo, ordinal: i32, staging_bytes: u64) -> std::io::Result<Self> {
+    pub fn new(info: DeviceInfo, ordinal: i32, copies: Copies) -> std::io::Result<Self> {
         let coherent = info.attributes.pageable_memory_access_uses_host_page_tables;
-        let (staging_bytes, staging_reason) = staging_plan(coherent, staging_bytes);
+        let (staging_bytes, staging_reason) = staging_plan(coherent, copies.staging_bytes);
         Ok(Self {
             info,
             driver: Arc::new(DriverThread::spawn(
                 ordinal,
                 (staging_bytes / 2).max(1) as usize,
+                copies.window_bytes,
             )?),
             wsl: is_wsl(),
             staging_bytes,

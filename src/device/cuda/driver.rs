@@ -25,6 +25,10 @@ pub struct DriverState {
     /// Set once the ring exists, for readers that must not queue behind copies (GetInfo and the
     /// host budget).
     staged: Arc<AtomicBool>,
+    /// The copy pacer, started with the first asynchronous copy from a pinned pool; `Some(None)`
+    /// where it could not start (copies then go unpaced).
+    pacer: Option<Option<super::pacer::Pacer>>,
+    window_bytes: u64,
 }
 
 /// Two pinned host buffers and the events that say when each is free again.
@@ -68,6 +72,26 @@ impl DriverState {
 impl DriverState {
     fn check(&self, call: &'static str, rc: sys::CUresult) -> Result<(), DeviceError> {
         super::statics::check(&format!("cuda:{}", self.ordinal), call, rc)
+    }
+
+    /// The device's copy pacer, started on first use.
+    pub fn pacer(&mut self, id: &str) -> Option<&super::pacer::Pacer> {
+        if self.pacer.is_none() {
+            let started = self
+                .context()
+                .and_then(|ctx| super::pacer::Pacer::start(ctx, id, self.window_bytes));
+            self.pacer = Some(started.map_err(|e| {
+                tracing::warn!(device = id, error = %e, "copy pacer unavailable; asynchronous copies go unpaced");
+            }).ok());
+        }
+        self.pacer.as_ref().and_then(Option::as_ref)
+    }
+
+    /// A lease's stream is drained and about to go: its pacer gate is free again.
+    pub fn forget_paced(&mut self, stream: usize) {
+        if let Some(Some(p)) = &self.pacer {
+            p.forget(stream);
+        }
     }
 
     /// The staging ring, allocated on the first copy from an unpinned pool.
@@ -154,8 +178,9 @@ pub struct DriverThread {
 }
 
 impl DriverThread {
-    /// `stage_bytes`: each staging buffer's size (the ring is two of them).
-    pub fn spawn(ordinal: i32, stage_bytes: usize) -> std::io::Result<Self> {
+    /// `stage_bytes`: each staging buffer's size (the ring is two of them); `window_bytes`:
+    /// the copy pacer's window, 0 for none.
+    pub fn spawn(ordinal: i32, stage_bytes: usize, window_bytes: u64) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let id = format!("cuda:{ordinal}");
         let staged = Arc::new(AtomicBool::new(false));
@@ -169,6 +194,9 @@ impl DriverThread {
                     staging: None,
                     stage_bytes,
                     staged: flag,
+                    // Never started when pacing is off.
+                    pacer: (window_bytes == 0).then_some(None),
+                    window_bytes,
                 };
                 while let Ok(job) = rx.recv() {
                     job(&mut state);
@@ -247,7 +275,7 @@ mod tests {
     /// No driver is needed: the jobs below never call CUDA.
     #[test]
     fn a_sticky_error_faults_the_device_and_later_calls_are_refused() {
-        let t = DriverThread::spawn(7, 1 << 20).unwrap();
+        let t = DriverThread::spawn(7, 1 << 20, 0).unwrap();
         assert_eq!(t.run_checked(|st| Ok(st.ordinal)).unwrap(), 7);
         let transient = t.run_checked::<()>(|_| {
             Err(DeviceError::Cuda {

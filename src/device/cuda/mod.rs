@@ -3,10 +3,11 @@
 
 mod device;
 mod driver;
+mod pacer;
 mod probe;
 mod statics;
 
-pub use device::CudaDevice;
+pub use device::{Copies, CudaDevice};
 pub use driver::{DriverThread, is_sticky};
 pub use probe::{CudaProbe, probe};
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::{self, CUresult};
 
 use super::driver::{DriverState, DriverThread};
+use super::pacer::{PIECE, Pacer, Request};
 use crate::device::host::HostRegion;
 use crate::device::{AsyncCopy, CopyOp, DeviceError, StaticBuffer};
 
@@ -227,6 +228,36 @@ fn enqueue(
     Ok(())
 }
 
+/// [`enqueue`] for a pinned pool, in gated pieces the device's pacer opens.
+fn enqueue_paced(
+    pacer: &Pacer,
+    req: &mut Request,
+    id: &str,
+    base: usize,
+    to: Target,
+    ops: &[CopyOp],
+) -> Result<(), DeviceError> {
+    let stream = to.stream as sys::CUstream;
+    for op in ops {
+        let mut done = 0;
+        while done < op.len {
+            let n = PIECE.min(op.len - done);
+            let (dst, src) = (
+                to.dptr + op.dst_offset + done,
+                base + (op.src_offset + done) as usize,
+            );
+            pacer.piece(req, stream, n, id, || {
+                // SAFETY: as in `enqueue`: inside the registered pool and our allocation.
+                check(id, "cuMemcpyHtoDAsync", unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(dst, src as *const _, n as usize, stream)
+                })
+            })?;
+            done += n;
+        }
+    }
+    Ok(())
+}
+
 impl CudaStatic {
     fn target(&self, src_pinned: bool) -> Target {
         Target {
@@ -310,14 +341,34 @@ impl StaticBuffer for CudaStatic {
         self.driver.run_checked(move |st| {
             st.context()?;
             let stream = to.stream as sys::CUstream;
+            let mut free_ev = None;
             if let Some(handle) = slot_free {
                 let ev = open_event(&id, &opened, handle)?;
                 // SAFETY: an event opened from the worker's handle; our stream.
                 check(&id, "cuStreamWaitEvent", unsafe {
                     sys::cuStreamWaitEvent(stream, ev as sys::CUevent, 0)
                 })?;
+                free_ev = Some(ev);
             }
-            enqueue(st, &id, base, to, &ops)?;
+            // From a pinned pool, through the device's pacer, so this lease's layers cannot
+            // hold the copy engine for everyone else. Staged copies pace themselves through the
+            // ring, and a pageable copy must not sit behind a gate (the driver would block in it).
+            let paced = to.src_pinned;
+            let req = if paced {
+                st.pacer(&id).and_then(|p| p.request(to.stream, free_ev))
+            } else {
+                None
+            };
+            match req {
+                Some(mut req) => {
+                    let pacer = st.pacer(&id).expect("just used");
+                    let r = enqueue_paced(pacer, &mut req, &id, base, to, &ops);
+                    // Submitted even on failure: every gate enqueued must open.
+                    pacer.submit(req);
+                    r?;
+                }
+                _ => enqueue(st, &id, base, to, &ops)?,
+            }
             // SAFETY: our inter-process event, our stream.
             check(&id, "cuEventRecord", unsafe {
                 sys::cuEventRecord(done as sys::CUevent, stream)
@@ -487,6 +538,7 @@ impl Drop for CudaStatic {
         );
         let res = self.driver.run(move |st| {
             st.context()?;
+            st.forget_paced(stream);
             // SAFETY: the stream is drained; these are the events, stream and allocation made in
             // `alloc` (and the workers' events opened for this lease), used by nothing else.
             unsafe {
