@@ -10,7 +10,7 @@
 ``hf``).
 """
 
-from .client import DEFAULT_SOCKET, Client, connect, prefetch, uva
+from .client import DEFAULT_SOCKET, Client, Tls, connect, prefetch, uva
 from .errors import (
     Aborted,
     AlreadyExists,
@@ -38,7 +38,7 @@ from .lease import Lease, Tensor
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_SOCKET", "Client", "connect", "prefetch", "uva", "Lease", "Tensor", "FastPath",
+    "DEFAULT_SOCKET", "Client", "Tls", "connect", "prefetch", "uva", "Lease", "Tensor", "FastPath",
     "Onloaded", "OffloaddError", "Aborted", "AlreadyExists", "Cancelled", "DataLoss",
     "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument", "LeaseLost",
     "NotFound", "OutOfRange", "PermissionDenied", "ResourceExhausted", "Unauthenticated",

@@ -12,13 +12,14 @@ Errors are :class:`offloadd.OffloaddError` subclasses carrying the daemon's mess
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
 
-from .errors import Internal, OffloaddError, Unavailable, from_rpc_error
+from .errors import Internal, InvalidArgument, OffloaddError, Unavailable, from_rpc_error
 from .v1 import offloadd_pb2 as pb
 from .v1 import offloadd_pb2_grpc as pb_grpc
 
@@ -59,10 +60,15 @@ class Client:
     """A connection to one daemon. Thread-safe; share one per process."""
 
     def __init__(
-        self, target: str | None = None, timeout: float = DEFAULT_TIMEOUT, token: str | None = None
+        self,
+        target: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        tls: Tls | None = None,
     ) -> None:
         target = target or os.environ.get("OFFLOADD_SOCKET") or DEFAULT_SOCKET
         token = token or _token_from_env()
+        tls = tls or Tls.from_env()
         #: Sent as ``authorization: Bearer <token>`` on every call (TCP listeners with
         #: ``server.auth_token_file``); the Unix socket does not need it.
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -88,7 +94,10 @@ class Client:
         self.target = target
         self.timeout = timeout
         self._closed = False
-        self._channel = grpc.insecure_channel(address, options=options)
+        if tls is not None and self.uds_path is None:
+            self._channel = grpc.secure_channel(address, tls.credentials(), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.OffloadStub(self._channel)
 
     def close(self) -> None:
@@ -301,14 +310,52 @@ def _token_from_env() -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Tls:
+    """PEM files for a TCP listener with TLS: the CA its certificate chains to, and for mutual
+    TLS (``server.tls_client_ca_file``) this client's certificate chain and key."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Tls | None:
+        ca = os.environ.get("OFFLOADD_TLS_CA")
+        if not ca:
+            return None
+        return cls(ca, os.environ.get("OFFLOADD_TLS_CERT"), os.environ.get("OFFLOADD_TLS_KEY"))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise InvalidArgument("TLS: give both a client certificate and its key, or neither")
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca),
+            private_key=read(self.key),
+            certificate_chain=read(self.cert),
+        )
+
+
 def connect(
-    target: str | None = None, timeout: float = DEFAULT_TIMEOUT, token: str | None = None
+    target: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
+    tls: Tls | None = None,
 ) -> Client:
     """Connects to a daemon: a Unix socket path (``/…`` or ``unix:/…``; default
     ``$OFFLOADD_SOCKET``, else ``/tmp/offloadd/offloadd.sock``) or ``host:port`` for TCP.
     ``token`` (default ``$OFFLOADD_TOKEN`` or the file ``$OFFLOADD_TOKEN_FILE``) is the bearer
-    token a TCP listener with ``server.auth_token_file`` asks for.
+    token a TCP listener with ``server.auth_token_file`` asks for. ``tls`` (default from
+    ``$OFFLOADD_TLS_CA``, ``$OFFLOADD_TLS_CERT``, ``$OFFLOADD_TLS_KEY``) connects over TLS to a
+    listener with ``server.tls_cert_file``; the Unix socket never uses it.
 
     Connecting is lazy; a daemon that is not running makes the first call raise
     :class:`~offloadd.Unavailable` (within ``timeout`` seconds)."""
-    return Client(target, timeout, token)
+    return Client(target, timeout, token, tls)

@@ -4,6 +4,7 @@ zero-copy views, the onload fast path and its RPC fallback over TCP."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -120,6 +121,49 @@ def test_a_tcp_listener_with_a_token_needs_it(tmp_path: Path, monkeypatch: pytes
             assert [p.name for p in c.list_pools()] == ["p"]
         with offloadd.connect(d.uds) as c:
             c.get_info()  # the Unix socket is guarded by its mode, not the token
+    finally:
+        assert d.stop() == 0
+
+
+def _pki(d: Path) -> None:
+    """A CA and a server and a client certificate signed by it, made with openssl as an operator
+    would (deploy/README.md, "TLS")."""
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=offloadd-ca",
+         "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+             "-keyout", str(d / f"{who}.key"), "-out", str(d / f"{who}.csr"))
+        ossl("x509", "-req", "-in", str(d / f"{who}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+             "-CAcreateserial", "-days", "1", "-extfile", str(d / "san.ext"), "-out", str(d / f"{who}.pem"))
+
+
+def test_mutual_tls_over_tcp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _pki(tmp_path)
+    d = Daemon([str(tmp_path)], tcp=True, args=[
+        "--set", f"server.tls_cert_file={tmp_path / 'server.pem'}",
+        "--set", f"server.tls_key_file={tmp_path / 'server.key'}",
+        "--set", f"server.tls_client_ca_file={tmp_path / 'ca.pem'}",
+    ])
+    try:
+        mine = offloadd.Tls(str(tmp_path / "ca.pem"), str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+        with offloadd.connect(d.tcp, tls=mine) as c:
+            assert c.get_info().devices[0].id == "cpu"
+        # No client certificate, or no TLS at all: the handshake fails, the call is Unavailable.
+        for tls in (offloadd.Tls(str(tmp_path / "ca.pem")), None):
+            with offloadd.connect(d.tcp, tls=tls, timeout=5) as c, pytest.raises(offloadd.Unavailable):
+                c.get_info()
+        with pytest.raises(offloadd.InvalidArgument, match="both"):
+            offloadd.connect(d.tcp, tls=offloadd.Tls(str(tmp_path / "ca.pem"), cert=str(tmp_path / "client.pem")))
+        for var, name in (("OFFLOADD_TLS_CA", "ca.pem"), ("OFFLOADD_TLS_CERT", "client.pem"), ("OFFLOADD_TLS_KEY", "client.key")):
+            monkeypatch.setenv(var, str(tmp_path / name))
+        with offloadd.connect(d.tcp) as c:
+            c.get_info()
+        with offloadd.connect(d.uds) as c:
+            c.get_info()  # the Unix socket never uses TLS
     finally:
         assert d.stop() == 0
 
