@@ -10,23 +10,13 @@ use common::ckpt::{self, Tensor};
 use common::{DaemonBuilder, Scratch};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    CreatePoolRequest, DeletePoolRequest, GetInfoRequest, GetModelRequest, GetPoolRequest,
-    ListModelsRequest, ModelState, RegisterModelRequest, UnregisterModelRequest, WatchModelRequest,
+    DeletePoolRequest, GetInfoRequest, GetModelRequest, GetPoolRequest, ListModelsRequest,
+    ModelState, RegisterModelRequest, UnregisterModelRequest, WatchModelRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
-
-async fn pool(c: &mut OffloadClient<Channel>, name: &str, size: u64) {
-    c.create_pool(CreatePoolRequest {
-        name: name.into(),
-        device: "cpu".into(),
-        size_bytes: size,
-    })
-    .await
-    .unwrap();
-}
 
 fn register(name: &str, pool: &str, path: &Path, wait: bool) -> RegisterModelRequest {
     RegisterModelRequest {
@@ -112,7 +102,7 @@ async fn registers_single_file_sharded_and_directory_checkpoints() {
         .await
         .unwrap();
     let mut c = d.client().await;
-    pool(&mut c, "p", 16 * MIB).await;
+    common::cpu_pool(&mut c, "p", 16 * MIB).await;
     for (name, path) in [
         ("single", root.join("single.safetensors")),
         ("sharded", root.join("sharded")),
@@ -174,7 +164,7 @@ async fn no_wait_answers_loading_and_watch_streams_progress_to_ready() {
         .await
         .unwrap();
     let mut c = d.client().await;
-    pool(&mut c, "p", 32 * MIB).await;
+    common::cpu_pool(&mut c, "p", 32 * MIB).await;
     let m = c
         .register_model(register("m", "p", &root.join("m.safetensors"), false))
         .await
@@ -224,7 +214,7 @@ async fn unregister_during_a_load_cancels_it_and_frees_its_ranges() {
         .await
         .unwrap();
     let mut c = d.client().await;
-    pool(&mut c, "p", 64 * MIB).await;
+    common::cpu_pool(&mut c, "p", 64 * MIB).await;
     // wait: true, in the background: it must end with ABORTED once unregistered.
     let mut c2 = c.clone();
     let path = root.join("m.safetensors");
@@ -279,7 +269,7 @@ async fn deleting_a_pool_with_a_model_is_refused() {
         .await
         .unwrap();
     let mut c = d.client().await;
-    pool(&mut c, "p", 4 * MIB).await;
+    common::cpu_pool(&mut c, "p", 4 * MIB).await;
     c.register_model(register("m", "p", &root.join("m.safetensors"), true))
         .await
         .unwrap();
@@ -320,7 +310,7 @@ async fn full_pool_evicts_idle_models_only_when_allowed() {
             .unwrap();
         let mut c = d.client().await;
         // Room for exactly one copy.
-        pool(&mut c, "p", size + 1024).await;
+        common::cpu_pool(&mut c, "p", size + 1024).await;
         c.register_model(register("a", "p", &path, true))
             .await
             .unwrap();
@@ -420,7 +410,7 @@ async fn an_indexed_shard_of_200k_tensors_registers() {
         .await
         .unwrap();
     let mut c = d.client().await;
-    pool(&mut c, "p", 64 * MIB).await;
+    common::cpu_pool(&mut c, "p", 64 * MIB).await;
     let started = std::time::Instant::now();
     let m = c
         .register_model(register("moe", "p", &dir, true))
@@ -470,7 +460,7 @@ async fn a_cold_load_leaves_no_second_copy_in_the_page_cache_and_a_warm_one_stay
         .await
         .unwrap();
     let mut c = d.client().await;
-    pool(&mut c, "p", 32 << 20).await;
+    common::cpu_pool(&mut c, "p", 32 << 20).await;
     c.register_model(register("cold", "p", &cold, true))
         .await
         .unwrap();
@@ -506,7 +496,7 @@ async fn get_model_pages_a_large_table_within_default_message_limits() {
         .unwrap();
     // A plain tonic client, with gRPC's default 4 MiB limit on answers, as grpcurl has.
     let mut c = OffloadClient::new(d.channel().await);
-    pool(&mut c, "p", 16 << 20).await;
+    common::cpu_pool(&mut c, "p", 16 << 20).await;
     c.register_model(register("moe", "p", &path, true))
         .await
         .unwrap();

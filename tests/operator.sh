@@ -55,26 +55,26 @@ for i in range(0, n, per):
         m.update(name="moe", pool="moe")
     print(json.dumps(m))
 PY
+# Rows of a table whose first page is in $work/page.json, following next_page_token: each next
+# page is asked of method `$4` with `{"$1":"$2",$3"page_token":…}`.
+rows_of() {
+  local total=0 count token
+  while :; do
+    read -r count token < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(len(m.get("tensors",[])), m.get("nextPageToken","-"))' "$work/page.json")
+    total=$((total + count))
+    [ "$token" = "-" ] && break
+    g "{\"$1\":\"$2\",$3\"page_token\":\"$token\"}" "$4" >"$work/page.json"
+  done
+  echo "$total"
+}
 g @ offloadd.v1.Offload/CreateModelStream <"$work/specs.json" >"$work/page.json"
-rows=0
-while :; do
-  read -r count token < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(len(m.get("tensors",[])), m.get("nextPageToken","-"))' "$work/page.json")
-  rows=$((rows + count))
-  [ "$token" = "-" ] && break
-  g "{\"name\":\"moe\",\"include_tensors\":true,\"page_token\":\"$token\"}" offloadd.v1.Offload/GetModel >"$work/page.json"
-done
+rows=$(rows_of name moe '"include_tensors":true,' offloadd.v1.Offload/GetModel)
 [ "$rows" -eq "$n_tensors" ] || { echo "grpcurl read $rows of $n_tensors rows" >&2; exit 1; }
 g '{"name":"moe"}' offloadd.v1.Offload/SealModel | grep -q MODEL_STATE_READY
 # A lease on it: AttachWorker answers the first page, GetLeaseTensors the rest.
 g '{"model":"moe","worker_name":"grpcurl","ttl_ms":300000}' offloadd.v1.Offload/AttachWorker >"$work/page.json"
 lease=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["leaseId"])' "$work/page.json")
-leased=0
-while :; do
-  read -r count token < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(len(m.get("tensors",[])), m.get("nextPageToken","-"))' "$work/page.json")
-  leased=$((leased + count))
-  [ "$token" = "-" ] && break
-  g "{\"lease_id\":\"$lease\",\"page_token\":\"$token\"}" offloadd.v1.Offload/GetLeaseTensors >"$work/page.json"
-done
+leased=$(rows_of lease_id "$lease" '' offloadd.v1.Offload/GetLeaseTensors)
 [ "$leased" -eq "$n_tensors" ] || { echo "grpcurl read $leased of $n_tensors lease rows" >&2; exit 1; }
 g "{\"lease_id\":\"$lease\"}" offloadd.v1.Offload/DetachWorker >/dev/null
 echo "grpcurl (default flags): published $n_tensors tensors with CreateModelStream, read all $rows rows of GetModel and $leased of a lease in pages"

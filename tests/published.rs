@@ -10,24 +10,14 @@ use common::ckpt;
 use common::{DaemonBuilder, Scratch};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    CreateModelRequest, CreatePoolRequest, GetModelRequest, GetPoolRequest, Model, ModelState,
-    SealModelRequest, TensorSpec,
+    CreateModelRequest, GetModelRequest, GetPoolRequest, Model, ModelState, SealModelRequest,
+    TensorSpec,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
-
-async fn pool(c: &mut OffloadClient<Channel>, name: &str, size: u64) {
-    c.create_pool(CreatePoolRequest {
-        name: name.into(),
-        device: "cpu".into(),
-        size_bytes: size,
-    })
-    .await
-    .unwrap();
-}
 
 async fn used(c: &mut OffloadClient<Channel>, name: &str) -> u64 {
     c.get_pool(GetPoolRequest { name: name.into() })
@@ -90,7 +80,7 @@ async fn a_200k_tensor_model_is_published_through_a_stream_of_pages() {
     let s = Scratch::new();
     let d = DaemonBuilder::new(&s).start().await.unwrap();
     let mut c = OffloadClient::new(d.channel().await);
-    pool(&mut c, "p", 64 * MIB).await;
+    common::cpu_pool(&mut c, "p", 64 * MIB).await;
     let all = specs(N);
 
     // One message with every spec is over the limit a server may take; nothing is created.
@@ -150,7 +140,7 @@ async fn a_stream_that_breaks_off_or_renames_creates_nothing() {
     let s = Scratch::new();
     let d = DaemonBuilder::new(&s).start().await.unwrap();
     let mut c = OffloadClient::new(d.channel().await);
-    pool(&mut c, "p", 4 * MIB).await;
+    common::cpu_pool(&mut c, "p", 4 * MIB).await;
 
     // A later page that names another model is refused, naming both.
     let mut msgs = pages("a", specs(30), 10);
@@ -208,7 +198,7 @@ async fn published_tensors_are_sealed_with_checksums() {
     let s = Scratch::new();
     let d = DaemonBuilder::new(&s).start().await.unwrap();
     let mut c = d.client().await;
-    pool(&mut c, "p", 4 * MIB).await;
+    common::cpu_pool(&mut c, "p", 4 * MIB).await;
     let specs = vec![
         TensorSpec {
             name: "model.layers.0.mlp.w".into(),

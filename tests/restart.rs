@@ -11,8 +11,8 @@ use common::ckpt::{self, Tensor};
 use common::{Daemon, DaemonBuilder, Scratch};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    CreatePoolRequest, GetInfoRequest, GetModelRequest, GetPoolRequest, ListPoolsRequest,
-    ModelState, RegisterModelRequest, WatchModelRequest,
+    GetInfoRequest, GetModelRequest, GetPoolRequest, ListPoolsRequest, ModelState,
+    RegisterModelRequest, WatchModelRequest,
 };
 use rustix::process::Signal;
 use tonic::Code;
@@ -45,16 +45,6 @@ impl Setup {
     fn journal(&self) -> PathBuf {
         self.s.pools_dir().join(JOURNAL)
     }
-}
-
-async fn create_pool(c: &mut OffloadClient<Channel>, name: &str, size: u64) {
-    c.create_pool(CreatePoolRequest {
-        name: name.into(),
-        device: "cpu".into(),
-        size_bytes: size,
-    })
-    .await
-    .unwrap();
 }
 
 async fn register(c: &mut OffloadClient<Channel>, name: &str, pool: &str, path: &Path, wait: bool) {
@@ -185,7 +175,7 @@ async fn survives(signal: Signal) {
         .await
         .unwrap();
     let mut c = d.client().await;
-    create_pool(&mut c, "p", 64 << 20).await;
+    common::cpu_pool(&mut c, "p", 64 << 20).await;
     register(&mut c, "a", "p", &a, false).await;
     assert_eq!(settle(&mut c, "a").await.state(), ModelState::Ready);
     register(&mut c, "b", "p", &b, false).await;
@@ -243,7 +233,7 @@ async fn stopped_with_one_model(st: &Setup) -> (Vec<Tensor>, PathBuf) {
     let path = st.checkpoint("a", &tensors);
     let d = st.daemon().start().await.unwrap();
     let mut c = d.client().await;
-    create_pool(&mut c, "p", 8 << 20).await;
+    common::cpu_pool(&mut c, "p", 8 << 20).await;
     register(&mut c, "a", "p", &path, true).await;
     assert!(d.terminate().await.success());
     (tensors, path)
@@ -339,7 +329,7 @@ async fn a_pool_changed_while_down_drops_its_model_and_spares_the_others() {
     let keep = st.checkpoint("keep", &keep_tensors);
     let d = st.daemon().start().await.unwrap();
     let mut c = d.client().await;
-    create_pool(&mut c, "p", 8 << 20).await;
+    common::cpu_pool(&mut c, "p", 8 << 20).await;
     register(&mut c, "a", "p", &a, true).await;
     register(&mut c, "keep", "p", &keep, true).await;
     let victim = table(&mut c, "a").await.tensors[2].clone();
@@ -449,7 +439,7 @@ async fn keep_on_exit_false_leaves_nothing_and_the_next_start_is_clean() {
         .await
         .unwrap();
     let mut c = d.client().await;
-    create_pool(&mut c, "p", 8 << 20).await;
+    common::cpu_pool(&mut c, "p", 8 << 20).await;
     register(&mut c, "a", "p", &path, true).await;
     assert!(st.journal().exists());
     assert!(d.terminate().await.success());
@@ -505,7 +495,7 @@ async fn a_worker_verifying_every_byte_carries_on_across_a_daemon_sigkill() {
     let path = st.checkpoint("m", &ckpt::llama(5, 128, 256));
     let d = st.daemon().start().await.unwrap();
     let mut c = d.client().await;
-    create_pool(&mut c, "p", 8 << 20).await;
+    common::cpu_pool(&mut c, "p", 8 << 20).await;
     c.register_model(RegisterModelRequest {
         name: "m".into(),
         pool: "p".into(),
@@ -570,7 +560,7 @@ async fn ranges_of_a_model_not_adopted_stay_reserved_for_the_old_workers_ttl() {
     let path = st.checkpoint("a", &tensors);
     let d = st.daemon().start().await.unwrap();
     let mut c = d.client().await;
-    create_pool(&mut c, "p", 8 << 20).await;
+    common::cpu_pool(&mut c, "p", 8 << 20).await;
     register(&mut c, "a", "p", &path, true).await;
     let before = table(&mut c, "a").await;
     // A worker reads A in place under a 1.5 s lease when the daemon dies.

@@ -325,3 +325,14 @@ pub fn try_sample(body: &str, prefix: &str) -> Option<f64> {
 pub fn sample(body: &str, prefix: &str) -> f64 {
     try_sample(body, prefix).unwrap_or_else(|| panic!("no sample {prefix} in:\n{body}"))
 }
+
+/// Creates a pool on the cpu device; panics with the daemon's status on failure.
+pub async fn cpu_pool(c: &mut OffloadClient<Channel>, name: &str, size: u64) {
+    c.create_pool(offloadd::proto::CreatePoolRequest {
+        name: name.into(),
+        device: "cpu".into(),
+        size_bytes: size,
+    })
+    .await
+    .unwrap();
+}
