@@ -223,8 +223,9 @@ pub fn model_page(m: &Model, rows: std::ops::Range<usize>) -> proto::Model {
     reply
 }
 
-pub fn model(m: &Model, include_tensors: bool) -> proto::Model {
-    model_with(m, include_tensors.then_some(0..usize::MAX))
+/// A model without its table (GetModel with include_tensors pages it: [`model_page`]).
+pub fn model(m: &Model) -> proto::Model {
+    model_with(m, None)
 }
 
 fn model_with(m: &Model, table: Option<std::ops::Range<usize>>) -> proto::Model {

@@ -32,7 +32,7 @@ pub async fn register(
     let pending = prepare(core, req).await?;
     let model = Arc::clone(pending.model());
     // Snapshot before the load starts, so `wait: false` always answers LOADING.
-    let snapshot = convert::model(&model, false);
+    let snapshot = convert::model(&model);
     spawn_load(core, pending);
     if !r.wait {
         return Ok(snapshot);
@@ -53,7 +53,7 @@ pub async fn register(
             .into());
         }
     }
-    Ok(convert::model(&model, false))
+    Ok(convert::model(&model))
 }
 
 /// Prepares a registration and starts its load; used by startup registration.
@@ -174,5 +174,5 @@ async fn create_published(core: &Arc<Core>, req: NewPublished) -> Result<proto::
 
 pub async fn seal(core: &Arc<Core>, name: String) -> Result<proto::Model, Status> {
     let model = blocking(core, move |c| c.models.seal(&name)).await?;
-    Ok(convert::model(&model, false))
+    Ok(convert::model(&model))
 }

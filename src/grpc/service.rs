@@ -134,7 +134,7 @@ impl Offload for OffloadService {
         let r = request.into_inner();
         let model = self.core.models.get(&r.name)?;
         if !r.include_tensors {
-            return Ok(Response::new(convert::model(&model, false)));
+            return Ok(Response::new(convert::model(&model)));
         }
         let start = match r.page_token.as_str() {
             "" => 0,
@@ -162,7 +162,7 @@ impl Offload for OffloadService {
             .models
             .list()
             .iter()
-            .map(|m| convert::model(m, false))
+            .map(|m| convert::model(m))
             .collect();
         Ok(Response::new(proto::ListModelsResponse { models }))
     }
@@ -173,7 +173,7 @@ impl Offload for OffloadService {
         request: Request<proto::UnregisterModelRequest>,
     ) -> Reply<proto::Model> {
         let model = self.core.models.unregister(&request.get_ref().name).await?;
-        let reply = convert::model(&model, false);
+        let reply = convert::model(&model);
         // The last reference frees the pool ranges; dropping it is cheap (no driver calls).
         drop(model);
         Ok(Response::new(reply))
@@ -216,7 +216,7 @@ impl Offload for OffloadService {
         })?;
         // Off the runtime: it rewrites the model's journal record, its whole tensor table.
         let model = blocking(&self.core, move |c| c.models.set_backend(&r.model, backend)).await?;
-        Ok(Response::new(convert::model(&model, false)))
+        Ok(Response::new(convert::model(&model)))
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model, worker = %request.get_ref().worker_name))]
