@@ -238,24 +238,27 @@ fn enqueue_paced(
     ops: &[CopyOp],
 ) -> Result<(), DeviceError> {
     let stream = to.stream as sys::CUstream;
-    for op in ops {
-        let mut done = 0;
-        while done < op.len {
-            let n = PIECE.min(op.len - done);
-            let (dst, src) = (
-                to.dptr + op.dst_offset + done,
-                base + (op.src_offset + done) as usize,
-            );
-            pacer.piece(req, stream, n, id, || {
-                // SAFETY: as in `enqueue`: inside the registered pool and our allocation.
-                check(id, "cuMemcpyHtoDAsync", unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(dst, src as *const _, n as usize, stream)
-                })
-            })?;
-            done += n;
-        }
+    for p in pieces(ops, PIECE) {
+        let (dst, src) = (to.dptr + p.dst_offset, base + p.src_offset as usize);
+        pacer.piece(req, stream, p.len, id, || {
+            // SAFETY: as in `enqueue`: inside the registered pool and our allocation.
+            check(id, "cuMemcpyHtoDAsync", unsafe {
+                sys::cuMemcpyHtoDAsync_v2(dst, src as *const _, p.len as usize, stream)
+            })
+        })?;
     }
     Ok(())
+}
+
+/// `ops` cut into copies of at most `max` bytes, in order.
+fn pieces(ops: &[CopyOp], max: u64) -> impl Iterator<Item = CopyOp> + '_ {
+    ops.iter().flat_map(move |op| {
+        (0..op.len).step_by(max as usize).map(move |done| CopyOp {
+            src_offset: op.src_offset + done,
+            dst_offset: op.dst_offset + done,
+            len: max.min(op.len - done),
+        })
+    })
 }
 
 impl CudaStatic {
@@ -353,21 +356,15 @@ impl StaticBuffer for CudaStatic {
             // From a pinned pool, through the device's pacer, so this lease's layers cannot
             // hold the copy engine for everyone else. Staged copies pace themselves through the
             // ring, and a pageable copy must not sit behind a gate (the driver would block in it).
-            let paced = to.src_pinned;
-            let req = if paced {
-                st.pacer(&id).and_then(|p| p.request(to.stream, free_ev))
-            } else {
-                None
-            };
-            match req {
-                Some(mut req) => {
-                    let pacer = st.pacer(&id).expect("just used");
+            let pacer = if to.src_pinned { st.pacer(&id) } else { None };
+            match pacer.and_then(|p| Some((p, p.request(to.stream, free_ev)?))) {
+                Some((pacer, mut req)) => {
                     let r = enqueue_paced(pacer, &mut req, &id, base, to, &ops);
                     // Submitted even on failure: every gate enqueued must open.
                     pacer.submit(req);
                     r?;
                 }
-                _ => enqueue(st, &id, base, to, &ops)?,
+                None => enqueue(st, &id, base, to, &ops)?,
             }
             // SAFETY: our inter-process event, our stream.
             check(&id, "cuEventRecord", unsafe {
@@ -418,38 +415,29 @@ fn staged_copy(
     let stream = to.stream as sys::CUstream;
     let ring = st.staging()?;
     let mut slot = 0;
-    for op in ops {
-        let mut done = 0u64;
-        while done < op.len {
-            let n = (ring.stage_bytes as u64).min(op.len - done) as usize;
-            if ring.in_flight[slot] {
-                // SAFETY: an event recorded on some lease's stream of this context.
-                check(id, "cuEventSynchronize", unsafe {
-                    sys::cuEventSynchronize(ring.events[slot])
-                })?;
-            }
-            let stage = ring.buffers[slot];
-            let src = base + (op.src_offset + done) as usize;
-            parallel_copy(&ring.copiers, src, stage as usize, n);
-            // SAFETY: the staging buffer is pinned host memory of `stage_bytes`; the destination
-            // lies inside our allocation.
-            let rc = unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    to.dptr + op.dst_offset + done,
-                    stage as *const _,
-                    n,
-                    stream,
-                )
-            };
-            check(id, "cuMemcpyHtoDAsync", rc)?;
-            // SAFETY: our event and stream.
-            check(id, "cuEventRecord", unsafe {
-                sys::cuEventRecord(ring.events[slot], stream)
+    for p in pieces(ops, ring.stage_bytes as u64) {
+        let n = p.len as usize;
+        if ring.in_flight[slot] {
+            // SAFETY: an event recorded on some lease's stream of this context.
+            check(id, "cuEventSynchronize", unsafe {
+                sys::cuEventSynchronize(ring.events[slot])
             })?;
-            ring.in_flight[slot] = true;
-            slot ^= 1;
-            done += n as u64;
         }
+        let stage = ring.buffers[slot];
+        let src = base + p.src_offset as usize;
+        parallel_copy(&ring.copiers, src, stage as usize, n);
+        // SAFETY: the staging buffer is pinned host memory of `stage_bytes`; the destination
+        // lies inside our allocation.
+        let rc = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(to.dptr + p.dst_offset, stage as *const _, n, stream)
+        };
+        check(id, "cuMemcpyHtoDAsync", rc)?;
+        // SAFETY: our event and stream.
+        check(id, "cuEventRecord", unsafe {
+            sys::cuEventRecord(ring.events[slot], stream)
+        })?;
+        ring.in_flight[slot] = true;
+        slot ^= 1;
     }
     Ok(())
 }
@@ -558,6 +546,23 @@ impl Drop for CudaStatic {
 
 #[cfg(test)]
 mod tests {
+    use super::{CopyOp, pieces};
+
+    #[test]
+    fn pieces_cover_every_op_exactly_in_order() {
+        let op = |src_offset, dst_offset, len| CopyOp {
+            src_offset,
+            dst_offset,
+            len,
+        };
+        let ops = [op(100, 0, 10), op(0, 50, 4), op(7, 7, 0)];
+        let got: Vec<_> = pieces(&ops, 4).collect();
+        assert_eq!(
+            got,
+            [op(100, 0, 4), op(104, 4, 4), op(108, 8, 2), op(0, 50, 4),]
+        );
+    }
+
     #[test]
     fn stream_copy_copies_every_byte_at_any_alignment() {
         let src: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
