@@ -72,10 +72,8 @@ fn serve_options(config: &Config) -> Result<server::ServeOptions, DaemonError> {
         })?),
         _ => None,
     };
-    if let Some(addr) = s.tcp_addr.filter(|a| !a.ip().is_loopback()) {
-        if token.is_none() && s.tls_client_ca_file.is_none() {
-            tracing::warn!(%addr, "server.tcp_insecure: serving TCP on a non-loopback address WITHOUT authentication; anyone who reaches it controls this daemon");
-        }
+    if let Some(addr) = s.unauthenticated_public_tcp() {
+        tracing::warn!(%addr, "server.tcp_insecure: serving TCP on a non-loopback address WITHOUT authentication; anyone who reaches it controls this daemon");
     }
     let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
     Ok(server::ServeOptions {

@@ -74,6 +74,18 @@ pub struct ServerConfig {
 /// machine; Kubernetes manifests point it at a shared emptyDir instead.
 pub const DEFAULT_UDS_PATH: &str = "/tmp/offloadd/offloadd.sock";
 
+impl ServerConfig {
+    /// The TCP address when other hosts can reach it and nothing authenticates its callers (no
+    /// token file, no client CA): startup refuses it unless `tcp_insecure`, and warns if so.
+    pub fn unauthenticated_public_tcp(&self) -> Option<SocketAddr> {
+        self.tcp_addr.filter(|a| {
+            !a.ip().is_loopback()
+                && self.auth_token_file.is_none()
+                && self.tls_client_ca_file.is_none()
+        })
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {

@@ -47,10 +47,7 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
             "server.tls_client_ca_file asks TCP clients for certificates, which needs TLS: set server.tls_cert_file and server.tls_key_file too".into(),
         );
     }
-    if let Some(addr) = srv.tcp_addr
-        && !addr.ip().is_loopback()
-        && srv.auth_token_file.is_none()
-        && srv.tls_client_ca_file.is_none()
+    if let Some(addr) = srv.unauthenticated_public_tcp()
         && !srv.tcp_insecure
     {
         return invalid(format!(
