@@ -73,10 +73,7 @@ fn main() {
     let bytes = common::write_checkpoint(&ckpt, mib);
     let files = common::shards(&ckpt);
     let file_bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
-    let shm = tempfile::Builder::new()
-        .prefix("offloadd-bench-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let shm = common::shm_dir();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mut child, channel) = rt.block_on(common::start_daemon(
         &work.path().join("offloadd.sock"),

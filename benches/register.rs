@@ -54,10 +54,7 @@ fn main() {
         std::io::copy(&mut std::fs::File::open(f).unwrap(), &mut std::io::sink()).unwrap();
     }
 
-    let shm = tempfile::Builder::new()
-        .prefix("offloadd-bench-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let shm = common::shm_dir();
     let region = HostRegion::create(&shm.path().join("bound"), file_bytes).unwrap();
     region.prefault(threads).unwrap();
     let bound = (0..ROUNDS)

@@ -102,10 +102,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4200);
     let scratch = tempfile::tempdir().unwrap();
-    let shm = tempfile::Builder::new()
-        .prefix("offloadd-bench-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let shm = common::shm_dir();
     let p = Paths {
         uds: scratch.path().join("offloadd.sock"),
         pools: shm.path().join("pools"),

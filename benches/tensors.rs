@@ -53,10 +53,7 @@ fn main() {
         .unwrap_or_else(|| vec![1_000, 10_000, 100_000, 200_000]);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let work = tempfile::tempdir().unwrap();
-    let shm = tempfile::Builder::new()
-        .prefix("offloadd-bench-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let shm = common::shm_dir();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mut child, channel) = rt.block_on(common::start_daemon(
         &work.path().join("offloadd.sock"),

@@ -180,10 +180,7 @@ fn main() {
     drop(bytes);
 
     // Bound 2: single-thread memcpy of one layer between pre-faulted shared-memory regions.
-    let shm = tempfile::Builder::new()
-        .prefix("offloadd-bench-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
+    let shm = common::shm_dir();
     let a = HostRegion::create(&shm.path().join("a"), BIG_LAYER as u64).unwrap();
     let b = HostRegion::create(&shm.path().join("b"), BIG_LAYER as u64).unwrap();
     a.prefault(1).unwrap();

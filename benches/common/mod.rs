@@ -20,6 +20,14 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
 use tonic::transport::Channel;
 
+/// A scratch directory in /dev/shm for pool files (removed when dropped).
+pub fn shm_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("offloadd-bench-")
+        .tempdir_in("/dev/shm")
+        .expect("tempdir in /dev/shm")
+}
+
 /// Starts `offloadd serve` on `uds` with pools under `pools_dir` and `roots` as model root, waits
 /// for its ready line and connects. `BENCH_DAEMON_LOG` sets its log filter (default warn).
 pub async fn start_daemon(uds: &Path, pools_dir: &Path, roots: &Path) -> (Child, Channel) {
