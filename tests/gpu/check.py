@@ -17,6 +17,7 @@ import ctypes
 import json
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,16 +137,22 @@ def sync():
 
 # ---------------------------------------------------------------- daemon
 class Daemon:
-    def __init__(self, args, work, tag, env_extra):
+    """The real daemon in its own pools dir (`pools_dir`: a second start there adopts what the
+    first left), with `env_extra` in its environment and `sets` as extra `--set` overrides."""
+
+    def __init__(self, args, work, tag, env_extra=None, sets=(), pools_dir=None):
+        self.tag = tag
         self.uds = os.path.join(work, f"{tag}.sock")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOADD_", "VLLM_"))}
-        env.update(env_extra)
+        env.update(env_extra or {})
         env["OFFLOADD_LOG"] = "info"
-        self.log = open(os.path.join(work, f"{tag}.log"), "w")
-        self.p = subprocess.Popen(
-            [args.offloadd, "serve", "--uds-path", self.uds, "--pools-dir", f"/dev/shm/offloadd-gpu-{tag}",
-             "--set", f"models.roots={work}", "--set", "pools.keep_on_exit=false"],
-            stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
+        cmd = [args.offloadd, "serve", "--uds-path", self.uds, "--pools-dir", pools_dir or f"/dev/shm/offloadd-gpu-{tag}",
+               "--set", f"models.roots={work}", "--set", "pools.keep_on_exit=false"]
+        for kv in sets:
+            cmd += ["--set", kv]
+        # Appended: a restarted daemon with the same tag keeps the first one's log.
+        self.log = open(os.path.join(work, f"{tag}.log"), "a")
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
         line = self.p.stdout.readline()
         if not line:
             self.p.wait()
@@ -153,10 +160,23 @@ class Daemon:
         self.ready = json.loads(line)
         self.api = Api(args.descriptor, self.uds)
 
+    def kill(self):
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(timeout=60)
+
     def stop(self):
         self.p.terminate()
         rc = self.p.wait(timeout=60)
-        expect(rc == 0, f"daemon exited {rc} after SIGTERM")
+        expect(rc == 0, f"{self.tag}: daemon exited {rc} after SIGTERM")
+
+
+def parse_args():
+    """The binaries and descriptor set that tests/gpu/check.sh passes to each check."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--offloadd", required=True)
+    ap.add_argument("--worker", required=True)
+    ap.add_argument("--descriptor", required=True)
+    return ap.parse_args()
 
 
 def write_models(work):
@@ -406,11 +426,7 @@ def run_daemon(args, work, pinned):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--offloadd", required=True)
-    ap.add_argument("--worker", required=True)
-    ap.add_argument("--descriptor", required=True)
-    args = ap.parse_args()
+    args = parse_args()
     global ARGS
     ARGS = args
     cuda_init()

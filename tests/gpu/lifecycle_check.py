@@ -12,7 +12,6 @@
   * restart survival on cuda: a SIGKILLed daemon's cuda pool is adopted and pinned again, and
     the Rust reference worker (--reattach) goes on verifying every slot through new IPC handles.
 """
-import argparse
 import ctypes
 import json
 import os
@@ -29,37 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import check  # noqa: E402
-from check import MIB, Api, IpcEventHandle, IpcHandle, c_u64, c_vp, ck, expect, write_models  # noqa: E402
-
-
-class Daemon:
-    """The real daemon on cuda:0 with its own pools dir, so a second start can adopt it."""
-
-    def __init__(self, args, work, tag, sets=(), env_extra=None, pools_dir=None):
-        self.tag = tag
-        self.uds = os.path.join(work, f"{tag}.sock")
-        self.pools_dir = pools_dir or f"/dev/shm/offloadd-gpu-{tag}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOADD_", "VLLM_"))}
-        env.update(env_extra or {})
-        env["OFFLOADD_LOG"] = "info"
-        cmd = [args.offloadd, "serve", "--uds-path", self.uds, "--pools-dir", self.pools_dir,
-               "--set", f"models.roots={work}"]
-        for s in sets:
-            cmd += ["--set", s]
-        self.log = open(os.path.join(work, f"{tag}.log"), "a")
-        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
-        if not self.p.stdout.readline():
-            self.p.wait()
-            raise RuntimeError(f"daemon ({tag}) exited:\n" + open(self.log.name).read()[-3000:])
-        self.api = Api(args.descriptor, self.uds)
-
-    def kill(self):
-        self.p.send_signal(signal.SIGKILL)
-        self.p.wait(timeout=60)
-
-    def stop(self):
-        self.p.terminate()
-        expect(self.p.wait(timeout=60) == 0, f"{self.tag}: daemon exit status after SIGTERM")
+from check import MIB, Daemon, IpcEventHandle, IpcHandle, c_u64, c_vp, ck, expect, write_models  # noqa: E402
 
 
 def code_of(fn):
@@ -91,7 +60,7 @@ def onload(api, lease, layer, async_copy=False):
 
 def streams_and_budget(args, work):
     """One lease's queue of large async copies must not hold up another lease's small layer."""
-    d = Daemon(args, work, "streams", sets=["leases.max_static_bytes_per_device=1048576", "pools.keep_on_exit=false"])
+    d = Daemon(args, work, "streams", sets=["leases.max_static_bytes_per_device=1048576"])
     api = d.api
     api.call("CreatePool", "CreatePoolRequest", "Pool", name="big", device="cuda:0", size_bytes=6 * 256 * MIB + 64 * MIB)
     api.call("CreatePool", "CreatePoolRequest", "Pool", name="gpu", device="cuda:0", size_bytes=64 * MIB)
@@ -116,7 +85,7 @@ def streams_and_budget(args, work):
 def queue_wait(args, work, window):
     """A small synchronous onload of one lease while another lease's 3 GB of async layers are
     queued; `window`: leases.copy_window_bytes (0: unpaced)."""
-    d = Daemon(args, work, f"streams-w{window}", sets=["pools.keep_on_exit=false", f"leases.copy_window_bytes={window}"])
+    d = Daemon(args, work, f"streams-w{window}", sets=[f"leases.copy_window_bytes={window}"])
     api = d.api
     api.call("CreatePool", "CreatePoolRequest", "Pool", name="big", device="cuda:0", size_bytes=6 * 256 * MIB + 64 * MIB)
     api.call("CreatePool", "CreatePoolRequest", "Pool", name="gpu", device="cuda:0", size_bytes=64 * MIB)
@@ -195,7 +164,7 @@ def queue_wait(args, work, window):
 def staging(args, work):
     unpin = {"VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY": "1"}
     budget = 256 * MIB
-    d = Daemon(args, work, "staging", sets=[f"pools.max_host_bytes={budget}", "pools.keep_on_exit=false"], env_extra=unpin)
+    d = Daemon(args, work, "staging", sets=[f"pools.max_host_bytes={budget}"], env_extra=unpin)
     api = d.api
     dev = lambda: [x for x in api.call("GetInfo", "GetInfoRequest", "GetInfoResponse").devices if x.id == "cuda:0"][0]
     s = dev().staging
@@ -213,7 +182,7 @@ def staging(args, work):
     print(f"  staging ring: {s.bytes >> 20} MiB pinned with the first unpinned pool, counted in pools.max_host_bytes; reason: {s.reason[:120]}...", flush=True)
 
     # pin.staging_bytes = 0: nothing pinned, copies straight from pageable memory, still right.
-    d = Daemon(args, work, "nostaging", sets=["pin.staging_bytes=0", "pools.keep_on_exit=false"], env_extra=unpin)
+    d = Daemon(args, work, "nostaging", sets=["pin.staging_bytes=0"], env_extra=unpin)
     api = d.api
     pool = api.call("CreatePool", "CreatePoolRequest", "Pool", name="gpu", device="cuda:0", size_bytes=64 * MIB)
     s = [x for x in api.call("GetInfo", "GetInfoRequest", "GetInfoResponse").devices if x.id == "cuda:0"][0].staging
@@ -280,11 +249,7 @@ def restart(args, work):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--offloadd", required=True)
-    ap.add_argument("--worker", required=True)
-    ap.add_argument("--descriptor", required=True)
-    args = ap.parse_args()
+    args = check.parse_args()
     check.cuda_init()
     work = tempfile.mkdtemp(prefix="offloadd-gpu-life-")
     write_models(work)
