@@ -124,6 +124,16 @@ async fn pool(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::Po
         .into_inner()
 }
 
+/// GetModel's refusal for a model that must not be there.
+async fn refused(c: &mut OffloadClient<Channel>, name: &str) -> tonic::Status {
+    c.get_model(GetModelRequest {
+        name: name.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err()
+}
+
 async fn table(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::Model {
     c.get_model(GetModelRequest {
         name: name.into(),
@@ -195,14 +205,7 @@ async fn survives(signal: Signal) {
     assert_eq!(settle(&mut c, "a").await.state(), ModelState::Ready);
     let m = table(&mut c, "a").await;
     assert!(m.adopted);
-    let e = c
-        .get_model(GetModelRequest {
-            name: "b".into(),
-            include_tensors: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let e = refused(&mut c, "b").await;
     assert_eq!(e.code(), Code::NotFound, "the partial load is gone");
     // An attach waits for the adopted pool's pin (applied in the background) to settle; then
     // the pool is pinned as it was, on the same machine and settings.
@@ -356,14 +359,7 @@ async fn a_pool_changed_while_down_drops_its_model_and_spares_the_others() {
         assert!(why.contains(part), "{part:?} in {why}");
     }
     assert_eq!(settle(&mut c, "keep").await.state(), ModelState::Ready);
-    let e = c
-        .get_model(GetModelRequest {
-            name: "a".into(),
-            include_tensors: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let e = refused(&mut c, "a").await;
     assert_eq!(e.code(), Code::NotFound);
     let r = recovery(&mut c).await;
     assert_eq!(r.models_adopted, vec!["keep"]);
