@@ -256,12 +256,15 @@ impl Pools {
         // An unpinned pool on a device that stages its copies brings the pinned staging ring
         // with it: the budget sees both, and the ring is made now, not at the first copy.
         let staging = device.staging();
-        let staging_bytes =
-            if staging.allocated || self.decision_for(device.as_ref(), req.size_bytes).pin {
-                0
-            } else {
-                staging.bytes
-            };
+        // The policy is asked only where a ring could still be made (build asks it again).
+        let staging_bytes = if staging.bytes == 0
+            || staging.allocated
+            || self.decision_for(device.as_ref(), req.size_bytes).pin
+        {
+            0
+        } else {
+            staging.bytes
+        };
         let needed = req.size_bytes.saturating_add(staging_bytes);
         if self.params.budget.saturating_sub(self.committed()) < needed {
             self.reclaim();
