@@ -107,7 +107,8 @@ pub struct Lease {
     pub pin: PinDecision,
     pub pinned: bool,
     pub uva_mode: UvaMode,
-    pub tensors: Vec<TensorEntry>,
+    /// The model's table, shared with it.
+    pub tensors: Arc<Vec<TensorEntry>>,
     pub plan: Plan,
     /// Per tensor, its slot in `statics` (PREFETCH tensors only).
     pub static_slots: Vec<Option<StaticSlot>>,

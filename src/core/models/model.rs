@@ -93,8 +93,9 @@ pub struct Model {
     pub name: String,
     pub source: ModelSource,
     pub alloc: Allocation,
-    /// Filled in as loading or sealing computes checksums.
-    pub tensors: Mutex<Vec<TensorEntry>>,
+    /// Filled in as loading or sealing computes checksums. Shared (not copied) with every lease
+    /// and reader once the model is READY: a 100k-row table takes milliseconds to copy and free.
+    pub tensors: Mutex<Arc<Vec<TensorEntry>>>,
     pub bytes: u64,
     pub progress: watch::Sender<Progress>,
     pub cancel: AtomicBool,
@@ -135,8 +136,8 @@ impl Model {
         *self.last_used.lock().expect("last_used lock")
     }
 
-    pub fn tensors(&self) -> Vec<TensorEntry> {
-        self.tensors.lock().expect("tensors lock").clone()
+    pub fn tensors(&self) -> Arc<Vec<TensorEntry>> {
+        Arc::clone(&self.tensors.lock().expect("tensors lock"))
     }
 
     pub fn backend(&self) -> Option<BackendConfig> {

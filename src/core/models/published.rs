@@ -98,9 +98,11 @@ impl Models {
             });
         }
         let region = model.pool().region();
-        for t in model.tensors.lock().expect("tensors lock").iter_mut() {
+        let mut tensors = model.tensors.lock().expect("tensors lock");
+        for t in Arc::make_mut(&mut tensors).iter_mut() {
             t.crc32c = Some(loader::checksum(region, t.offset, t.len));
         }
+        drop(tensors);
         self.journal_write(&model);
         model.progress.send_modify(|p| {
             p.state = ModelState::Ready;

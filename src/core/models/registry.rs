@@ -207,15 +207,12 @@ impl Models {
         });
         match result {
             Ok(crcs) => {
-                for (t, crc) in model
-                    .tensors
-                    .lock()
-                    .expect("tensors lock")
-                    .iter_mut()
-                    .zip(crcs)
-                {
+                let mut tensors = model.tensors.lock().expect("tensors lock");
+                // Nobody holds the table while it loads: no lease, since it is not READY.
+                for (t, crc) in Arc::make_mut(&mut tensors).iter_mut().zip(crcs) {
                     t.crc32c = Some(crc);
                 }
+                drop(tensors);
                 let secs = start.elapsed().as_secs_f64();
                 tracing::info!(model = %model.name, bytes = model.bytes, secs, gbps = model.bytes as f64 / secs / 1e9, "model ready");
                 // Recorded before anyone is told READY: a model a client saw READY survives a
@@ -480,7 +477,7 @@ pub(super) fn new_model(m: NewModel) -> Model {
         name: m.name,
         source: m.source,
         alloc: m.alloc,
-        tensors: Mutex::new(m.tensors),
+        tensors: Mutex::new(Arc::new(m.tensors)),
         bytes: m.bytes,
         progress,
         cancel: AtomicBool::new(false),
