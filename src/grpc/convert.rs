@@ -1,8 +1,9 @@
 //! Domain types to protobuf. Only this module knows both.
 
 use crate::core::Core;
-use crate::core::backend::plan::dtype_name;
+use crate::core::backend::plan::{Placement, dtype_name};
 use crate::core::backend::{BackendConfig, PrefetchConfig, UvaConfig};
+use crate::core::leases::Lease;
 use crate::core::models::model::{Model, ModelSource, ModelState, Progress, TensorEntry};
 use crate::core::pin_policy::PinDecision;
 use crate::core::pool::Pool;
@@ -265,4 +266,81 @@ pub fn uva_mode(m: crate::core::backend::access::UvaMode) -> proto::UvaMode {
         M::Pageable => proto::UvaMode::Pageable,
         M::CopyOnUse => proto::UvaMode::CopyOnUse,
     }
+}
+
+/// A lease without its table (pages of it come from `tables`).
+pub fn lease(l: &Lease) -> proto::Lease {
+    let pool = l.model.pool();
+    let device = pool.device.info().id.clone();
+    let mut segments = vec![proto::Segment {
+        path: pool.path().display().to_string(),
+        size_bytes: pool.size_bytes,
+        kind: proto::SegmentKind::Pool as i32,
+        device: device.clone(),
+        ipc_handle: Vec::new(),
+    }];
+    if let Some(s) = &l.statics {
+        segments.push(proto::Segment {
+            path: s
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            size_bytes: s.len(),
+            kind: proto::SegmentKind::Static as i32,
+            device: device.clone(),
+            ipc_handle: s.ipc_handle(),
+        });
+    }
+    let pf = l.plan.prefetch.as_ref();
+    proto::Lease {
+        lease_id: l.id.clone(),
+        ttl_ms: l.ttl.as_millis() as u64,
+        pinned: l.pinned,
+        pin_reason: l.pin.reason.to_string(),
+        backend: l.backend.as_ref().map(backend),
+        segments,
+        tensors: Vec::new(),
+        prefetch_next: pf.map(|p| p.next.clone()).unwrap_or_default(),
+        offloaded_layers: pf.map(|p| p.offloaded_layers.clone()).unwrap_or_default(),
+        prefetch_slots: pf.map_or(0, |p| p.slots as u32),
+        uva_mode: uva_mode(l.uva_mode) as i32,
+        model: l.model.name.clone(),
+        copy_done_events: l
+            .statics
+            .as_ref()
+            .map(|s| s.copy_done_events())
+            .unwrap_or_default(),
+        next_page_token: String::new(),
+    }
+}
+
+/// Every row of a lease's table, in order.
+pub fn lease_tensors(l: &Lease) -> impl ExactSizeIterator<Item = proto::LeaseTensor> + '_ {
+    // The static buffers, when the lease has them, are always its second segment.
+    let static_segment = l.statics.as_ref().map(|_| 1u32);
+    l.tensors
+        .iter()
+        .zip(&l.plan.placements)
+        .zip(&l.static_slots)
+        .map(move |((t, p), slot)| {
+            let info = tensor(t);
+            proto::LeaseTensor {
+                placement: match p {
+                    Placement::Device => proto::Placement::Device,
+                    Placement::Uva => proto::Placement::Uva,
+                    Placement::Prefetch { .. } => proto::Placement::Prefetch,
+                } as i32,
+                segment: 0,
+                offset: t.offset,
+                length: t.len,
+                static_segment: slot.and(static_segment),
+                static_offset: slot.map_or(0, |s| s.offset),
+                name: info.name,
+                dtype: info.dtype,
+                shape: info.shape,
+                strides: info.strides,
+                layer: info.layer,
+                crc32c: info.crc32c,
+            }
+        })
 }

@@ -12,6 +12,7 @@ mod paging;
 pub mod server;
 mod service;
 mod status;
+mod tables;
 pub mod tls;
 mod trace;
 mod workers;

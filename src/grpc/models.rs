@@ -14,7 +14,7 @@ use crate::core::models::model::{Model, ModelState};
 use crate::core::models::{
     ModelError, NewPublished, PendingLoad, PublishedTensor, RegisterRequest, wait_loaded,
 };
-use crate::proto;
+use crate::proto::{self, Encoded};
 
 pub type ProgressStream = Pin<Box<dyn Stream<Item = Result<proto::ModelProgress, Status>> + Send>>;
 
@@ -97,7 +97,7 @@ pub fn watch(core: &Core, name: &str) -> Result<ProgressStream, Status> {
 pub async fn create(
     core: &Arc<Core>,
     r: proto::CreateModelRequest,
-) -> Result<proto::Model, Status> {
+) -> Result<Encoded<proto::Model>, Status> {
     let backend = convert::backend_config(r.backend);
     let req = NewPublished {
         name: r.name,
@@ -116,7 +116,7 @@ const MAX_STREAMED_SPECS: usize = 4_000_000;
 pub async fn create_streamed(
     core: &Arc<Core>,
     mut stream: tonic::Streaming<proto::CreateModelRequest>,
-) -> Result<proto::Model, Status> {
+) -> Result<Encoded<proto::Model>, Status> {
     let Some(first) = stream.message().await? else {
         return Err(Status::invalid_argument(
             "CreateModelStream got no message: send one naming the model, pool and backend, then the tensors",
@@ -165,9 +165,13 @@ fn published(t: proto::TensorSpec) -> PublishedTensor {
 
 /// Allocates, then answers the first page of the table (a whole 100k-row table is over the
 /// 4 MiB a default client accepts; GetModel pages the rest).
-async fn create_published(core: &Arc<Core>, req: NewPublished) -> Result<proto::Model, Status> {
+async fn create_published(
+    core: &Arc<Core>,
+    req: NewPublished,
+) -> Result<Encoded<proto::Model>, Status> {
     let model = blocking(core, move |c| c.models.create_published(&c.pools, &req)).await?;
-    tokio::task::spawn_blocking(move || convert::model_page(&model, super::paging::rows(0, 0)))
+    let first = super::paging::rows(0, 0);
+    tokio::task::spawn_blocking(move || Encoded::new(&convert::model_page(&model, first)))
         .await
         .map_err(super::status::join_error)
 }

@@ -9,23 +9,29 @@ use super::convert;
 use super::incoming;
 use super::models::{self, ProgressStream};
 use super::paging;
+use super::tables::Tables;
 use super::workers;
 use crate::core::Core;
 use crate::core::pools::NewPool;
 use crate::device::cpu::CPU_DEVICE_ID;
 use crate::metrics::Metrics;
-use crate::proto::{self, offload_server::Offload};
+use crate::proto::{self, Encoded, offload_server::Offload};
 
 /// Service state shared by every connection.
 #[derive(Debug, Clone)]
 pub struct OffloadService {
     core: Arc<Core>,
     metrics: Arc<Metrics>,
+    tables: Arc<Tables>,
 }
 
 impl OffloadService {
     pub fn new(core: Arc<Core>, metrics: Arc<Metrics>) -> Self {
-        Self { core, metrics }
+        Self {
+            core,
+            metrics,
+            tables: Arc::default(),
+        }
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -110,9 +116,11 @@ impl Offload for OffloadService {
     async fn register_model(
         &self,
         request: Request<proto::RegisterModelRequest>,
-    ) -> Reply<proto::Model> {
+    ) -> Reply<Encoded<proto::Model>> {
         Ok(Response::new(
-            models::register(&self.core, request.into_inner()).await?,
+            models::register(&self.core, request.into_inner())
+                .await?
+                .into(),
         ))
     }
 
@@ -130,11 +138,14 @@ impl Offload for OffloadService {
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
-    async fn get_model(&self, request: Request<proto::GetModelRequest>) -> Reply<proto::Model> {
+    async fn get_model(
+        &self,
+        request: Request<proto::GetModelRequest>,
+    ) -> Reply<Encoded<proto::Model>> {
         let r = request.into_inner();
         let model = self.core.models.get(&r.name)?;
         if !r.include_tensors {
-            return Ok(Response::new(convert::model(&model)));
+            return Ok(Response::new(convert::model(&model).into()));
         }
         let start = match r.page_token.as_str() {
             "" => 0,
@@ -144,9 +155,10 @@ impl Offload for OffloadService {
             )?,
         };
         let rows = paging::rows(start, r.page_size);
-        // A page of many tensors takes milliseconds to build: not on the runtime's thread,
-        // where every other call waits behind it.
-        let reply = tokio::task::spawn_blocking(move || convert::model_page(&model, rows))
+        // A page of many tensors takes milliseconds to build and to encode: not on the runtime's
+        // thread, where every other call waits behind it.
+        let tables = Arc::clone(&self.tables);
+        let reply = tokio::task::spawn_blocking(move || tables.model_page(&model, rows))
             .await
             .map_err(super::status::join_error)?;
         Ok(Response::new(reply))
@@ -171,9 +183,9 @@ impl Offload for OffloadService {
     async fn unregister_model(
         &self,
         request: Request<proto::UnregisterModelRequest>,
-    ) -> Reply<proto::Model> {
+    ) -> Reply<Encoded<proto::Model>> {
         let model = self.core.models.unregister(&request.get_ref().name).await?;
-        let reply = convert::model(&model);
+        let reply = convert::model(&model).into();
         // The last reference frees the pool ranges; dropping it is cheap (no driver calls).
         drop(model);
         Ok(Response::new(reply))
@@ -183,7 +195,7 @@ impl Offload for OffloadService {
     async fn create_model(
         &self,
         request: Request<proto::CreateModelRequest>,
-    ) -> Reply<proto::Model> {
+    ) -> Reply<Encoded<proto::Model>> {
         Ok(Response::new(
             models::create(&self.core, request.into_inner()).await?,
         ))
@@ -193,21 +205,29 @@ impl Offload for OffloadService {
     async fn create_model_stream(
         &self,
         request: Request<tonic::Streaming<proto::CreateModelRequest>>,
-    ) -> Reply<proto::Model> {
+    ) -> Reply<Encoded<proto::Model>> {
         Ok(Response::new(
             models::create_streamed(&self.core, request.into_inner()).await?,
         ))
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().name))]
-    async fn seal_model(&self, request: Request<proto::SealModelRequest>) -> Reply<proto::Model> {
+    async fn seal_model(
+        &self,
+        request: Request<proto::SealModelRequest>,
+    ) -> Reply<Encoded<proto::Model>> {
         Ok(Response::new(
-            models::seal(&self.core, request.into_inner().name).await?,
+            models::seal(&self.core, request.into_inner().name)
+                .await?
+                .into(),
         ))
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
-    async fn set_backend(&self, request: Request<proto::SetBackendRequest>) -> Reply<proto::Model> {
+    async fn set_backend(
+        &self,
+        request: Request<proto::SetBackendRequest>,
+    ) -> Reply<Encoded<proto::Model>> {
         let r = request.into_inner();
         let backend = convert::backend_config(r.backend).ok_or_else(|| {
             Status::invalid_argument(
@@ -216,16 +236,16 @@ impl Offload for OffloadService {
         })?;
         // Off the runtime: it rewrites the model's journal record, its whole tensor table.
         let model = blocking(&self.core, move |c| c.models.set_backend(&r.model, backend)).await?;
-        Ok(Response::new(convert::model(&model)))
+        Ok(Response::new(convert::model(&model).into()))
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model, worker = %request.get_ref().worker_name))]
     async fn attach_worker(
         &self,
         request: Request<proto::AttachWorkerRequest>,
-    ) -> Reply<proto::Lease> {
+    ) -> Reply<Encoded<proto::Lease>> {
         Ok(Response::new(
-            workers::attach(&self.core, request.into_inner()).await?,
+            workers::attach(&self.core, &self.tables, request.into_inner()).await?,
         ))
     }
 
@@ -233,9 +253,10 @@ impl Offload for OffloadService {
     async fn get_lease_tensors(
         &self,
         request: Request<proto::GetLeaseTensorsRequest>,
-    ) -> Reply<proto::LeaseTensorPage> {
+    ) -> Reply<Encoded<proto::LeaseTensorPage>> {
         let r = request.into_inner();
-        let page = blocking(&self.core, move |c| workers::lease_page(c, &r)).await?;
+        let tables = Arc::clone(&self.tables);
+        let page = blocking(&self.core, move |c| workers::lease_page(c, &tables, &r)).await?;
         Ok(Response::new(page))
     }
 

@@ -7,16 +7,15 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 
 use super::blocking::blocking;
-use super::convert;
 use super::paging;
 use super::status::join_error;
+use super::tables::Tables;
 use crate::core::Core;
-use crate::core::backend::plan::Placement;
 use crate::core::leases::{AttachRequest, Lease, LeaseError};
 use crate::device::DeviceKind;
 use crate::fast;
 use crate::metrics::Metrics;
-use crate::proto;
+use crate::proto::{self, Encoded};
 
 /// Layers at most this large are copied on the async runtime (about 10 µs) when the device is
 /// the cpu: a thread hop costs more than the copy. Larger ones, and every cuda copy (which waits
@@ -26,8 +25,9 @@ const INLINE_COPY_BYTES: u64 = 64 << 10;
 
 pub async fn attach(
     core: &Arc<Core>,
+    tables: &Arc<Tables>,
     r: proto::AttachWorkerRequest,
-) -> Result<proto::Lease, Status> {
+) -> Result<Encoded<proto::Lease>, Status> {
     let req = AttachRequest {
         model: r.model,
         worker_name: r.worker_name,
@@ -35,16 +35,18 @@ pub async fn attach(
         end_with_fast_path: r.end_with_fast_path,
     };
     let page = paging::rows(0, r.page_size);
-    // The lease's table is built on the blocking thread too: 100k rows take tens of ms.
+    // The lease's table is encoded on the blocking thread too: the first lease of a model
+    // with a backend encodes the whole table.
+    let tables = Arc::clone(tables);
     let (lease, reply) = blocking(core, move |c| {
         c.leases.attach(&c.models, &c.pools, &req).map(|l| {
-            let reply = lease_proto(&l, page);
+            let reply = tables.lease(&l, page);
             (l, reply)
         })
     })
     .await?;
     // An answer the transport would refuse must not leave a lease behind for its whole ttl.
-    let size = prost::Message::encoded_len(&reply);
+    let size = reply.bytes().len();
     if size > proto::MAX_RESPONSE_BYTES {
         let _ = core.leases.detach(&lease.id);
         return Err(LeaseError::ReplyTooLarge {
@@ -172,100 +174,17 @@ impl Drop for FastSession {
     }
 }
 
-/// Rows `range` of a lease's table (clamped to it), and the token of the next page.
-fn lease_tensors(l: &Lease, rows: std::ops::Range<usize>) -> (Vec<proto::LeaseTensor>, String) {
-    let (std::ops::Range { start, end }, next) = paging::clamp(rows, l.tensors.len());
-    // The static buffers, when the lease has them, are always its second segment.
-    let static_segment = l.statics.as_ref().map(|_| 1u32);
-    let rows = l.tensors[start..end]
-        .iter()
-        .zip(&l.plan.placements[start..end])
-        .zip(&l.static_slots[start..end])
-        .map(|((t, p), slot)| {
-            let info = convert::tensor(t);
-            proto::LeaseTensor {
-                placement: match p {
-                    Placement::Device => proto::Placement::Device,
-                    Placement::Uva => proto::Placement::Uva,
-                    Placement::Prefetch { .. } => proto::Placement::Prefetch,
-                } as i32,
-                segment: 0,
-                offset: t.offset,
-                length: t.len,
-                static_segment: slot.and(static_segment),
-                static_offset: slot.map_or(0, |s| s.offset),
-                name: info.name,
-                dtype: info.dtype,
-                shape: info.shape,
-                strides: info.strides,
-                layer: info.layer,
-                crc32c: info.crc32c,
-            }
-        })
-        .collect();
-    (rows, next)
-}
-
-/// GetLeaseTensors: a page of the table after AttachWorker's first. Blocking (a page of many
-/// rows takes milliseconds to build).
+/// GetLeaseTensors: a page of the table after AttachWorker's first. Blocking (the first page
+/// asked for may encode the whole table).
 pub fn lease_page(
     core: &Core,
+    tables: &Tables,
     r: &proto::GetLeaseTensorsRequest,
-) -> Result<proto::LeaseTensorPage, Status> {
+) -> Result<Encoded<proto::LeaseTensorPage>, Status> {
     let lease = core.leases.get(&r.lease_id)?;
     let start = paging::start_of(
         &r.page_token,
         "Lease.next_page_token or the previous page's next_page_token",
     )?;
-    let (tensors, next_page_token) = lease_tensors(&lease, paging::rows(start, r.page_size));
-    Ok(proto::LeaseTensorPage {
-        tensors,
-        next_page_token,
-    })
-}
-
-fn lease_proto(l: &Lease, page: std::ops::Range<usize>) -> proto::Lease {
-    let pool = l.model.pool();
-    let device = pool.device.info().id.clone();
-    let mut segments = vec![proto::Segment {
-        path: pool.path().display().to_string(),
-        size_bytes: pool.size_bytes,
-        kind: proto::SegmentKind::Pool as i32,
-        device: device.clone(),
-        ipc_handle: Vec::new(),
-    }];
-    if let Some(s) = &l.statics {
-        segments.push(proto::Segment {
-            path: s
-                .path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            size_bytes: s.len(),
-            kind: proto::SegmentKind::Static as i32,
-            device: device.clone(),
-            ipc_handle: s.ipc_handle(),
-        });
-    }
-    let (tensors, next_page_token) = lease_tensors(l, page);
-    let pf = l.plan.prefetch.as_ref();
-    proto::Lease {
-        lease_id: l.id.clone(),
-        ttl_ms: l.ttl.as_millis() as u64,
-        pinned: l.pinned,
-        pin_reason: l.pin.reason.to_string(),
-        backend: l.backend.as_ref().map(convert::backend),
-        segments,
-        tensors,
-        prefetch_next: pf.map(|p| p.next.clone()).unwrap_or_default(),
-        offloaded_layers: pf.map(|p| p.offloaded_layers.clone()).unwrap_or_default(),
-        prefetch_slots: pf.map_or(0, |p| p.slots as u32),
-        uva_mode: convert::uva_mode(l.uva_mode) as i32,
-        model: l.model.name.clone(),
-        copy_done_events: l
-            .statics
-            .as_ref()
-            .map(|s| s.copy_done_events())
-            .unwrap_or_default(),
-        next_page_token,
-    }
+    Ok(tables.lease_page(&lease, paging::rows(start, r.page_size)))
 }

@@ -1,9 +1,20 @@
-//! Generated protobuf and gRPC code for `offloadd.v1`.
+//! Generated protobuf and gRPC code for `offloadd.v1`, and the few helpers around it.
 
-#![allow(missing_docs)]
-#![allow(clippy::all, clippy::pedantic)]
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+mod generated {
+    tonic::include_proto!("offloadd.v1");
 
-tonic::include_proto!("offloadd.v1");
+    /// The server side of `offloadd.v1.Offload`: it answers tensor tables as [`super::Encoded`]
+    /// messages (see build.rs).
+    pub mod server {
+        include!(concat!(env!("OUT_DIR"), "/server/offloadd.v1.rs"));
+    }
+}
+pub use generated::server::offload_server;
+pub use generated::*;
+
+mod encoded;
+pub use encoded::Encoded;
 
 /// Largest request the daemon accepts: requests are names, paths and tensor specs; CreateModel
 /// of a 100k-tensor MoE checkpoint is the largest, a few MiB. Bigger ones are refused before

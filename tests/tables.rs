@@ -1,0 +1,201 @@
+//! Tensor tables through the real daemon: pages within gRPC's default message limits, and
+//! tables that the daemon encodes once and keeps (see src/grpc/tables.rs) still follow the
+//! model they describe: a name registered again, a backend switched.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::ckpt;
+use common::workers::*;
+use common::{DaemonBuilder, Scratch};
+use offloadd::proto::offload_client::OffloadClient;
+use offloadd::proto::{
+    DetachWorkerRequest, GetLeaseTensorsRequest, GetModelRequest, Placement, RegisterModelRequest,
+    SetBackendRequest, UnregisterModelRequest,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn registration(name: &str, pool: &str, path: &Path, wait: bool) -> RegisterModelRequest {
+    RegisterModelRequest {
+        name: name.into(),
+        pool: pool.into(),
+        path: path.display().to_string(),
+        wait,
+        backend: None,
+    }
+}
+
+#[tokio::test]
+async fn get_model_pages_a_large_table_within_default_message_limits() {
+    let s = Scratch::new();
+    let root = s.models();
+    let path = root.join("moe.safetensors");
+    let tensors = ckpt::experts(25_000);
+    ckpt::write_file(&path, &tensors);
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    // A plain tonic client, with gRPC's default 4 MiB limit on answers, as grpcurl has.
+    let mut c = OffloadClient::new(d.channel().await);
+    common::cpu_pool(&mut c, "p", 16 << 20).await;
+    c.register_model(registration("moe", "p", &path, true))
+        .await
+        .unwrap();
+    let page = |token: &str, size: u32| GetModelRequest {
+        name: "moe".into(),
+        include_tensors: true,
+        page_size: size,
+        page_token: token.into(),
+    };
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let m = c.get_model(page(&token, 0)).await.unwrap().into_inner();
+        assert!(prost::Message::encoded_len(&m) < 4 << 20);
+        assert_eq!(m.tensor_count, 25_000);
+        names.extend(m.tensors.into_iter().map(|t| t.name));
+        pages += 1;
+        if m.next_page_token.is_empty() {
+            break;
+        }
+        token = m.next_page_token;
+    }
+    assert_eq!(pages, 3, "10,000 tensors a page by default");
+    // Every tensor exactly once (the table is in file order, which sorts the names).
+    let mut want: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    want.sort_unstable();
+    let mut got: Vec<&str> = names.iter().map(String::as_str).collect();
+    got.sort_unstable();
+    assert!(
+        got == want,
+        "{} names, {} distinct expected",
+        got.len(),
+        want.len()
+    );
+    let small = c.get_model(page("24998", 7)).await.unwrap().into_inner();
+    assert_eq!(small.tensors.len(), 2);
+    assert!(small.next_page_token.is_empty());
+    let e = c.get_model(page("ten", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("next_page_token"), "{}", e.message());
+    assert!(d.terminate().await.success());
+}
+
+/// Every name in the model's table, read page by page with small pages.
+async fn model_names(c: &mut OffloadClient<Channel>, model: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut token = String::new();
+    loop {
+        let m = c
+            .get_model(GetModelRequest {
+                name: model.into(),
+                include_tensors: true,
+                page_size: 7,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        names.extend(m.tensors.into_iter().map(|t| t.name));
+        if m.next_page_token.is_empty() {
+            return names;
+        }
+        token = m.next_page_token;
+    }
+}
+
+/// A lease's whole table (AttachWorker's first page, then GetLeaseTensors), detached after.
+async fn lease_table(
+    c: &mut OffloadClient<Channel>,
+    model: &str,
+) -> Vec<offloadd::proto::LeaseTensor> {
+    let lease = c
+        .attach_worker(offloadd::proto::AttachWorkerRequest {
+            model: model.into(),
+            worker_name: "tables".into(),
+            page_size: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rows = lease.tensors;
+    let mut token = lease.next_page_token;
+    while !token.is_empty() {
+        let page = c
+            .get_lease_tensors(GetLeaseTensorsRequest {
+                lease_id: lease.lease_id.clone(),
+                page_size: 6,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        rows.extend(page.tensors);
+        token = page.next_page_token;
+    }
+    c.detach_worker(DetachWorkerRequest {
+        lease_id: lease.lease_id,
+    })
+    .await
+    .unwrap();
+    rows
+}
+
+#[tokio::test]
+async fn kept_tables_follow_a_new_registration_and_a_new_backend() {
+    let mut f = fixture(|b| b).await;
+    let want = |t: &[ckpt::Tensor]| t.iter().map(|t| t.name.clone()).collect::<BTreeSet<_>>();
+    register(&mut f.c, "m", &f.ckpt, uva(1)).await;
+    let llama = ckpt::llama(LAYERS, 128, 256);
+    assert_eq!(model_names(&mut f.c, "m").await, want(&llama));
+    // Twice: the second answer comes from the kept table and must be the same.
+    assert_eq!(model_names(&mut f.c, "m").await, want(&llama));
+    let uva_rows = lease_table(&mut f.c, "m").await;
+    assert_eq!(uva_rows.len(), llama.len());
+    assert!(
+        uva_rows
+            .iter()
+            .all(|t| t.placement() != Placement::Prefetch)
+    );
+    assert_eq!(lease_table(&mut f.c, "m").await, uva_rows);
+
+    f.c.set_backend(SetBackendRequest {
+        model: "m".into(),
+        backend: prefetched(1, 1, 2),
+    })
+    .await
+    .unwrap();
+    let prefetch_rows = lease_table(&mut f.c, "m").await;
+    let staged: Vec<_> = prefetch_rows
+        .iter()
+        .filter(|t| t.placement() == Placement::Prefetch)
+        .collect();
+    assert!(
+        !staged.is_empty(),
+        "the new backend's table, not the kept uva one"
+    );
+    assert!(staged.iter().all(|t| t.static_segment == Some(1)));
+
+    // The same name, another checkpoint: its table, not the one kept for the old model.
+    f.c.unregister_model(UnregisterModelRequest { name: "m".into() })
+        .await
+        .unwrap();
+    let experts = ckpt::experts(40);
+    let other = f.s.models().join("experts.safetensors");
+    ckpt::write_file(&other, &experts);
+    register(&mut f.c, "m", &other, prefetched(1, 1, 2)).await;
+    assert_eq!(model_names(&mut f.c, "m").await, want(&experts));
+    let rows = lease_table(&mut f.c, "m").await;
+    assert_eq!(
+        rows.iter().map(|t| t.name.clone()).collect::<BTreeSet<_>>(),
+        want(&experts)
+    );
+    assert!(f.d.terminate().await.success());
+}
