@@ -317,7 +317,7 @@ async fn load_round(
         })
     };
     let started = Instant::now();
-    let probe = common::prober(uds.to_path_buf(), stop.clone());
+    let probe = common::prober(uds.to_path_buf(), stop.clone(), None);
     let mut tasks = Vec::new();
     for i in 0..CLIENTS {
         let ch = offloadd::client::connect_uds(uds).await.unwrap();

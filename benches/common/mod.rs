@@ -82,9 +82,18 @@ pub fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 /// GetInfo every 5 ms from a thread, runtime and connection of its own (an operator's or a
 /// probe's view) until `stop`, so its latency is the daemon's, not the queue of a saturated
-/// load generator. Returns the latencies, sorted.
-pub fn prober(uds: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Duration>> {
+/// load generator. On `cpu` when given. Returns the latencies, sorted.
+pub fn prober(
+    uds: PathBuf,
+    stop: Arc<AtomicBool>,
+    cpu: Option<usize>,
+) -> std::thread::JoinHandle<Vec<Duration>> {
     std::thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            let mut set = rustix::thread::CpuSet::new();
+            set.set(cpu);
+            rustix::thread::sched_setaffinity(None, &set).unwrap();
+        }
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
