@@ -149,6 +149,40 @@ async fn registers_single_file_sharded_and_directory_checkpoints() {
     assert!(d.terminate().await.success());
 }
 
+/// Small tensors are read in batches: straight into the pool when their sizes keep the pool's
+/// 256-byte alignment (they then lie in the pool as in the file), through a buffer otherwise.
+#[tokio::test]
+async fn small_tensors_land_byte_exact_whether_or_not_they_keep_the_pools_alignment() {
+    let s = Scratch::new();
+    let root = s.models();
+    let tensor = |i: usize, len: usize| Tensor {
+        name: format!("model.layers.{i}.w"),
+        dtype: safetensors::Dtype::U8,
+        shape: vec![len],
+        data: ckpt::bytes(len, i as u64),
+    };
+    // 300 KiB of 256-byte multiples: more than one checksum run (256 KiB) in one batch.
+    let aligned: Vec<Tensor> = (0..150).map(|i| tensor(i, 256 * (1 + i % 16))).collect();
+    let ragged: Vec<Tensor> = (0..150).map(|i| tensor(i, 1 + 37 * i)).collect();
+    ckpt::write_file(&root.join("aligned.safetensors"), &aligned);
+    ckpt::write_file(&root.join("ragged.safetensors"), &ragged);
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    common::cpu_pool(&mut c, "p", 16 * MIB).await;
+    for (name, tensors) in [("aligned", &aligned), ("ragged", &ragged)] {
+        let path = root.join(format!("{name}.safetensors"));
+        c.register_model(register(name, "p", &path, true))
+            .await
+            .unwrap();
+        verify_in_pool(&mut c, name, tensors).await;
+    }
+    assert!(d.terminate().await.success());
+}
+
 #[tokio::test]
 async fn no_wait_answers_loading_and_watch_streams_progress_to_ready() {
     let s = Scratch::new();

@@ -69,8 +69,9 @@ pub fn chunks(file: usize, file_offset: u64, pool_offset: u64, len: u64, chunk: 
 /// Tensors at most this large are read in batches: a mixture-of-experts checkpoint has 100k of
 /// them, and a `pread`, a checksum set-up and a progress report each cost more than the bytes.
 const SMALL_TENSOR: u64 = 1 << 20;
-/// Bytes of neighbouring small tensors read with one `pread` (into a bounce buffer, since their
-/// pool ranges are 256-byte aligned and so not contiguous).
+/// Bytes of neighbouring small tensors read together: straight into the pool when they lie there
+/// as in the file, else with one `pread` into a bounce buffer (their pool ranges are 256-byte
+/// aligned, so tensors of other sizes are not contiguous there).
 const BATCH_BYTES: u64 = 4 << 20;
 
 /// One unit of a loader thread's work.
@@ -226,8 +227,49 @@ fn read_batch(
     cache: &[Option<Vec<u64>>],
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    bounce.resize(b.len as usize, 0);
     let file = &job.files[b.file];
+    // Tensors whose sizes are multiples of the pool's alignment (most of a mixture of experts)
+    // lie in the pool as in the file: read them straight in, without the bounce buffer's copy.
+    let (_, first) = b.members[0];
+    let in_place = b
+        .members
+        .iter()
+        .all(|&(_, c)| c.pool_offset - first.pool_offset == c.file_offset - first.file_offset);
+    if in_place {
+        // In runs of about CRC_PIECE, checksummed while the run is still in cache.
+        let mut rest = b.members.as_slice();
+        while let Some(&(_, start)) = rest.first() {
+            let mut len = 0;
+            let run = rest
+                .iter()
+                .take_while(|(_, c)| {
+                    let fits = len == 0 || len + c.len <= CRC_PIECE;
+                    len += if fits { c.len } else { 0 };
+                    fits
+                })
+                .count();
+            // SAFETY: the run's bytes land exactly on its members' ranges, which this load
+            // allocated; nothing else touches them until the model is ready, and each batch
+            // goes to exactly one loader thread.
+            unsafe {
+                job.region.pread_from(
+                    file,
+                    start.file_offset,
+                    start.pool_offset as usize,
+                    len as usize,
+                )?
+            };
+            for &(t, c) in &rest[..run] {
+                // SAFETY: as above; this thread has just written the range.
+                let bytes = unsafe { job.region.slice(c.pool_offset as usize, c.len as usize) };
+                crcs[t][0].store(crc32c(bytes), Ordering::Relaxed);
+            }
+            rest = &rest[run..];
+        }
+        drop_behind(file, cache[b.file].as_deref(), b.file_offset, b.len);
+        return Ok(());
+    }
+    bounce.resize(b.len as usize, 0);
     file.read_exact_at(bounce, b.file_offset)?;
     drop_behind(file, cache[b.file].as_deref(), b.file_offset, b.len);
     for &(t, c) in &b.members {
