@@ -133,6 +133,43 @@ pub struct ModelRecord {
     pub tensors: Vec<TensorRecord>,
 }
 
+/// What [`Journal::write_model`] writes: a [`ModelRecord`] that borrows its parts, so journaling
+/// a 100k-tensor model copies none of its table. Serializes exactly as the record does.
+#[derive(Debug, Serialize)]
+pub struct ModelRecordOut<'a, T: Serialize> {
+    pub name: &'a str,
+    pub pool: &'a str,
+    pub source: &'a SourceRecord,
+    pub backend: Option<&'a BackendConfig>,
+    /// A sequence of [`TensorRecordOut`] (or of [`TensorRecord`]).
+    pub tensors: T,
+}
+
+/// A [`TensorRecord`] that borrows its name and shape.
+#[derive(Debug, Serialize)]
+pub struct TensorRecordOut<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub offset: u64,
+    pub len: u64,
+    pub layer: Option<u32>,
+    pub crc32c: u32,
+}
+
+impl ModelRecord {
+    /// This record, to write.
+    pub fn out(&self) -> ModelRecordOut<'_, &[TensorRecord]> {
+        ModelRecordOut {
+            name: &self.name,
+            pool: &self.pool,
+            source: &self.source,
+            backend: self.backend.as_ref(),
+            tensors: &self.tensors,
+        }
+    }
+}
+
 /// What a start found in the journal.
 #[derive(Debug, Default)]
 pub struct Contents {
@@ -194,8 +231,11 @@ impl Journal {
         self.write(POOLS_FILE, &PoolsFile { pools })
     }
 
-    pub fn write_model(&self, model: &ModelRecord) -> Result<(), JournalError> {
-        self.write(&model_file(&model.name), model)
+    pub fn write_model<T: Serialize>(
+        &self,
+        model: &ModelRecordOut<'_, T>,
+    ) -> Result<(), JournalError> {
+        self.write(&model_file(model.name), model)
     }
 
     pub fn remove_model(&self, name: &str) -> Result<(), JournalError> {
@@ -360,8 +400,8 @@ mod tests {
         let j = Journal::new(dir.path());
         assert!(j.read().unwrap().is_none());
         j.write_pools(vec![pool()]).unwrap();
-        j.write_model(&model("a")).unwrap();
-        j.write_model(&model("b")).unwrap();
+        j.write_model(&model("a").out()).unwrap();
+        j.write_model(&model("b").out()).unwrap();
         let got = j.read().unwrap().unwrap();
         assert_eq!(got.pools, vec![pool()]);
         assert_eq!(got.models, vec![model("a"), model("b")]);
@@ -406,8 +446,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::new(dir.path());
         j.write_pools(vec![pool()]).unwrap();
-        j.write_model(&model("a")).unwrap();
-        j.write_model(&model("b")).unwrap();
+        j.write_model(&model("a").out()).unwrap();
+        j.write_model(&model("b").out()).unwrap();
         std::fs::write(j.dir().join(model_file("a")), b"garbage").unwrap();
         let got = j.read().unwrap().unwrap();
         assert_eq!(got.models, vec![model("b")]);

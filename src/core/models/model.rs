@@ -10,7 +10,9 @@ use tokio::sync::watch;
 
 use crate::core::alloc::Range;
 use crate::core::backend::BackendConfig;
-use crate::core::journal::{FileStamp, ModelRecord, SourceRecord, TensorRecord};
+use crate::core::journal::{
+    FileStamp, Journal, JournalError, ModelRecordOut, SourceRecord, TensorRecordOut,
+};
 use crate::core::pool::Pool;
 
 /// Lifecycle of a model.
@@ -144,36 +146,45 @@ impl Model {
         self.backend.lock().expect("backend lock").clone()
     }
 
-    /// The journal's record of this model; None until every tensor has a checksum.
-    pub fn record(&self) -> Option<ModelRecord> {
-        let tensors = self.tensors.lock().expect("tensors lock");
-        let tensors = tensors
-            .iter()
-            .map(|t| {
-                Some(TensorRecord {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    offset: t.offset,
-                    len: t.len,
-                    layer: t.layer,
-                    crc32c: t.crc32c?,
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(ModelRecord {
-            name: self.name.clone(),
-            pool: self.pool().name.clone(),
-            source: match &self.source {
-                ModelSource::Checkpoint { path, files } => SourceRecord::Checkpoint {
-                    path: path.clone(),
-                    files: files.clone(),
-                },
-                ModelSource::Published => SourceRecord::Published,
+    /// Writes this model's record to the journal, straight from its table; does nothing (and
+    /// answers `Ok`) until every tensor has a checksum.
+    pub fn write_record(&self, journal: &Journal) -> Result<(), JournalError> {
+        let tensors = self.tensors();
+        if tensors.iter().any(|t| t.crc32c.is_none()) {
+            return Ok(());
+        }
+        let source = match &self.source {
+            ModelSource::Checkpoint { path, files } => SourceRecord::Checkpoint {
+                path: path.clone(),
+                files: files.clone(),
             },
-            backend: self.backend(),
-            tensors,
+            ModelSource::Published => SourceRecord::Published,
+        };
+        let backend = self.backend();
+        journal.write_model(&ModelRecordOut {
+            name: &self.name,
+            pool: &self.pool().name,
+            source: &source,
+            backend: backend.as_ref(),
+            tensors: Records(&tensors),
         })
+    }
+}
+
+/// A table as the journal's tensor records, each borrowing from its entry.
+struct Records<'a>(&'a [TensorEntry]);
+
+impl serde::Serialize for Records<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|t| TensorRecordOut {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            offset: t.offset,
+            len: t.len,
+            layer: t.layer,
+            crc32c: t.crc32c.unwrap_or_default(),
+        }))
     }
 }
 

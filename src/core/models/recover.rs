@@ -38,10 +38,7 @@ impl Models {
         if *gate {
             return;
         }
-        let Some(record) = model.record() else {
-            return;
-        };
-        if let Err(e) = self.params.journal.write_model(&record) {
+        if let Err(e) = model.write_record(&self.params.journal) {
             tracing::error!(model = %model.name, error = %e, "cannot write the journal; this model will not survive a restart");
         }
     }
