@@ -11,22 +11,12 @@ use common::{DaemonBuilder, Scratch};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
     DeletePoolRequest, GetInfoRequest, GetModelRequest, GetPoolRequest, ListModelsRequest,
-    ModelState, RegisterModelRequest, UnregisterModelRequest, WatchModelRequest,
+    ModelState, UnregisterModelRequest, WatchModelRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
-
-fn register(name: &str, pool: &str, path: &Path, wait: bool) -> RegisterModelRequest {
-    RegisterModelRequest {
-        name: name.into(),
-        pool: pool.into(),
-        path: path.display().to_string(),
-        wait,
-        backend: None,
-    }
-}
 
 async fn used(c: &mut OffloadClient<Channel>, pool: &str) -> u64 {
     c.get_pool(GetPoolRequest { name: pool.into() })
@@ -109,7 +99,7 @@ async fn registers_single_file_sharded_and_directory_checkpoints() {
         ("dir", root.join("dir")),
     ] {
         let m = c
-            .register_model(register(name, "p", &path, true))
+            .register_model(common::registration(name, "p", &path, true))
             .await
             .unwrap()
             .into_inner();
@@ -175,7 +165,7 @@ async fn small_tensors_land_byte_exact_whether_or_not_they_keep_the_pools_alignm
     common::cpu_pool(&mut c, "p", 16 * MIB).await;
     for (name, tensors) in [("aligned", &aligned), ("ragged", &ragged)] {
         let path = root.join(format!("{name}.safetensors"));
-        c.register_model(register(name, "p", &path, true))
+        c.register_model(common::registration(name, "p", &path, true))
             .await
             .unwrap();
         verify_in_pool(&mut c, name, tensors).await;
@@ -200,7 +190,12 @@ async fn no_wait_answers_loading_and_watch_streams_progress_to_ready() {
     let mut c = d.client().await;
     common::cpu_pool(&mut c, "p", 32 * MIB).await;
     let m = c
-        .register_model(register("m", "p", &root.join("m.safetensors"), false))
+        .register_model(common::registration(
+            "m",
+            "p",
+            &root.join("m.safetensors"),
+            false,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -252,8 +247,10 @@ async fn unregister_during_a_load_cancels_it_and_frees_its_ranges() {
     // wait: true, in the background: it must end with ABORTED once unregistered.
     let mut c2 = c.clone();
     let path = root.join("m.safetensors");
-    let waiter =
-        tokio::spawn(async move { c2.register_model(register("m", "p", &path, true)).await });
+    let waiter = tokio::spawn(async move {
+        c2.register_model(common::registration("m", "p", &path, true))
+            .await
+    });
     let mut stream = loop {
         // The model appears once its ranges are allocated.
         if let Ok(s) = c.watch_model(WatchModelRequest { name: "m".into() }).await {
@@ -304,9 +301,14 @@ async fn deleting_a_pool_with_a_model_is_refused() {
         .unwrap();
     let mut c = d.client().await;
     common::cpu_pool(&mut c, "p", 4 * MIB).await;
-    c.register_model(register("m", "p", &root.join("m.safetensors"), true))
-        .await
-        .unwrap();
+    c.register_model(common::registration(
+        "m",
+        "p",
+        &root.join("m.safetensors"),
+        true,
+    ))
+    .await
+    .unwrap();
     let err = c
         .delete_pool(DeletePoolRequest { name: "p".into() })
         .await
@@ -345,10 +347,10 @@ async fn full_pool_evicts_idle_models_only_when_allowed() {
         let mut c = d.client().await;
         // Room for exactly one copy.
         common::cpu_pool(&mut c, "p", size + 1024).await;
-        c.register_model(register("a", "p", &path, true))
+        c.register_model(common::registration("a", "p", &path, true))
             .await
             .unwrap();
-        c.register_model(register("b", "p", &path, true))
+        c.register_model(common::registration("b", "p", &path, true))
             .await
             .map(|_| ())
             .unwrap_or_else(|e| {
@@ -447,7 +449,7 @@ async fn an_indexed_shard_of_200k_tensors_registers() {
     common::cpu_pool(&mut c, "p", 64 * MIB).await;
     let started = std::time::Instant::now();
     let m = c
-        .register_model(register("moe", "p", &dir, true))
+        .register_model(common::registration("moe", "p", &dir, true))
         .await
         .unwrap()
         .into_inner();
@@ -495,10 +497,10 @@ async fn a_cold_load_leaves_no_second_copy_in_the_page_cache_and_a_warm_one_stay
         .unwrap();
     let mut c = d.client().await;
     common::cpu_pool(&mut c, "p", 32 << 20).await;
-    c.register_model(register("cold", "p", &cold, true))
+    c.register_model(common::registration("cold", "p", &cold, true))
         .await
         .unwrap();
-    c.register_model(register("warm", "p", &warm, true))
+    c.register_model(common::registration("warm", "p", &warm, true))
         .await
         .unwrap();
     // What the load read from disk is dropped behind it (a page shared with the header, read

@@ -5,28 +5,17 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use common::ckpt;
 use common::workers::*;
 use common::{DaemonBuilder, Scratch};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    DetachWorkerRequest, GetLeaseTensorsRequest, GetModelRequest, Placement, RegisterModelRequest,
-    SetBackendRequest, UnregisterModelRequest,
+    DetachWorkerRequest, GetLeaseTensorsRequest, GetModelRequest, Placement, SetBackendRequest,
+    UnregisterModelRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn registration(name: &str, pool: &str, path: &Path, wait: bool) -> RegisterModelRequest {
-    RegisterModelRequest {
-        name: name.into(),
-        pool: pool.into(),
-        path: path.display().to_string(),
-        wait,
-        backend: None,
-    }
-}
 
 #[tokio::test]
 async fn get_model_pages_a_large_table_within_default_message_limits() {
@@ -43,7 +32,7 @@ async fn get_model_pages_a_large_table_within_default_message_limits() {
     // A plain tonic client, with gRPC's default 4 MiB limit on answers, as grpcurl has.
     let mut c = OffloadClient::new(d.channel().await);
     common::cpu_pool(&mut c, "p", 16 << 20).await;
-    c.register_model(registration("moe", "p", &path, true))
+    c.register_model(common::registration("moe", "p", &path, true))
         .await
         .unwrap();
     let page = |token: &str, size: u32| GetModelRequest {

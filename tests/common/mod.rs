@@ -327,6 +327,22 @@ pub fn sample(body: &str, prefix: &str) -> f64 {
 }
 
 /// Creates a pool on the cpu device; panics with the daemon's status on failure.
+/// A RegisterModel request with no backend.
+pub fn registration(
+    name: &str,
+    pool: &str,
+    path: &Path,
+    wait: bool,
+) -> offloadd::proto::RegisterModelRequest {
+    offloadd::proto::RegisterModelRequest {
+        name: name.into(),
+        pool: pool.into(),
+        path: path.display().to_string(),
+        wait,
+        backend: None,
+    }
+}
+
 pub async fn cpu_pool(c: &mut OffloadClient<Channel>, name: &str, size: u64) {
     c.create_pool(offloadd::proto::CreatePoolRequest {
         name: name.into(),
