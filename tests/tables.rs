@@ -188,3 +188,52 @@ async fn kept_tables_follow_a_new_registration_and_a_new_backend() {
     );
     assert!(f.d.terminate().await.success());
 }
+
+/// A model evicted from a full pool goes without an UnregisterModel; the same name registered
+/// again must still answer its own table.
+#[tokio::test]
+async fn a_name_evicted_and_registered_again_answers_its_new_table() {
+    let s = Scratch::new();
+    let root = s.models();
+    let llama = ckpt::llama(2, 256, 256);
+    let experts = ckpt::experts(40);
+    ckpt::write_file(&root.join("llama.safetensors"), &llama);
+    ckpt::write_file(&root.join("experts.safetensors"), &experts);
+    let size: u64 = llama
+        .iter()
+        .map(|t| (t.data.len() as u64).div_ceil(256) * 256)
+        .sum();
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .set("pools.evict_idle=true")
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    // Room for one copy of the llama checkpoint.
+    common::cpu_pool(&mut c, "p", size + 1024).await;
+    let names = |t: &[ckpt::Tensor]| t.iter().map(|t| t.name.clone()).collect::<BTreeSet<_>>();
+    let llama_path = root.join("llama.safetensors");
+    c.register_model(common::registration("m", "p", &llama_path, true))
+        .await
+        .unwrap();
+    assert_eq!(model_names(&mut c, "m").await, names(&llama));
+    // "x" takes the pool: "m" is evicted, its table kept until it is found stale.
+    c.register_model(common::registration("x", "p", &llama_path, true))
+        .await
+        .unwrap();
+    let e = c
+        .get_model(GetModelRequest {
+            name: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "m was evicted");
+    let experts_path = root.join("experts.safetensors");
+    c.register_model(common::registration("m", "p", &experts_path, true))
+        .await
+        .unwrap();
+    assert_eq!(model_names(&mut c, "m").await, names(&experts));
+    assert!(d.terminate().await.success());
+}

@@ -185,6 +185,7 @@ impl Offload for OffloadService {
         request: Request<proto::UnregisterModelRequest>,
     ) -> Reply<Encoded<proto::Model>> {
         let model = self.core.models.unregister(&request.get_ref().name).await?;
+        self.tables.forget(&model.name);
         let reply = convert::model(&model).into();
         // The last reference frees the pool ranges; dropping it is cheap (no driver calls).
         drop(model);

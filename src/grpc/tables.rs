@@ -120,6 +120,15 @@ impl Tables {
         })
     }
 
+    /// Drops what is kept for `name`, which was just unregistered, and for any other model gone
+    /// since (evicted from a full pool, say), so their tables do not outlive them until the next
+    /// table is built.
+    pub fn forget(&self, name: &str) {
+        let mut entries = self.entries.lock().expect("tables lock");
+        entries.remove(name);
+        entries.retain(|_, e| e.model.strong_count() > 0);
+    }
+
     /// The table `find` picks from `m`'s entry, or one `build` makes (outside the lock: it
     /// takes milliseconds) and `keep` stores. Two first pages at once may both build; the
     /// tables are equal, and the later one is kept.
