@@ -10,8 +10,7 @@ use common::ckpt;
 use common::{DaemonBuilder, Scratch};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    CreateModelRequest, GetModelRequest, GetPoolRequest, Model, ModelState, SealModelRequest,
-    TensorSpec,
+    CreateModelRequest, GetModelRequest, GetPoolRequest, ModelState, SealModelRequest, TensorSpec,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -52,28 +51,6 @@ fn pages(name: &str, specs: Vec<TensorSpec>, per: usize) -> Vec<CreateModelReque
         .collect()
 }
 
-/// The whole table of a model, page by page.
-async fn table(c: &mut OffloadClient<Channel>, first: Model) -> Vec<offloadd::proto::TensorInfo> {
-    let mut rows = first.tensors;
-    let mut token = first.next_page_token;
-    while !token.is_empty() {
-        let m = c
-            .get_model(GetModelRequest {
-                name: first.name.clone(),
-                include_tensors: true,
-                page_size: 0,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(prost::Message::encoded_len(&m) < 4 << 20);
-        rows.extend(m.tensors);
-        token = m.next_page_token;
-    }
-    rows
-}
-
 #[tokio::test]
 async fn a_200k_tensor_model_is_published_through_a_stream_of_pages() {
     const N: usize = 200_000;
@@ -103,7 +80,7 @@ async fn a_200k_tensor_model_is_published_through_a_stream_of_pages() {
     );
     assert_eq!(created.state(), ModelState::AwaitingSeal);
     assert_eq!(created.tensor_count, N as u64);
-    let rows = table(&mut c, created).await;
+    let rows = common::pages::model_rows(&mut c, created, 0).await;
     assert_eq!(rows.len(), N);
     // In the order sent, each 4 bytes, none overlapping.
     for (r, s) in rows.iter().zip(&all) {

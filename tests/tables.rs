@@ -11,8 +11,7 @@ use common::workers::*;
 use common::{DaemonBuilder, Scratch};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    DetachWorkerRequest, GetLeaseTensorsRequest, GetModelRequest, Placement, SetBackendRequest,
-    UnregisterModelRequest,
+    DetachWorkerRequest, GetModelRequest, Placement, SetBackendRequest, UnregisterModelRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -78,25 +77,18 @@ async fn get_model_pages_a_large_table_within_default_message_limits() {
 
 /// Every name in the model's table, read page by page with small pages.
 async fn model_names(c: &mut OffloadClient<Channel>, model: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut token = String::new();
-    loop {
-        let m = c
-            .get_model(GetModelRequest {
-                name: model.into(),
-                include_tensors: true,
-                page_size: 7,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        names.extend(m.tensors.into_iter().map(|t| t.name));
-        if m.next_page_token.is_empty() {
-            return names;
-        }
-        token = m.next_page_token;
-    }
+    let first = c
+        .get_model(GetModelRequest {
+            name: model.into(),
+            include_tensors: true,
+            page_size: 7,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rows = common::pages::model_rows(c, first, 7).await;
+    rows.into_iter().map(|t| t.name).collect()
 }
 
 /// A lease's whole table (AttachWorker's first page, then GetLeaseTensors), detached after.
@@ -114,21 +106,7 @@ async fn lease_table(
         .await
         .unwrap()
         .into_inner();
-    let mut rows = lease.tensors;
-    let mut token = lease.next_page_token;
-    while !token.is_empty() {
-        let page = c
-            .get_lease_tensors(GetLeaseTensorsRequest {
-                lease_id: lease.lease_id.clone(),
-                page_size: 6,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        rows.extend(page.tensors);
-        token = page.next_page_token;
-    }
+    let rows = common::pages::lease_rows(c, &lease, 6).await;
     c.detach_worker(DetachWorkerRequest {
         lease_id: lease.lease_id,
     })

@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 pub mod ckpt;
+pub mod pages;
 pub mod workers;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_offloadd");
