@@ -67,34 +67,30 @@ impl Tables {
             |e, t| e.table = Some(t),
             || Rows::encode(m.tensors().iter().map(convert::tensor)),
         );
-        let (rows, next_page_token) = paging::clamp(rows, table.len());
-        let header = proto::Model {
+        table.page(rows, MODEL_TENSORS, |next_page_token| proto::Model {
             next_page_token,
             ..convert::model(m)
-        };
-        Encoded::from_bytes(table.page(&header, MODEL_TENSORS, rows))
+        })
     }
 
     /// AttachWorker's answer: the lease with rows `rows` of its table. Blocking.
     pub fn lease(&self, l: &Lease, rows: Range<usize>) -> Encoded<proto::Lease> {
-        let table = self.lease_rows(l);
-        let (rows, next_page_token) = paging::clamp(rows, table.len());
-        let header = proto::Lease {
-            next_page_token,
-            ..convert::lease(l)
-        };
-        Encoded::from_bytes(table.page(&header, LEASE_TENSORS, rows))
+        self.lease_rows(l)
+            .page(rows, LEASE_TENSORS, |next_page_token| proto::Lease {
+                next_page_token,
+                ..convert::lease(l)
+            })
     }
 
     /// GetLeaseTensors: rows `rows` of the lease's table. Blocking.
     pub fn lease_page(&self, l: &Lease, rows: Range<usize>) -> Encoded<proto::LeaseTensorPage> {
-        let table = self.lease_rows(l);
-        let (rows, next_page_token) = paging::clamp(rows, table.len());
-        let header = proto::LeaseTensorPage {
-            tensors: Vec::new(),
-            next_page_token,
-        };
-        Encoded::from_bytes(table.page(&header, PAGE_TENSORS, rows))
+        self.lease_rows(l)
+            .page(rows, PAGE_TENSORS, |next_page_token| {
+                proto::LeaseTensorPage {
+                    tensors: Vec::new(),
+                    next_page_token,
+                }
+            })
     }
 
     /// Leases are granted on READY models only, so their tables are final too.
@@ -208,9 +204,17 @@ impl Rows {
         &self.bytes[start..self.ends[i]]
     }
 
-    /// `header` followed by rows `rows` as elements of its repeated field `field`. Protobuf
+    /// Rows `rows` (clamped to the table) as elements of the repeated field `field` of the
+    /// message `header` makes from the next page's token, after its other fields. Protobuf
     /// decoders merge fields in any order, so the rows may follow every other field.
-    fn page<H: Message>(&self, header: &H, field: u32, rows: Range<usize>) -> Bytes {
+    fn page<H: Message>(
+        &self,
+        rows: Range<usize>,
+        field: u32,
+        header: impl FnOnce(String) -> H,
+    ) -> Encoded<H> {
+        let (rows, next_page_token) = paging::clamp(rows, self.len());
+        let header = header(next_page_token);
         let body: usize = rows
             .clone()
             .map(|i| {
@@ -226,7 +230,7 @@ impl Rows {
             encode_varint(row.len() as u64, &mut out);
             out.put_slice(row);
         }
-        out.freeze()
+        Encoded::from_bytes(out.freeze())
     }
 }
 
@@ -261,8 +265,11 @@ mod tests {
             next_page_token: "30".into(),
             ..Default::default()
         };
-        let page = rows.page(&header, MODEL_TENSORS, 10..30);
-        let got = proto::Model::decode(page).unwrap();
+        let page = rows.page(10..30, MODEL_TENSORS, |next_page_token| proto::Model {
+            next_page_token,
+            ..header.clone()
+        });
+        let got = proto::Model::decode(page.bytes().clone()).unwrap();
         assert_eq!(
             got,
             proto::Model {
@@ -286,14 +293,17 @@ mod tests {
             prefetch_next: vec![3, 1],
             ..Default::default()
         };
-        let got = proto::Lease::decode(rows.page(&header, LEASE_TENSORS, 0..50)).unwrap();
+        let page = rows.page(0..50, LEASE_TENSORS, |_| header.clone());
+        let got = proto::Lease::decode(page.bytes().clone()).unwrap();
         assert_eq!(got.tensors, lease_rows);
         assert_eq!(got.prefetch_next, [3, 1]);
-        let page = proto::LeaseTensorPage {
-            next_page_token: "49".into(),
-            ..Default::default()
-        };
-        let got = proto::LeaseTensorPage::decode(rows.page(&page, PAGE_TENSORS, 40..49)).unwrap();
+        let page = rows.page(40..49, PAGE_TENSORS, |next_page_token| {
+            proto::LeaseTensorPage {
+                tensors: Vec::new(),
+                next_page_token,
+            }
+        });
+        let got = proto::LeaseTensorPage::decode(page.bytes().clone()).unwrap();
         assert_eq!(got.tensors, lease_rows[40..49]);
         assert_eq!(got.next_page_token, "49");
     }

@@ -38,13 +38,6 @@ impl<M> Encoded<M> {
     }
 }
 
-impl<M: Message + Default> Encoded<M> {
-    /// The message itself, for tests and in-process callers.
-    pub fn message(&self) -> Result<M, DecodeError> {
-        M::decode(self.bytes.clone())
-    }
-}
-
 impl<M: Message> From<M> for Encoded<M> {
     fn from(message: M) -> Self {
         Self::new(&message)
@@ -175,7 +168,7 @@ mod tests {
     fn decoding_keeps_every_field() {
         let m = model();
         let e = Encoded::<Model>::decode(m.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(e.message().unwrap(), m);
+        assert_eq!(Model::decode(e.bytes().clone()).unwrap(), m);
     }
 
     #[test]
