@@ -132,17 +132,15 @@ impl std::fmt::Display for Placement {
     }
 }
 
-fn only(cpu: usize) -> rustix::thread::CpuSet {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    set
-}
-
 /// Every thread of process `pid` onto `cpu` (threads it starts later inherit it).
 fn pin_process(pid: u32, cpu: usize) {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid: i32 = task.unwrap().file_name().to_str().unwrap().parse().unwrap();
-        rustix::thread::sched_setaffinity(rustix::process::Pid::from_raw(tid), &only(cpu)).unwrap();
+        rustix::thread::sched_setaffinity(
+            rustix::process::Pid::from_raw(tid),
+            &common::cpu_set(cpu),
+        )
+        .unwrap();
     }
 }
 
@@ -163,7 +161,7 @@ impl Load {
             .enable_all()
             .on_thread_start(move || {
                 if let Some(cpu) = cpu {
-                    rustix::thread::sched_setaffinity(None, &only(cpu)).unwrap();
+                    common::pin_to(cpu);
                 }
             })
             .build()

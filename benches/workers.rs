@@ -120,12 +120,6 @@ async fn rtt(
     (common::pct(&all, 0.5), common::pct(&all, 0.99))
 }
 
-fn pin_to(cpu: usize) {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    rustix::thread::sched_setaffinity(None, &set).unwrap();
-}
-
 /// Round trips of 8 bytes between two threads over a Unix socket pair, blocking reads, with the
 /// two threads on the given CPUs: the floor any request/response over a Unix socket pays on this
 /// machine. Where the scheduler puts a worker and the daemon's thread is its choice, so both
@@ -135,7 +129,7 @@ fn ping_pong(cpus: (usize, usize)) -> (Duration, Duration) {
     use std::io::{Read, Write};
     let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
     let echo = std::thread::spawn(move || {
-        pin_to(cpus.1);
+        common::pin_to(cpus.1);
         let mut buf = [0u8; 8];
         while b.read_exact(&mut buf).is_ok() {
             b.write_all(&buf).unwrap();
@@ -144,7 +138,7 @@ fn ping_pong(cpus: (usize, usize)) -> (Duration, Duration) {
     let mut times = Vec::with_capacity(RTT_CALLS);
     let mut buf = [0u8; 8];
     let caller = std::thread::spawn(move || {
-        pin_to(cpus.0);
+        common::pin_to(cpus.0);
         for _ in 0..RTT_CALLS {
             let t = Instant::now();
             a.write_all(&buf).unwrap();

@@ -80,6 +80,18 @@ pub fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
+/// The set of just `cpu`.
+pub fn cpu_set(cpu: usize) -> rustix::thread::CpuSet {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    set
+}
+
+/// Keeps the calling thread on `cpu`.
+pub fn pin_to(cpu: usize) {
+    rustix::thread::sched_setaffinity(None, &cpu_set(cpu)).unwrap();
+}
+
 /// GetInfo every 5 ms from a thread, runtime and connection of its own (an operator's or a
 /// probe's view) until `stop`, so its latency is the daemon's, not the queue of a saturated
 /// load generator. On `cpu` when given. Returns the latencies, sorted.
@@ -90,9 +102,7 @@ pub fn prober(
 ) -> std::thread::JoinHandle<Vec<Duration>> {
     std::thread::spawn(move || {
         if let Some(cpu) = cpu {
-            let mut set = rustix::thread::CpuSet::new();
-            set.set(cpu);
-            rustix::thread::sched_setaffinity(None, &set).unwrap();
+            pin_to(cpu);
         }
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
