@@ -7,6 +7,17 @@ cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'kill "$pid" ${tls_pid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
 
+# Waits for a daemon's readiness line rather than for time: wait_ready STDOUT STDERR PID NAME.
+wait_ready() {
+  for _ in $(seq 1 600); do
+    grep -q '"event":"ready"' "$1" && return 0
+    kill -0 "$3" 2>/dev/null || { cat "$2" >&2; echo "$4 exited early" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "$4 not ready" >&2
+  exit 1
+}
+
 commands=$(sed -n '/<!-- operator-session:begin/,/<!-- operator-session:end/p' README.md | grep '^grpcurl ')
 [ "$(printf '%s\n' "$commands" | wc -l)" -ge 7 ] || { echo "operator session not found in README.md" >&2; exit 1; }
 
@@ -15,13 +26,7 @@ commands=$(sed -n '/<!-- operator-session:begin/,/<!-- operator-session:end/p' R
 # keep_on_exit=false leaves no pools behind in the default pools.dir for the next run to adopt.
 cargo run --quiet --bin offloadd -- serve --tcp-addr 127.0.0.1:50051 --set pools.keep_on_exit=false >"$work/stdout" 2>"$work/stderr" &
 pid=$!
-# Wait for the readiness line rather than for time.
-for _ in $(seq 1 600); do
-  grep -q '"event":"ready"' "$work/stdout" && break
-  kill -0 "$pid" 2>/dev/null || { cat "$work/stderr" >&2; echo "daemon exited early" >&2; exit 1; }
-  sleep 0.1
-done
-grep -q '"event":"ready"' "$work/stdout" || { echo "daemon not ready" >&2; exit 1; }
+wait_ready "$work/stdout" "$work/stderr" "$pid" daemon
 # Signal the daemon itself, not cargo.
 pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$work/stdout" | head -n 1)
 
@@ -96,11 +101,7 @@ target/debug/offloadd serve --uds-path "$work/tls.sock" --pools-dir "$work/tls-p
   --set "server.tls_cert_file=$tls/server.pem" --set "server.tls_key_file=$tls/server.key" \
   --set "server.tls_client_ca_file=$tls/ca.pem" >"$work/tls.out" 2>"$work/tls.err" &
 tls_pid=$!
-for _ in $(seq 1 600); do
-  grep -q '"event":"ready"' "$work/tls.out" && break
-  kill -0 "$tls_pid" 2>/dev/null || { cat "$work/tls.err" >&2; echo "TLS daemon exited early" >&2; exit 1; }
-  sleep 0.1
-done
+wait_ready "$work/tls.out" "$work/tls.err" "$tls_pid" "TLS daemon"
 addr=$(sed -n 's/.*"tcp":"\([^"]*\)".*/\1/p' "$work/tls.out")
 grpcurl -cacert "$tls/ca.pem" -cert "$tls/client.pem" -key "$tls/client.key" "$addr" offloadd.v1.Offload/GetInfo | grep -q '"id": "cpu"'
 ! grpcurl -cacert "$tls/ca.pem" "$addr" offloadd.v1.Offload/GetInfo >/dev/null 2>&1 || { echo "TLS daemon served a client without a certificate" >&2; exit 1; }
