@@ -5,7 +5,7 @@
 //! goes to the crate, whose error is the one reported, so both always agree on what is valid
 //! (a property test holds them to it).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 
 use safetensors::Dtype;
@@ -22,8 +22,9 @@ struct Info {
     data_offsets: (usize, usize),
 }
 
-/// The header's tensor entries in document order; `None` where the crate might disagree.
-struct Entries(Option<Vec<(String, Info)>>);
+/// The header's tensors in document order, offsets relative to the data section; `None` where
+/// the crate might disagree.
+struct Entries(Option<Vec<ShardTensor>>);
 
 impl<'de> Deserialize<'de> for Entries {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -43,20 +44,48 @@ impl<'de> Visitor<'de> for EntriesVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
         let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
         let mut metadata_seen = false;
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "__metadata__" {
+        // Keeps reading after a refusal, so that JSON the crate would refuse outright is still
+        // refused as JSON rather than judged on its tensors.
+        let mut refused = false;
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
                 // The crate refuses a second one as a duplicate field.
-                if metadata_seen {
-                    return Ok(Entries(None));
-                }
+                refused |= metadata_seen;
                 metadata_seen = true;
                 map.next_value::<Option<HashMap<String, String>>>()?;
-            } else {
-                entries.push((key, map.next_value::<Info>()?));
+                continue;
+            }
+            let info = map.next_value::<Info>()?;
+            // Each entry is built in its final form as it is read: a second pass over 100k
+            // entries cost more than the checks.
+            match tensor(name, info) {
+                Some(t) if !refused => entries.push(t),
+                _ => refused = true,
             }
         }
-        Ok(Entries(Some(entries)))
+        Ok(Entries((!refused).then_some(entries)))
     }
+}
+
+/// An entry whose span is exactly its shape times its dtype size; `file_offset` is relative to
+/// the data section until [`parse`] places it.
+fn tensor(name: String, info: Info) -> Option<ShardTensor> {
+    let (s, e) = info.data_offsets;
+    let bits = info
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))?
+        .checked_mul(info.dtype.bitsize())?;
+    if e < s || bits % 8 != 0 || e - s != bits / 8 {
+        return None;
+    }
+    Some(ShardTensor {
+        name,
+        dtype: info.dtype,
+        shape: info.shape,
+        file_offset: s as u64,
+        len: (e - s) as u64,
+    })
 }
 
 /// The tensors of `json` (the header after its 8-byte length) in file order, when they are
@@ -65,36 +94,24 @@ impl<'de> Visitor<'de> for EntriesVisitor {
 /// asks the crate, for its precise error. `data_start` is where the data section begins.
 pub fn parse(json: &str, data_start: u64) -> Option<(Vec<ShardTensor>, u64)> {
     let Entries(entries) = serde_json::from_str(json).ok()?;
-    let mut entries = entries?;
+    let mut tensors = entries?;
     // The crate keeps the last of duplicate names, which then leaves a gap or not: let it decide.
-    let mut names = HashSet::with_capacity(entries.len());
-    if !entries.iter().all(|(n, _)| names.insert(n.as_str())) {
+    let mut names = foldhash::HashSet::with_capacity_and_hasher(tensors.len(), Default::default());
+    if !tensors.iter().all(|t| names.insert(t.name.as_str())) {
         return None;
     }
     drop(names);
-    entries.sort_by_key(|(_, i)| i.data_offsets);
-    let mut end = 0usize;
-    let mut out = Vec::with_capacity(entries.len());
-    for (name, info) in entries {
-        let (s, e) = info.data_offsets;
-        let bits = info
-            .shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))?
-            .checked_mul(info.dtype.bitsize())?;
-        if s != end || e < s || bits % 8 != 0 || e - s != bits / 8 {
+    // Equal offsets only for empty tensors, which sort by their end as the crate's do.
+    tensors.sort_by_key(|t| (t.file_offset, t.file_offset + t.len));
+    let mut end = 0;
+    for t in &mut tensors {
+        if t.file_offset != end {
             return None;
         }
-        end = e;
-        out.push(ShardTensor {
-            name,
-            dtype: info.dtype,
-            shape: info.shape,
-            file_offset: data_start + s as u64,
-            len: (e - s) as u64,
-        });
+        end += t.len;
+        t.file_offset += data_start;
     }
-    Some((out, end as u64))
+    Some((tensors, end))
 }
 
 #[cfg(test)]
