@@ -4,7 +4,9 @@ use crate::core::Core;
 use crate::core::backend::plan::{Placement, dtype_name};
 use crate::core::backend::{BackendConfig, PrefetchConfig, UvaConfig};
 use crate::core::leases::Lease;
-use crate::core::models::model::{Model, ModelSource, ModelState, Progress, TensorEntry};
+use crate::core::models::model::{
+    Model, ModelSource, ModelState, Progress, TensorEntry, contiguous_strides,
+};
 use crate::core::pin_policy::PinDecision;
 use crate::core::pool::Pool;
 use crate::core::recovery::{JournalOutcome, Report};
@@ -207,7 +209,10 @@ pub fn tensor(t: &TensorEntry) -> proto::TensorInfo {
         name: t.name.clone(),
         dtype: dtype_name(t.dtype),
         shape: t.shape.iter().map(|&d| d as u64).collect(),
-        strides: t.strides.iter().map(|&d| d as u64).collect(),
+        strides: contiguous_strides(&t.shape)
+            .into_iter()
+            .map(|d| d as u64)
+            .collect(),
         offset: t.offset,
         length: t.len,
         layer: t.layer,

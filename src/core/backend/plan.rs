@@ -25,8 +25,8 @@ pub enum Placement {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StaticKey {
     pub name: String,
+    /// vLLM keys by shape and stride too; every tensor is contiguous, so the shape says both.
     pub shape: Vec<usize>,
-    pub strides: Vec<usize>,
     pub dtype: String,
     pub len: u64,
 }
@@ -141,7 +141,6 @@ fn plan_prefetch(cfg: &PrefetchConfig, tensors: &[TensorEntry]) -> Plan {
             let key = StaticKey {
                 name: name_within_layer(&t.name, t.layer.expect("layer tensors only")).to_string(),
                 shape: t.shape.clone(),
-                strides: t.strides.clone(),
                 dtype: dtype_name(t.dtype),
                 len: t.len,
             };
@@ -177,14 +176,12 @@ pub fn dtype_name(d: Dtype) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::models::model::contiguous_strides;
 
     fn t(name: &str, layer: Option<u32>, len: u64) -> TensorEntry {
         let shape = vec![len as usize / 2];
         TensorEntry {
             name: name.into(),
             dtype: Dtype::BF16,
-            strides: contiguous_strides(&shape),
             shape,
             offset: 0,
             len,

@@ -45,9 +45,8 @@ impl Progress {
 pub struct TensorEntry {
     pub name: String,
     pub dtype: Dtype,
+    /// Row-major and contiguous, as safetensors stores it: the strides follow from it.
     pub shape: Vec<usize>,
-    /// Row-major strides in elements.
-    pub strides: Vec<usize>,
     /// Offset of the bytes inside the pool file (256-byte aligned).
     pub offset: u64,
     pub len: u64,

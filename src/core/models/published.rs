@@ -6,7 +6,7 @@ use std::sync::Arc;
 use safetensors::Dtype;
 use tokio::sync::watch;
 
-use super::model::{Model, ModelSource, ModelState, TensorEntry, contiguous_strides};
+use super::model::{Model, ModelSource, ModelState, TensorEntry};
 use super::registry::{Models, NewModel, check_name, new_model};
 use super::{ModelError, layers, loader, state_name};
 use crate::core::backend::BackendConfig;
@@ -56,7 +56,6 @@ impl Models {
             let (dtype, len) = tensor_bytes(t)?;
             tensors.push(TensorEntry {
                 layer: layers::layer_of(&t.name, &self.params.layer_patterns),
-                strides: contiguous_strides(&t.shape),
                 name: t.name.clone(),
                 dtype,
                 shape: t.shape.clone(),

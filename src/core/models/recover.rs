@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use tokio::sync::watch;
 
 use super::header::{header_crc, mtime_ns, open_regular};
-use super::model::{Allocation, Model, ModelSource, ModelState, TensorEntry, contiguous_strides};
+use super::model::{Allocation, Model, ModelSource, ModelState, TensorEntry};
 use super::registry::{Models, NewModel, check_name, new_model};
 use super::{layers, loader};
 use crate::config::VerifyOnAdopt;
@@ -88,7 +88,6 @@ impl Models {
             tensors.push(TensorEntry {
                 // The names decide layers as this start's config says, not as the last one did.
                 layer: layers::layer_of(&t.name, &self.params.layer_patterns),
-                strides: contiguous_strides(&t.shape),
                 name: t.name,
                 dtype: t.dtype,
                 shape: t.shape,

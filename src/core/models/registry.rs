@@ -10,9 +10,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::loader::{self, Chunk, LoadError, LoadJob};
-use super::model::{
-    Allocation, Model, ModelSource, ModelState, Progress, TensorEntry, contiguous_strides,
-};
+use super::model::{Allocation, Model, ModelSource, ModelState, Progress, TensorEntry};
 use super::{ModelError, layers, source};
 use crate::config::validate::is_valid_name;
 use crate::core::alloc::{AllocError, MIN_ALIGN};
@@ -115,7 +113,6 @@ impl Models {
                 spans.push((fi, t.file_offset));
                 tensors.push(TensorEntry {
                     layer: layers::layer_of(&t.name, &self.params.layer_patterns),
-                    strides: contiguous_strides(&t.shape),
                     name: t.name,
                     dtype: t.dtype,
                     shape: t.shape,
