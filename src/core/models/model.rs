@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::core::alloc::Range;
 use crate::core::backend::BackendConfig;
 use crate::core::journal::{
-    FileStamp, Journal, JournalError, ModelRecordOut, SourceRecord, TensorRecordOut,
+    AsTensorRecord, FileStamp, Journal, JournalError, ModelRecordOut, SourceRecord, TensorRecordOut,
 };
 use crate::core::pool::Pool;
 
@@ -165,25 +165,22 @@ impl Model {
             pool: &self.pool().name,
             source: &source,
             backend: backend.as_ref(),
-            tensors: Records(&tensors),
+            tensors: &tensors,
         })
     }
 }
 
-/// A table as the journal's tensor records, each borrowing from its entry.
-struct Records<'a>(&'a [TensorEntry]);
-
-impl serde::Serialize for Records<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|t| TensorRecordOut {
-            name: &t.name,
-            dtype: t.dtype,
-            shape: &t.shape,
-            offset: t.offset,
-            len: t.len,
-            layer: t.layer,
-            crc32c: t.crc32c.unwrap_or_default(),
-        }))
+impl AsTensorRecord for TensorEntry {
+    fn record(&self) -> TensorRecordOut<'_> {
+        TensorRecordOut {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &self.shape,
+            offset: self.offset,
+            len: self.len,
+            layer: self.layer,
+            crc32c: self.crc32c.unwrap_or_default(),
+        }
     }
 }
 
