@@ -40,6 +40,10 @@ async fn verify_in_pool(c: &mut OffloadClient<Channel>, model: &str, tensors: &[
     assert_eq!(m.state(), ModelState::Ready);
     assert_eq!(m.tensor_count as usize, tensors.len());
     assert_eq!(m.loaded_bytes, m.bytes);
+    assert!(
+        m.load_seconds > 0.0,
+        "a model loaded from a checkpoint says how long its bytes took"
+    );
     let p = c
         .get_pool(GetPoolRequest {
             name: m.pool.clone(),
@@ -98,12 +102,19 @@ async fn registers_single_file_sharded_and_directory_checkpoints() {
         ("sharded", root.join("sharded")),
         ("dir", root.join("dir")),
     ] {
+        let asked = std::time::Instant::now();
         let m = c
             .register_model(common::registration(name, "p", &path, true))
             .await
             .unwrap()
             .into_inner();
+        let answered = asked.elapsed().as_secs_f64();
         assert_eq!(m.state(), ModelState::Ready, "{name}");
+        assert!(
+            m.load_seconds > 0.0 && m.load_seconds < answered,
+            "{name}: loaded in {} s, answered in {answered} s",
+            m.load_seconds
+        );
         assert_eq!(m.path, path.canonicalize().unwrap().display().to_string());
         verify_in_pool(&mut c, name, &tensors).await;
     }

@@ -109,6 +109,10 @@ async fn a_200k_tensor_model_is_published_through_a_stream_of_pages() {
         .unwrap()
         .into_inner();
     assert_eq!(sealed.state(), ModelState::Ready);
+    assert_eq!(
+        sealed.load_seconds, 0.0,
+        "a published model is not loaded by the daemon"
+    );
     assert!(d.terminate().await.success());
 }
 

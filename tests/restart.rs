@@ -205,6 +205,10 @@ async fn survives(signal: Signal) {
     assert_eq!(settle(&mut c, "a").await.state(), ModelState::Ready);
     let m = table(&mut c, "a").await;
     assert!(m.adopted);
+    assert_eq!(
+        m.load_seconds, 0.0,
+        "nothing was read from the checkpoint at this start"
+    );
     let e = refused(&mut c, "b").await;
     assert_eq!(e.code(), Code::NotFound, "the partial load is gone");
     // An attach waits for the adopted pool's pin (applied in the background) to settle; then

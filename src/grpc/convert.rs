@@ -260,6 +260,7 @@ fn model_with(m: &Model, table: Option<std::ops::Range<usize>>) -> proto::Model 
         },
         adopted: m.adopted,
         next_page_token: String::new(),
+        load_seconds: p.load_time.map_or(0.0, |t| t.as_secs_f64()),
     }
 }
 

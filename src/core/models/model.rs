@@ -32,6 +32,8 @@ pub struct Progress {
     pub loaded_bytes: u64,
     pub total_bytes: u64,
     pub error: Option<String>,
+    /// How long the bytes took to load, once READY after a load from a checkpoint.
+    pub load_time: Option<std::time::Duration>,
 }
 
 impl Progress {

@@ -212,12 +212,16 @@ impl Models {
                     t.crc32c = Some(crc);
                 }
                 drop(tensors);
-                let secs = start.elapsed().as_secs_f64();
+                let loaded = start.elapsed();
+                let secs = loaded.as_secs_f64();
                 tracing::info!(model = %model.name, bytes = model.bytes, secs, gbps = model.bytes as f64 / secs / 1e9, "model ready");
                 // Recorded before anyone is told READY: a model a client saw READY survives a
                 // crash.
                 self.journal_write(&model);
-                model.progress.send_modify(|p| p.state = ModelState::Ready);
+                model.progress.send_modify(|p| {
+                    p.state = ModelState::Ready;
+                    p.load_time = Some(loaded);
+                });
             }
             Err(e) => {
                 let why = match &e {
@@ -471,6 +475,7 @@ pub(super) fn new_model(m: NewModel) -> Model {
         loaded_bytes: 0,
         total_bytes: m.bytes,
         error: None,
+        load_time: None,
     });
     Model {
         name: m.name,
