@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::backend::BackendConfig;
+use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
+
 use super::models::loader::crc32c;
 
 /// The directory inside `pools.dir`; its prefix keeps it clear of the operator's own files.
@@ -249,14 +251,16 @@ impl Journal {
 
     pub fn write_pools(&self, pools: Vec<PoolRecord>) -> Result<(), JournalError> {
         let body = serde_json::to_vec(&PoolsFile { pools }).expect("pool records serialize");
-        self.write(POOLS_FILE, body)
+        self.write(POOLS_FILE, &[&body])
     }
 
     pub fn write_model<T: AsTensorRecord>(
         &self,
         model: &ModelRecordOut<'_, T>,
     ) -> Result<(), JournalError> {
-        self.write(&model_file(model.name), model_body(model))
+        let parts = model_body(model);
+        let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        self.write(&model_file(model.name), &parts)
     }
 
     pub fn remove_model(&self, name: &str) -> Result<(), JournalError> {
@@ -280,23 +284,30 @@ impl Journal {
         }
     }
 
-    fn write(&self, file: &str, body: Vec<u8>) -> Result<(), JournalError> {
+    /// Writes a body given in consecutive parts, so a big one is never joined in memory.
+    fn write(&self, file: &str, body: &[&[u8]]) -> Result<(), JournalError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| JournalError::Io { path, source }
         };
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let head = format!(
-            "{MAGIC} v{VERSION} crc32c={:08x} len={}\n",
-            crc32c(&body),
-            body.len()
-        );
+        let crc = body
+            .iter()
+            .fold(Digest::new(Crc32Iscsi), |mut d, part| {
+                d.update(part);
+                d
+            })
+            .finalize() as u32;
+        let len: usize = body.iter().map(|p| p.len()).sum();
+        let head = format!("{MAGIC} v{VERSION} crc32c={crc:08x} len={len}\n");
         let tmp = self.dir.join(format!(".tmp-{file}"));
         let dest = self.dir.join(file);
         let written = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(head.as_bytes())?;
-            f.write_all(&body)?;
+            for part in body {
+                f.write_all(part)?;
+            }
             f.sync_all()?;
             std::fs::rename(&tmp, &dest)?;
             File::open(&self.dir)?.sync_all()
@@ -308,38 +319,34 @@ impl Journal {
     }
 }
 
-/// A model record's JSON. The table is most of it (13 MB at 100k tensors, 20 ms on one thread),
-/// so its rows are written in parallel pieces and joined.
-fn model_body<T: AsTensorRecord>(model: &ModelRecordOut<'_, T>) -> Vec<u8> {
+/// A model record's JSON, in consecutive parts. The table is most of it (13 MB at 100k tensors,
+/// 20 ms on one thread), so its rows are written in parallel pieces, which go to the file as
+/// they are.
+fn model_body<T: AsTensorRecord>(model: &ModelRecordOut<'_, T>) -> Vec<Vec<u8>> {
     use rayon::prelude::*;
     const ROWS_PER_PIECE: usize = 8192;
-    let pieces: Vec<Vec<u8>> = model
+    let mut head = serde_json::to_vec(model).expect("model records serialize");
+    // Every field but the table, as an object: reopened to append the table as its last field.
+    assert_eq!(head.pop(), Some(b'}'), "a record serializes as an object");
+    head.extend_from_slice(b",\"tensors\":[");
+    let pieces = model
         .tensors
         .par_chunks(ROWS_PER_PIECE)
-        .map(|rows| {
-            let mut out = Vec::with_capacity(rows.len() * 128);
+        .enumerate()
+        .map(|(k, rows)| {
+            let mut out = Vec::with_capacity(rows.len() * 128 + 1);
             for (i, t) in rows.iter().enumerate() {
-                if i > 0 {
+                if k > 0 || i > 0 {
                     out.push(b',');
                 }
                 serde_json::to_writer(&mut out, &t.record()).expect("tensor records serialize");
             }
             out
-        })
-        .collect();
-    let mut body = serde_json::to_vec(model).expect("model records serialize");
-    // Every field but the table, as an object: reopened to append the table as its last field.
-    assert_eq!(body.pop(), Some(b'}'), "a record serializes as an object");
-    body.reserve(pieces.iter().map(|p| p.len() + 1).sum::<usize>() + 16);
-    body.extend_from_slice(b",\"tensors\":[");
-    for (i, piece) in pieces.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(piece);
-    }
-    body.extend_from_slice(b"]}");
-    body
+        });
+    let mut parts = vec![head];
+    parts.par_extend(pieces);
+    parts.push(b"]}".to_vec());
+    parts
 }
 
 fn model_file(name: &str) -> String {
@@ -466,7 +473,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(
-                String::from_utf8(model_body(&m.out())).unwrap(),
+                String::from_utf8(model_body(&m.out()).concat()).unwrap(),
                 serde_json::to_string(&m).unwrap(),
                 "{n} tensors"
             );
