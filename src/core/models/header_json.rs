@@ -44,26 +44,24 @@ impl<'de> Visitor<'de> for EntriesVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
         let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
         let mut metadata_seen = false;
-        // Keeps reading after a refusal, so that JSON the crate would refuse outright is still
-        // refused as JSON rather than judged on its tensors.
-        let mut refused = false;
         while let Some(name) = map.next_key::<String>()? {
             if name == "__metadata__" {
                 // The crate refuses a second one as a duplicate field.
-                refused |= metadata_seen;
+                if metadata_seen {
+                    return Ok(Entries(None));
+                }
                 metadata_seen = true;
                 map.next_value::<Option<HashMap<String, String>>>()?;
                 continue;
             }
-            let info = map.next_value::<Info>()?;
             // Each entry is built in its final form as it is read: a second pass over 100k
             // entries cost more than the checks.
-            match tensor(name, info) {
-                Some(t) if !refused => entries.push(t),
-                _ => refused = true,
+            match tensor(name, map.next_value::<Info>()?) {
+                Some(t) => entries.push(t),
+                None => return Ok(Entries(None)),
             }
         }
-        Ok(Entries((!refused).then_some(entries)))
+        Ok(Entries(Some(entries)))
     }
 }
 
