@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use crate::device::host::HostRegion;
 
-/// One piece of one tensor.
+/// Bytes of one file and the pool range they go to: a whole tensor, or a piece of one.
 #[derive(Debug, Clone, Copy)]
 pub struct Chunk {
     pub file: usize,
@@ -18,15 +18,17 @@ pub struct Chunk {
     pub len: u64,
 }
 
-/// A load: files, and the chunks of each tensor in order.
+/// A load: files, and where each tensor's bytes are and go.
 pub struct LoadJob<'a> {
     pub files: &'a [File],
     /// Per file, its pages that were cached before the registration read anything (one bit
     /// each): the load drops the others from the page cache behind itself.
     pub cached_at_open: &'a [Option<Vec<u64>>],
     pub region: &'a HostRegion,
-    /// `tensors[i]` is the chunks of tensor i, in byte order.
-    pub tensors: Vec<Vec<Chunk>>,
+    /// `tensors[i]` is tensor i, whole.
+    pub tensors: Vec<Chunk>,
+    /// Tensors are read in pieces of at most this many bytes.
+    pub chunk_bytes: u64,
     pub threads: usize,
     pub cancel: &'a AtomicBool,
     /// Called after each chunk with its length.
@@ -48,22 +50,17 @@ pub enum LoadError {
     },
 }
 
-/// Splits a tensor into chunks of at most `chunk` bytes.
-pub fn chunks(file: usize, file_offset: u64, pool_offset: u64, len: u64, chunk: u64) -> Vec<Chunk> {
-    if len == 0 {
-        return Vec::new();
-    }
-    (0..len.div_ceil(chunk))
-        .map(|i| {
-            let off = i * chunk;
-            Chunk {
-                file,
-                file_offset: file_offset + off,
-                pool_offset: pool_offset + off,
-                len: chunk.min(len - off),
-            }
-        })
-        .collect()
+/// Splits a tensor into pieces of at most `chunk` bytes (none for an empty tensor).
+fn pieces(t: Chunk, chunk: u64) -> impl Iterator<Item = Chunk> {
+    (0..t.len.div_ceil(chunk)).map(move |i| {
+        let off = i * chunk;
+        Chunk {
+            file: t.file,
+            file_offset: t.file_offset + off,
+            pool_offset: t.pool_offset + off,
+            len: chunk.min(t.len - off),
+        }
+    })
 }
 
 /// Tensors at most this large are read in batches: a mixture-of-experts checkpoint has 100k of
@@ -76,8 +73,8 @@ const BATCH_BYTES: u64 = 4 << 20;
 
 /// One unit of a loader thread's work.
 enum Work {
-    /// A piece of a large tensor, read straight into the pool: (tensor, piece index, chunk).
-    Piece(usize, usize, Chunk),
+    /// A piece of a large tensor, read straight into the pool: (its CRC's slot, the piece).
+    Piece(usize, Chunk),
     /// Neighbouring small tensors of one file, contiguous in it.
     Batch(Batch),
 }
@@ -86,31 +83,45 @@ struct Batch {
     file: usize,
     file_offset: u64,
     len: u64,
-    /// (tensor, its chunk): each small tensor is one chunk.
+    /// (its CRC's slot, the tensor): each small tensor is one piece.
     members: Vec<(usize, Chunk)>,
 }
 
-/// Groups the small tensors that follow each other in a file into batches, in file order.
-fn plan(tensors: &[Vec<Chunk>]) -> Vec<Work> {
+/// What a load does, and where each piece's CRC goes: tensor `t`'s pieces have the slots
+/// `first[t]..first[t + 1]`, in byte order. One flat list, because a mixture of experts has
+/// 100k tensors and a list per tensor cost 100k allocations.
+struct Plan {
+    work: Vec<Work>,
+    first: Vec<usize>,
+}
+
+/// Groups the small tensors that follow each other in a file into batches, in file order, and
+/// splits the others into pieces of at most `chunk` bytes.
+fn plan(tensors: &[Chunk], chunk: u64) -> Plan {
     let mut work = Vec::new();
+    let mut first = Vec::with_capacity(tensors.len() + 1);
+    let mut slots = 0;
     let mut batch: Option<Batch> = None;
-    for (t, cs) in tensors.iter().enumerate() {
-        let small = match cs.as_slice() {
-            [c] if c.len <= SMALL_TENSOR => Some(*c),
-            _ => None,
-        };
-        let Some(c) = small else {
+    for &c in tensors {
+        first.push(slots);
+        let slot = slots;
+        slots += c.len.div_ceil(chunk) as usize;
+        if c.len == 0 || c.len > chunk || c.len > SMALL_TENSOR {
             work.extend(batch.take().map(Work::Batch));
-            work.extend(cs.iter().enumerate().map(|(i, c)| Work::Piece(t, i, *c)));
+            work.extend(
+                (slot..)
+                    .zip(pieces(c, chunk))
+                    .map(|(s, p)| Work::Piece(s, p)),
+            );
             continue;
-        };
+        }
         if let Some(b) = &mut batch {
             if b.file == c.file
                 && b.file_offset + b.len == c.file_offset
                 && b.len + c.len <= BATCH_BYTES
             {
                 b.len += c.len;
-                b.members.push((t, c));
+                b.members.push((slot, c));
                 continue;
             }
         }
@@ -119,21 +130,20 @@ fn plan(tensors: &[Vec<Chunk>]) -> Vec<Work> {
             file: c.file,
             file_offset: c.file_offset,
             len: c.len,
-            members: vec![(t, c)],
+            members: vec![(slot, c)],
         });
     }
+    first.push(slots);
     work.extend(batch.map(Work::Batch));
-    work
+    Plan { work, first }
 }
 
 /// Runs the load; returns each tensor's CRC32C.
 pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
-    let work = plan(&job.tensors);
+    let Plan { work, first } = plan(&job.tensors, job.chunk_bytes);
     let cache = job.cached_at_open;
-    let crcs: Vec<Vec<AtomicU32>> = job
-        .tensors
-        .iter()
-        .map(|cs| cs.iter().map(|_| AtomicU32::new(0)).collect())
+    let crcs: Vec<AtomicU32> = (0..*first.last().expect("one more than the tensors"))
+        .map(|_| AtomicU32::new(0))
         .collect();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -157,12 +167,12 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
                             return Ok(());
                         };
                         let (file, file_offset, len) = match w {
-                            Work::Piece(_, _, c) => (c.file, c.file_offset, c.len),
+                            Work::Piece(_, c) => (c.file, c.file_offset, c.len),
                             Work::Batch(b) => (b.file, b.file_offset, b.len),
                         };
                         let done = match w {
-                            Work::Piece(t, ci, c) => read_chunk(job, *c, cache)
-                                .map(|crc| crcs[*t][*ci].store(crc, Ordering::Relaxed)),
+                            Work::Piece(slot, c) => read_chunk(job, *c, cache)
+                                .map(|crc| crcs[*slot].store(crc, Ordering::Relaxed)),
                             Work::Batch(b) => read_batch(job, b, &mut bounce, &crcs, cache),
                         };
                         if let Err(source) = done {
@@ -203,14 +213,13 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
     Ok(job
         .tensors
         .iter()
-        .zip(crcs)
-        .map(|(cs, parts)| {
+        .zip(first.windows(2))
+        .map(|(&t, slots)| {
             // The first piece's CRC is the running CRC already: combining it onto the empty
             // prefix cost a combine per tensor, most of the CPU of a load of small tensors.
-            let mut parts = cs
-                .iter()
-                .zip(parts)
-                .map(|(c, crc)| (c.len, crc.into_inner()));
+            let mut parts = pieces(t, job.chunk_bytes)
+                .zip(&crcs[slots[0]..slots[1]])
+                .map(|(p, crc)| (p.len, crc.load(Ordering::Relaxed)));
             let first = parts.next().map_or(0, |(_, crc)| crc);
             parts.fold(first, |acc, (len, crc)| combine(acc, crc, len))
         })
@@ -223,7 +232,7 @@ fn read_batch(
     job: &LoadJob<'_>,
     b: &Batch,
     bounce: &mut Vec<u8>,
-    crcs: &[Vec<AtomicU32>],
+    crcs: &[AtomicU32],
     cache: &[Option<Vec<u64>>],
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
@@ -259,10 +268,10 @@ fn read_batch(
                     len as usize,
                 )?
             };
-            for &(t, c) in &rest[..run] {
+            for &(slot, c) in &rest[..run] {
                 // SAFETY: as above; this thread has just written the range.
                 let bytes = unsafe { job.region.slice(c.pool_offset as usize, c.len as usize) };
-                crcs[t][0].store(crc32c(bytes), Ordering::Relaxed);
+                crcs[slot].store(crc32c(bytes), Ordering::Relaxed);
             }
             rest = &rest[run..];
         }
@@ -272,13 +281,13 @@ fn read_batch(
     bounce.resize(b.len as usize, 0);
     file.read_exact_at(bounce, b.file_offset)?;
     drop_behind(file, cache[b.file].as_deref(), b.file_offset, b.len);
-    for &(t, c) in &b.members {
+    for &(slot, c) in &b.members {
         let at = (c.file_offset - b.file_offset) as usize;
         let bytes = &bounce[at..at + c.len as usize];
         // SAFETY: the tensor's range was allocated for this load; nothing else touches it
         // until the model is ready, and each batch goes to exactly one loader thread.
         unsafe { job.region.write_at(c.pool_offset as usize, bytes) };
-        crcs[t][0].store(crc32c(bytes), Ordering::Relaxed);
+        crcs[slot].store(crc32c(bytes), Ordering::Relaxed);
     }
     Ok(())
 }
@@ -376,37 +385,46 @@ pub fn checksum(region: &HostRegion, offset: u64, len: u64) -> u32 {
 mod tests {
     use super::*;
 
+    fn tensor(file: usize, file_offset: u64, pool_offset: u64, len: u64) -> Chunk {
+        Chunk {
+            file,
+            file_offset,
+            pool_offset,
+            len,
+        }
+    }
+
     #[test]
-    fn chunks_cover_the_tensor_exactly() {
-        let cs = chunks(0, 100, 4096, 10, 4);
+    fn pieces_cover_the_tensor_exactly() {
+        let cs: Vec<Chunk> = pieces(tensor(0, 100, 4096, 10), 4).collect();
         assert_eq!(cs.iter().map(|c| c.len).collect::<Vec<_>>(), vec![4, 4, 2]);
         assert_eq!(cs[2].file_offset, 108);
         assert_eq!(cs[2].pool_offset, 4104);
-        assert!(chunks(0, 0, 0, 0, 4).is_empty());
+        assert_eq!(pieces(tensor(0, 0, 0, 0), 4).count(), 0);
     }
 
     #[test]
     fn small_neighbours_are_batched_and_large_tensors_are_not() {
-        let small = |file, off, len| {
-            vec![Chunk {
-                file,
-                file_offset: off,
-                pool_offset: off * 2,
-                len,
-            }]
-        };
+        let small = |file, off, len| tensor(file, off, off * 2, len);
         let tensors = vec![
             small(0, 0, 100),
             small(0, 100, 28),
-            chunks(0, 128, 4096, 3 << 20, 1 << 20),
+            tensor(0, 128, 4096, 3 << 20),
             small(0, (3 << 20) + 128, 8),
+            small(0, (3 << 20) + 136, 0), // empty: nothing to read, and no slot
             small(1, 0, 8),
             small(1, 16, 8), // a gap in the file: a new batch
         ];
-        let shape: Vec<String> = plan(&tensors)
+        let Plan { work, first } = plan(&tensors, 1 << 20);
+        assert_eq!(
+            first,
+            [0, 1, 2, 5, 6, 6, 7, 8],
+            "a slot per piece, in tensor order"
+        );
+        let shape: Vec<String> = work
             .iter()
             .map(|w| match w {
-                Work::Piece(t, i, _) => format!("p{t}.{i}"),
+                Work::Piece(slot, c) => format!("p{slot}@{}", c.file_offset),
                 Work::Batch(b) => format!(
                     "b{}:{}+{}",
                     b.members
@@ -423,12 +441,12 @@ mod tests {
             shape,
             [
                 "b0,1:0+128",
-                "p2.0",
-                "p2.1",
-                "p2.2",
-                "b3:3145856+8",
-                "b4:0+8",
-                "b5:16+8"
+                "p2@128",
+                "p3@1048704",
+                "p4@2097280",
+                "b5:3145856+8",
+                "b6:0+8",
+                "b7:16+8"
             ]
         );
     }

@@ -53,7 +53,7 @@ pub struct PendingLoad {
     cached_at_open: Vec<Option<Vec<u64>>>,
     /// The shard path of each file, to name the one that fails.
     paths: Vec<std::path::PathBuf>,
-    chunks: Vec<Vec<Chunk>>,
+    chunks: Vec<Chunk>,
     done: watch::Sender<bool>,
 }
 
@@ -124,15 +124,14 @@ impl Models {
         }
         let alloc = self.allocate(&pool, &req.name, &tensors)?;
         let mut chunks = Vec::with_capacity(tensors.len());
-        for ((t, range), (fi, file_offset)) in tensors.iter_mut().zip(&alloc.ranges).zip(spans) {
+        for ((t, range), (file, file_offset)) in tensors.iter_mut().zip(&alloc.ranges).zip(spans) {
             t.offset = range.offset;
-            chunks.push(loader::chunks(
-                fi,
+            chunks.push(Chunk {
+                file,
                 file_offset,
-                range.offset,
-                t.len,
-                self.params.chunk_bytes,
-            ));
+                pool_offset: range.offset,
+                len: t.len,
+            });
         }
         let bytes = tensors.iter().map(|t| t.len).sum();
         let (done, load_done) = watch::channel(false);
@@ -199,6 +198,7 @@ impl Models {
             cached_at_open: &cached_at_open,
             region: model.pool().region(),
             tensors: chunks,
+            chunk_bytes: self.params.chunk_bytes,
             threads,
             cancel: &model.cancel,
             on_progress: &progress,
