@@ -11,13 +11,12 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::backend::BackendConfig;
-use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
-
 use super::models::loader::crc32c;
 
 /// The directory inside `pools.dir`; its prefix keeps it clear of the operator's own files.
