@@ -50,6 +50,7 @@ def test_every_rpc_round_trips(client: offloadd.Client, tmp_path: Path):
                               backend=offloadd.prefetch(1, 1, 2), progress=lambda u: seen.append(u.state))
     assert m.state == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
     assert seen[-1] == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
+    assert m.load_seconds > 0, "a model loaded from a checkpoint says how long its bytes took"
     assert [x.name for x in client.list_models()] == ["tiny"]
     full = client.get_model("tiny", include_tensors=True)
     assert {t.layer for t in full.tensors if t.HasField("layer")} == set(range(LAYERS))
