@@ -57,15 +57,17 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
         prefetch_step: 1,
         params: vec![],
     };
-    c.register_model(RegisterModelRequest {
-        name: "m".into(),
-        pool: "p".into(),
-        path: root.join("m.safetensors").display().to_string(),
-        wait: true,
-        backend: Some(pf.into()),
-    })
-    .await
-    .unwrap();
+    let registered = c
+        .register_model(RegisterModelRequest {
+            name: "m".into(),
+            pool: "p".into(),
+            path: root.join("m.safetensors").display().to_string(),
+            wait: true,
+            backend: Some(pf.into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let lease = c
         .attach_worker(AttachWorkerRequest {
             model: "m".into(),
@@ -139,6 +141,11 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
             r#"offloadd_model_load_progress_ratio{model="m",pool="p"}"#
         ),
         1.0
+    );
+    assert_eq!(
+        sample(&body, r#"offloadd_model_load_seconds{model="m",pool="p"}"#),
+        registered.load_seconds,
+        "the load's duration, as GetModel says it"
     );
     assert_eq!(sample(&body, "offloadd_leases_active "), 1.0);
     assert_eq!(

@@ -80,6 +80,7 @@ pub struct Metrics {
     model_bytes: Family<ModelLabels, Gauge>,
     model_loaded_bytes: Family<ModelLabels, Gauge>,
     model_load_progress: Family<ModelLabels, GaugeF>,
+    model_load_seconds: Family<ModelLabels, GaugeF>,
     leases_active: Gauge,
     pools_committed: Gauge,
     pools_budget: Gauge,
@@ -123,6 +124,7 @@ impl Metrics {
             model_bytes: Family::default(),
             model_loaded_bytes: Family::default(),
             model_load_progress: Family::default(),
+            model_load_seconds: Family::default(),
             leases_active: Gauge::default(),
             pools_committed: Gauge::default(),
             pools_budget: Gauge::default(),
@@ -206,6 +208,11 @@ impl Metrics {
             "model_load_progress_ratio",
             "Fraction of a model's bytes loaded",
             m.model_load_progress.clone(),
+        );
+        r.register(
+            "model_load_seconds",
+            "How long a READY model's bytes took to read from its checkpoint and checksum",
+            m.model_load_seconds.clone(),
         );
         r.register(
             "leases_active",
@@ -303,6 +310,7 @@ impl Metrics {
         self.model_bytes.clear();
         self.model_loaded_bytes.clear();
         self.model_load_progress.clear();
+        self.model_load_seconds.clear();
         for m in core.models.list() {
             let l = ModelLabels {
                 model: m.name.clone(),
@@ -326,6 +334,11 @@ impl Metrics {
                 p.loaded_bytes as f64 / p.total_bytes as f64
             };
             self.model_load_progress.get_or_create(&l).set(ratio);
+            if let Some(t) = p.load_time {
+                self.model_load_seconds
+                    .get_or_create(&l)
+                    .set(t.as_secs_f64());
+            }
         }
         self.leases_active.set(core.leases.count() as i64);
         self.fast_connections
