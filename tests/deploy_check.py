@@ -55,12 +55,22 @@ def check_env(where, name, value):
 
 
 def main():
+    # The rendered files outlive their `with` blocks (a subprocess reads them); they go with it.
+    with tempfile.TemporaryDirectory() as scratch:
+        checks(scratch)
+    failed = results.count(False)
+    print(f"deploy checks: {len(results) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+def checks(scratch):
     for path, doc in resources():
         rel = os.path.relpath(path, ROOT)
         if doc["kind"] == "ConfigMap" and "offloadd.toml" in doc.get("data", {}):
-            with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            toml_path = os.path.join(scratch, "offloadd.toml")
+            with open(toml_path, "w") as f:
                 f.write(doc["data"]["offloadd.toml"])
-            r = run(["config", "check", f.name])
+            r = run(["config", "check", toml_path])
             check(f"{rel}: offloadd.toml passes offloadd config check", r.returncode == 0, r.stderr.strip())
         for c in containers(doc):
             for e in c.get("env", []):
@@ -106,14 +116,11 @@ def main():
             check_env(f"gh200 [{c['name']}]", n, v)
     off = next(c for c in containers(rendered) if c["name"] == "offloadd")
     check("gh200: offloadd no longer asks for IPC_LOCK", "add" not in off["securityContext"]["capabilities"])
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+    rendered_path = os.path.join(scratch, "gh200-deployment.yaml")
+    with open(rendered_path, "w") as f:
         yaml.safe_dump(rendered, f)
-    r = subprocess.run(["kubernetes-validate", "--strict", "--quiet", f.name], capture_output=True, text=True)
+    r = subprocess.run(["kubernetes-validate", "--strict", "--quiet", rendered_path], capture_output=True, text=True)
     check("gh200: rendered Deployment validates", r.returncode == 0, r.stdout + r.stderr)
-
-    failed = results.count(False)
-    print(f"deploy checks: {len(results) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
