@@ -180,7 +180,6 @@ impl AsTensorRecord for TensorEntry {
             shape: &self.shape,
             offset: self.offset,
             len: self.len,
-            layer: self.layer,
             crc32c: self.crc32c.unwrap_or_default(),
         }
     }

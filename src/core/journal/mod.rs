@@ -4,29 +4,39 @@
 //!
 //! One file for the pools and one per READY model, so that finishing a load writes only that
 //! model's table. Each file is framed as `offloadd-journal v<N> crc32c=<hex> len=<bytes>\n`
-//! followed by a JSON body, and is replaced atomically (write, fsync, rename, fsync the
+//! followed by its body: JSON for the pools (v1), a JSON line and a packed table for a model
+//! (v2, see [`model`]). Each is replaced atomically (write, fsync, rename, fsync the
 //! directory). Nothing on the attach or onload path writes it.
+
+mod model;
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
-use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::backend::BackendConfig;
+pub use self::model::{
+    AsTensorRecord, FileStamp, ModelRecord, ModelRecordOut, SourceRecord, TensorRecord,
+    TensorRecordOut,
+};
 use super::models::loader::crc32c;
 
 /// The directory inside `pools.dir`; its prefix keeps it clear of the operator's own files.
 pub const JOURNAL_DIR: &str = "offloadd-journal";
-/// The format this binary writes and reads. A newer or older one is refused by name.
-pub const VERSION: u32 = 1;
+/// The formats this binary writes and reads, one per kind of file: a newer or older one is
+/// refused by name. A model written in another format is dropped alone; its pool stays.
+const POOLS_VERSION: u32 = 1;
+const MODEL_VERSION: u32 = 2;
 const MAGIC: &str = "offloadd-journal";
 const POOLS_FILE: &str = "pools.json";
 const MODEL_PREFIX: &str = "model-";
-const SUFFIX: &str = ".json";
+const MODEL_SUFFIX: &str = ".journal";
+/// How v1 named model files (JSON through and through): still listed, so that one left by an
+/// older offloadd is reported and removed rather than kept forever.
+const MODEL_SUFFIX_V1: &str = ".json";
 
 #[derive(Debug, Error)]
 pub enum JournalError {
@@ -38,9 +48,13 @@ pub enum JournalError {
     #[error("{path}: not an offloadd journal file (no `{MAGIC} v<N>` header line)")]
     NotJournal { path: PathBuf },
     #[error(
-        "{path}: journal format v{found}, this offloadd reads v{VERSION}; the pools it describes are discarded and rebuilt"
+        "{path}: journal format v{found}, this offloadd reads v{want}; what it describes is discarded and rebuilt"
     )]
-    Version { path: PathBuf, found: u32 },
+    Version {
+        path: PathBuf,
+        found: u32,
+        want: u32,
+    },
     #[error("{path}: truncated: the header promises {want} bytes, the file has {got}")]
     Truncated { path: PathBuf, want: u64, got: u64 },
     #[error(
@@ -89,112 +103,6 @@ struct PoolsFile {
     pools: Vec<PoolRecord>,
 }
 
-/// What a checkpoint shard looked like when it was loaded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileStamp {
-    pub path: PathBuf,
-    pub size: u64,
-    pub mtime_ns: i64,
-    /// CRC32C of the safetensors header (length prefix included): catches a rewrite that kept
-    /// the size and the modification time.
-    pub header_crc32c: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
-pub enum SourceRecord {
-    Checkpoint {
-        path: PathBuf,
-        files: Vec<FileStamp>,
-    },
-    Published,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TensorRecord {
-    pub name: String,
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub offset: u64,
-    pub len: u64,
-    pub layer: Option<u32>,
-    pub crc32c: u32,
-}
-
-/// A READY model: where its bytes are and what they must checksum to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelRecord {
-    pub name: String,
-    pub pool: String,
-    pub source: SourceRecord,
-    pub backend: Option<BackendConfig>,
-    pub tensors: Vec<TensorRecord>,
-}
-
-/// What [`Journal::write_model`] writes: a [`ModelRecord`] that borrows its parts, so journaling
-/// a 100k-tensor model copies none of its table. Written exactly as the record serializes.
-#[derive(Debug, Serialize)]
-pub struct ModelRecordOut<'a, T: AsTensorRecord> {
-    pub name: &'a str,
-    pub pool: &'a str,
-    pub source: &'a SourceRecord,
-    pub backend: Option<&'a BackendConfig>,
-    /// Written last, by [`Journal::write_model`], in parallel.
-    #[serde(skip)]
-    pub tensors: &'a [T],
-}
-
-/// A table row the journal can write: the daemon's own table entry (and, in tests, a
-/// [`TensorRecord`]).
-pub trait AsTensorRecord: Sync {
-    fn record(&self) -> TensorRecordOut<'_>;
-}
-
-/// Only the tests write records they read back: the daemon writes from its own table.
-#[cfg(test)]
-impl AsTensorRecord for TensorRecord {
-    fn record(&self) -> TensorRecordOut<'_> {
-        TensorRecordOut {
-            name: &self.name,
-            dtype: self.dtype,
-            shape: &self.shape,
-            offset: self.offset,
-            len: self.len,
-            layer: self.layer,
-            crc32c: self.crc32c,
-        }
-    }
-}
-
-/// A [`TensorRecord`] that borrows its name and shape.
-#[derive(Debug, Serialize)]
-pub struct TensorRecordOut<'a> {
-    pub name: &'a str,
-    pub dtype: Dtype,
-    pub shape: &'a [usize],
-    pub offset: u64,
-    pub len: u64,
-    pub layer: Option<u32>,
-    pub crc32c: u32,
-}
-
-#[cfg(test)]
-impl ModelRecord {
-    /// This record, to write.
-    pub fn out(&self) -> ModelRecordOut<'_, TensorRecord> {
-        ModelRecordOut {
-            name: &self.name,
-            pool: &self.pool,
-            source: &self.source,
-            backend: self.backend.as_ref(),
-            tensors: &self.tensors,
-        }
-    }
-}
-
 /// What a start found in the journal.
 #[derive(Debug, Default)]
 pub struct Contents {
@@ -224,7 +132,7 @@ impl Journal {
     /// nothing). An unreadable pools file fails the whole journal, since every model refers to it.
     pub fn read(&self) -> Result<Option<Contents>, JournalError> {
         let pools_path = self.dir.join(POOLS_FILE);
-        let pools: PoolsFile = match read_framed(&pools_path)? {
+        let pools: PoolsFile = match read_framed(&pools_path, POOLS_VERSION)? {
             Some(body) => parse(&pools_path, &body)?,
             None => return Ok(None),
         };
@@ -238,11 +146,15 @@ impl Journal {
         })?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !(name.starts_with(MODEL_PREFIX) && name.ends_with(SUFFIX)) {
+            if !(name.starts_with(MODEL_PREFIX)
+                && (name.ends_with(MODEL_SUFFIX) || name.ends_with(MODEL_SUFFIX_V1)))
+            {
                 continue;
             }
             let path = entry.path();
-            match read_framed(&path).and_then(|body| body.map(|b| parse(&path, &b)).transpose()) {
+            let read = read_framed(&path, MODEL_VERSION)
+                .and_then(|body| body.map(|b| model::decode(&path, &b)).transpose());
+            match read {
                 Ok(Some(m)) => out.models.push(m),
                 Ok(None) => {} // removed since the listing
                 Err(e) => out.bad_models.push(e),
@@ -254,16 +166,16 @@ impl Journal {
 
     pub fn write_pools(&self, pools: Vec<PoolRecord>) -> Result<(), JournalError> {
         let body = serde_json::to_vec(&PoolsFile { pools }).expect("pool records serialize");
-        self.write(POOLS_FILE, &[&body])
+        self.write(POOLS_FILE, POOLS_VERSION, &[&body])
     }
 
     pub fn write_model<T: AsTensorRecord>(
         &self,
         model: &ModelRecordOut<'_, T>,
     ) -> Result<(), JournalError> {
-        let parts = model_body(model);
+        let parts = model::encode(model);
         let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-        self.write(&model_file(model.name), &parts)
+        self.write(&model_file(model.name), MODEL_VERSION, &parts)
     }
 
     pub fn remove_model(&self, name: &str) -> Result<(), JournalError> {
@@ -288,7 +200,7 @@ impl Journal {
     }
 
     /// Writes a body given in consecutive parts, so a big one is never joined in memory.
-    fn write(&self, file: &str, body: &[&[u8]]) -> Result<(), JournalError> {
+    fn write(&self, file: &str, version: u32, body: &[&[u8]]) -> Result<(), JournalError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| JournalError::Io { path, source }
@@ -302,7 +214,7 @@ impl Journal {
             })
             .finalize() as u32;
         let len: usize = body.iter().map(|p| p.len()).sum();
-        let head = format!("{MAGIC} v{VERSION} crc32c={crc:08x} len={len}\n");
+        let head = format!("{MAGIC} v{version} crc32c={crc:08x} len={len}\n");
         let tmp = self.dir.join(format!(".tmp-{file}"));
         let dest = self.dir.join(file);
         let written = (|| {
@@ -322,39 +234,9 @@ impl Journal {
     }
 }
 
-/// A model record's JSON, in consecutive parts. The table is most of it (13 MB at 100k tensors,
-/// 20 ms on one thread), so its rows are written in parallel pieces, which go to the file as
-/// they are.
-fn model_body<T: AsTensorRecord>(model: &ModelRecordOut<'_, T>) -> Vec<Vec<u8>> {
-    use rayon::prelude::*;
-    const ROWS_PER_PIECE: usize = 8192;
-    let mut head = serde_json::to_vec(model).expect("model records serialize");
-    // Every field but the table, as an object: reopened to append the table as its last field.
-    assert_eq!(head.pop(), Some(b'}'), "a record serializes as an object");
-    head.extend_from_slice(b",\"tensors\":[");
-    let pieces = model
-        .tensors
-        .par_chunks(ROWS_PER_PIECE)
-        .enumerate()
-        .map(|(k, rows)| {
-            let mut out = Vec::with_capacity(rows.len() * 128 + 1);
-            for (i, t) in rows.iter().enumerate() {
-                if k > 0 || i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut out, &t.record()).expect("tensor records serialize");
-            }
-            out
-        });
-    let mut parts = vec![head];
-    parts.par_extend(pieces);
-    parts.push(b"]}".to_vec());
-    parts
-}
-
 fn model_file(name: &str) -> String {
     // Model names are [A-Za-z0-9._-] and never start with '.', so they are safe file names.
-    format!("{MODEL_PREFIX}{name}{SUFFIX}")
+    format!("{MODEL_PREFIX}{name}{MODEL_SUFFIX}")
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(path: &Path, body: &[u8]) -> Result<T, JournalError> {
@@ -364,9 +246,10 @@ fn parse<T: for<'de> Deserialize<'de>>(path: &Path, body: &[u8]) -> Result<T, Jo
     })
 }
 
-/// The body of a framed file, checked against its header; `None` when the file does not exist.
-fn read_framed(path: &Path) -> Result<Option<Vec<u8>>, JournalError> {
-    let raw = match std::fs::read(path) {
+/// The body of a framed file in format `want`, checked against its header; `None` when the file
+/// does not exist.
+fn read_framed(path: &Path, want: u32) -> Result<Option<Vec<u8>>, JournalError> {
+    let mut raw = match std::fs::read(path) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
@@ -393,10 +276,11 @@ fn read_framed(path: &Path) -> Result<Option<Vec<u8>>, JournalError> {
         .and_then(|v| v.strip_prefix('v'))
         .and_then(|v| v.parse().ok())
         .ok_or_else(not_journal)?;
-    if found != VERSION {
+    if found != want {
         return Err(JournalError::Version {
             path: path.to_path_buf(),
             found,
+            want,
         });
     }
     let field = |w: Option<&str>, key: &str| w.and_then(|w| w.strip_prefix(key)).map(str::to_owned);
@@ -422,12 +306,16 @@ fn read_framed(path: &Path) -> Result<Option<Vec<u8>>, JournalError> {
             got,
         });
     }
-    Ok(Some(body.to_vec()))
+    // The body stays in the buffer it was read into: a copy of a big table cost more (in page
+    // faults on the new buffer) than moving it down over the frame's line.
+    raw.drain(..=nl);
+    Ok(Some(raw))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::Dtype;
 
     fn model(name: &str) -> ModelRecord {
         ModelRecord {
@@ -441,7 +329,6 @@ mod tests {
                 shape: vec![2, 3],
                 offset: 256,
                 len: 12,
-                layer: Some(0),
                 crc32c: 7,
             }],
         }
@@ -455,31 +342,6 @@ mod tests {
             ino: 42,
             pinned: false,
             max_lease_ttl_ms: 0,
-        }
-    }
-
-    #[test]
-    fn a_model_is_written_as_its_record_serializes_whatever_the_number_of_pieces() {
-        for n in [0, 1, 8191, 8192, 8193, 20_000] {
-            let mut m = model("big");
-            m.backend = Some(BackendConfig::Uva(super::super::backend::UvaConfig {
-                cpu_offload_bytes: 1,
-                params: vec!["lm_head".into()],
-            }));
-            let row = m.tensors[0].clone();
-            m.tensors = (0..n)
-                .map(|i| TensorRecord {
-                    name: format!("model.layers.{i}.\"w\""),
-                    offset: 256 * i as u64,
-                    crc32c: i as u32,
-                    ..row.clone()
-                })
-                .collect();
-            assert_eq!(
-                String::from_utf8(model_body(&m.out()).concat()).unwrap(),
-                serde_json::to_string(&m).unwrap(),
-                "{n} tensors"
-            );
         }
     }
 
@@ -523,7 +385,14 @@ mod tests {
             .replacen(" v1 ", " v7 ", 1);
         std::fs::write(&path, newer).unwrap();
         let err = j.read().unwrap_err();
-        assert!(matches!(err, JournalError::Version { found: 7, .. }));
+        assert!(matches!(
+            err,
+            JournalError::Version {
+                found: 7,
+                want: 1,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("v7"), "{err}");
 
         std::fs::write(&path, b"{}").unwrap();
@@ -541,5 +410,33 @@ mod tests {
         let got = j.read().unwrap().unwrap();
         assert_eq!(got.models, vec![model("b")]);
         assert_eq!(got.bad_models.len(), 1);
+    }
+
+    /// What an older offloadd left: reported by name and version, the other models kept.
+    #[test]
+    fn a_model_file_in_the_json_format_of_v1_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        j.write_pools(vec![pool()]).unwrap();
+        j.write_model(&model("b").out()).unwrap();
+        let body =
+            br#"{"name":"a","pool":"p","source":{"kind":"published"},"backend":null,"tensors":[]}"#;
+        let v1 = format!(
+            "offloadd-journal v1 crc32c={:08x} len={}\n",
+            crc32c(body),
+            body.len()
+        );
+        std::fs::write(j.dir().join("model-a.json"), [v1.as_bytes(), body].concat()).unwrap();
+        let got = j.read().unwrap().unwrap();
+        assert_eq!(got.models, vec![model("b")]);
+        let [err] = &got.bad_models[..] else {
+            panic!("{:?}", got.bad_models)
+        };
+        assert!(err.path().ends_with("model-a.json"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("journal format v1, this offloadd reads v2"),
+            "{err}"
+        );
     }
 }

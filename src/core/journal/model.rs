@@ -1,0 +1,356 @@
+//! A READY model's journal file, format v2: the record as one line of JSON, then its tensor
+//! table packed with postcard, in pieces of a fixed number of rows that are written and read on
+//! every core.
+//!
+//! The table is nearly all of the file. As JSON (v1) it was 13 MB at 100k tensors; writing it
+//! took about 20 ms of every such registration, and reading it back 60 ms of the next start,
+//! longer than loading the checkpoint again. The JSON line keeps what an operator may want to
+//! read (`head -c 1000`): the model, its pool, its source files and its backend.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::JournalError;
+use crate::core::backend::BackendConfig;
+
+/// What a checkpoint shard looked like when it was loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStamp {
+    pub path: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// CRC32C of the safetensors header (length prefix included): catches a rewrite that kept
+    /// the size and the modification time.
+    pub header_crc32c: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum SourceRecord {
+    Checkpoint {
+        path: PathBuf,
+        files: Vec<FileStamp>,
+    },
+    Published,
+}
+
+/// A row of the table. The layer is not kept: the next start derives it from the name, as its
+/// own config says.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TensorRecord {
+    pub name: String,
+    #[serde(deserialize_with = "dtype_from_name")]
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub offset: u64,
+    pub len: u64,
+    pub crc32c: u32,
+}
+
+/// A READY model: where its bytes are and what they must checksum to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRecord {
+    pub name: String,
+    pub pool: String,
+    pub source: SourceRecord,
+    pub backend: Option<BackendConfig>,
+    pub tensors: Vec<TensorRecord>,
+}
+
+/// What [`super::Journal::write_model`] writes: a [`ModelRecord`] that borrows its parts, so
+/// journaling a 100k-tensor model copies none of its table.
+#[derive(Debug)]
+pub struct ModelRecordOut<'a, T: AsTensorRecord> {
+    pub name: &'a str,
+    pub pool: &'a str,
+    pub source: &'a SourceRecord,
+    pub backend: Option<&'a BackendConfig>,
+    pub tensors: &'a [T],
+}
+
+/// A table row the journal can write: the daemon's own table entry (and, in tests, a
+/// [`TensorRecord`]).
+pub trait AsTensorRecord: Sync {
+    fn record(&self) -> TensorRecordOut<'_>;
+}
+
+/// A [`TensorRecord`] that borrows its name and shape.
+#[derive(Debug, Serialize)]
+pub struct TensorRecordOut<'a> {
+    pub name: &'a str,
+    #[serde(serialize_with = "dtype_name")]
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub offset: u64,
+    pub len: u64,
+    pub crc32c: u32,
+}
+
+/// Rows per piece of the table; the last piece has the rest.
+const ROWS_PER_PIECE: usize = 8192;
+
+/// The JSON line, as written.
+#[derive(Serialize)]
+struct HeadOut<'a> {
+    name: &'a str,
+    pool: &'a str,
+    source: &'a SourceRecord,
+    backend: Option<&'a BackendConfig>,
+    /// Rows that follow the line.
+    tensors: usize,
+    rows_per_piece: usize,
+    /// Bytes of each piece, in order.
+    pieces: Vec<usize>,
+}
+
+/// The JSON line, as read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeadIn {
+    name: String,
+    pool: String,
+    source: SourceRecord,
+    backend: Option<BackendConfig>,
+    tensors: usize,
+    rows_per_piece: usize,
+    pieces: Vec<usize>,
+}
+
+/// Only the tests write records they read back: the daemon writes from its own table.
+#[cfg(test)]
+impl AsTensorRecord for TensorRecord {
+    fn record(&self) -> TensorRecordOut<'_> {
+        TensorRecordOut {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &self.shape,
+            offset: self.offset,
+            len: self.len,
+            crc32c: self.crc32c,
+        }
+    }
+}
+
+#[cfg(test)]
+impl ModelRecord {
+    /// This record, to write.
+    pub fn out(&self) -> ModelRecordOut<'_, TensorRecord> {
+        ModelRecordOut {
+            name: &self.name,
+            pool: &self.pool,
+            source: &self.source,
+            backend: self.backend.as_ref(),
+            tensors: &self.tensors,
+        }
+    }
+}
+
+/// The file's body in consecutive parts: the JSON line, then each piece of the table.
+pub(super) fn encode<T: AsTensorRecord>(m: &ModelRecordOut<'_, T>) -> Vec<Vec<u8>> {
+    let pieces: Vec<Vec<u8>> = m
+        .tensors
+        .par_chunks(ROWS_PER_PIECE)
+        .map(|rows| {
+            rows.iter()
+                .fold(Vec::with_capacity(rows.len() * 64), |out, t| {
+                    postcard::to_extend(&t.record(), out).expect("tensor records serialize")
+                })
+        })
+        .collect();
+    let mut head = serde_json::to_vec(&HeadOut {
+        name: m.name,
+        pool: m.pool,
+        source: m.source,
+        backend: m.backend,
+        tensors: m.tensors.len(),
+        rows_per_piece: ROWS_PER_PIECE,
+        pieces: pieces.iter().map(Vec::len).collect(),
+    })
+    .expect("model records serialize");
+    // Compact JSON escapes every newline inside its strings, so this one ends the line.
+    head.push(b'\n');
+    let mut parts = Vec::with_capacity(pieces.len() + 1);
+    parts.push(head);
+    parts.extend(pieces);
+    parts
+}
+
+/// The record in a body that [`encode`] wrote (and whose checksum held).
+pub(super) fn decode(path: &Path, body: &[u8]) -> Result<ModelRecord, JournalError> {
+    let bad = |why: String| JournalError::Parse {
+        path: path.to_path_buf(),
+        why,
+    };
+    let nl = body
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| bad("no record line before the table".into()))?;
+    let head: HeadIn = serde_json::from_slice(&body[..nl]).map_err(|e| bad(e.to_string()))?;
+    let table = &body[nl + 1..];
+    let per = head.rows_per_piece;
+    if per == 0 || head.pieces.len() != head.tensors.div_ceil(per) {
+        return Err(bad(format!(
+            "{} pieces of {per} rows cannot hold its {} tensors",
+            head.pieces.len(),
+            head.tensors
+        )));
+    }
+    if head
+        .pieces
+        .iter()
+        .try_fold(0usize, |a, &n| a.checked_add(n))
+        != Some(table.len())
+    {
+        return Err(bad(format!(
+            "the pieces do not add up to the table's {} bytes",
+            table.len()
+        )));
+    }
+    let mut starts = Vec::with_capacity(head.pieces.len());
+    head.pieces.iter().fold(0, |at, &n| {
+        starts.push(at..at + n);
+        at + n
+    });
+    let mut tensors = Vec::with_capacity(head.tensors);
+    for (k, span) in starts.into_iter().enumerate() {
+        let rows = per.min(head.tensors - k * per);
+        decode_piece(&table[span], rows, &mut tensors)
+            .map_err(|why| bad(format!("piece {k}: {why}")))?;
+    }
+    Ok(ModelRecord {
+        name: head.name,
+        pool: head.pool,
+        source: head.source,
+        backend: head.backend,
+        tensors,
+    })
+}
+
+/// Exactly `rows` rows, and nothing after them, onto `out`.
+fn decode_piece(mut bytes: &[u8], rows: usize, out: &mut Vec<TensorRecord>) -> Result<(), String> {
+    for i in 0..rows {
+        let (t, rest) = postcard::take_from_bytes::<TensorRecord>(bytes)
+            .map_err(|e| format!("row {i} of {rows}: {e}"))?;
+        out.push(t);
+        bytes = rest;
+    }
+    if !bytes.is_empty() {
+        return Err(format!("{} bytes after its {rows} rows", bytes.len()));
+    }
+    Ok(())
+}
+
+/// By name, as safetensors headers spell it: a variant's index would change meaning if the
+/// crate ever reordered its enum between the run that wrote the file and the one that reads it.
+fn dtype_name<S: Serializer>(d: &Dtype, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(d)
+}
+
+fn dtype_from_name<'de, D: Deserializer<'de>>(d: D) -> Result<Dtype, D::Error> {
+    let name = <&str>::deserialize(d)?;
+    Dtype::deserialize(serde::de::value::BorrowedStrDeserializer::<D::Error>::new(
+        name,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::backend::UvaConfig;
+
+    fn record(n: usize) -> ModelRecord {
+        let dtypes = [
+            Dtype::BF16,
+            Dtype::F32,
+            Dtype::U8,
+            Dtype::F8_E4M3,
+            Dtype::I64,
+        ];
+        ModelRecord {
+            name: "big".into(),
+            pool: "p".into(),
+            source: SourceRecord::Checkpoint {
+                path: "/models/m".into(),
+                files: vec![FileStamp {
+                    path: "/models/m/a\nb.safetensors".into(),
+                    size: 1 << 40,
+                    mtime_ns: -5,
+                    header_crc32c: u32::MAX,
+                }],
+            },
+            backend: Some(BackendConfig::Uva(UvaConfig {
+                cpu_offload_bytes: 1,
+                params: vec!["lm_head".into()],
+            })),
+            tensors: (0..n)
+                .map(|i| TensorRecord {
+                    name: format!("model.layers.{i}.\"w\"\n"),
+                    dtype: dtypes[i % dtypes.len()],
+                    shape: vec![i; i % 4],
+                    offset: 256 * i as u64,
+                    len: u64::MAX - i as u64,
+                    crc32c: i as u32,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_record_comes_back_as_it_was_written() {
+        for n in [0, 1, ROWS_PER_PIECE, ROWS_PER_PIECE + 1, 20_000] {
+            let m = record(n);
+            let body = encode(&m.out()).concat();
+            assert_eq!(decode(Path::new("x"), &body).unwrap(), m, "{n} tensors");
+        }
+    }
+
+    #[test]
+    fn the_first_line_is_json_an_operator_can_read() {
+        let body = encode(&record(3).out()).concat();
+        let line = &body[..body.iter().position(|&b| b == b'\n').unwrap()];
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        assert_eq!(v["name"], "big");
+        assert_eq!(v["source"]["files"][0]["size"], 1u64 << 40);
+        assert_eq!(v["tensors"], 3);
+    }
+
+    #[test]
+    fn a_table_that_does_not_match_its_head_is_refused() {
+        let m = record(ROWS_PER_PIECE + 5);
+        let parts = encode(&m.out());
+        assert_eq!(parts.len(), 3, "a head and two pieces");
+        let (head, table) = (&parts[0], parts[1..].concat());
+        let decoded = |head: &[u8], table: &[u8]| {
+            decode(Path::new("x"), &[head, table].concat())
+                .unwrap_err()
+                .to_string()
+        };
+        let short = decoded(head, &table[..table.len() - 1]);
+        assert!(short.contains("do not add up"), "{short}");
+        // Right lengths, wrong rows: the last piece's first byte pulled into the first.
+        let text = String::from_utf8(head.clone()).unwrap();
+        let (a, b) = (parts[1].len(), parts[2].len());
+        let shifted = text.replacen(&format!("[{a},{b}]"), &format!("[{},{}]", a + 1, b - 1), 1);
+        let err = decoded(shifted.as_bytes(), &table);
+        assert!(
+            err.contains("piece 0: 1 bytes after its 8192 rows"),
+            "{err}"
+        );
+        let fewer = text.replacen(
+            &format!("\"tensors\":{}", m.tensors.len()),
+            "\"tensors\":3",
+            1,
+        );
+        let err = decoded(fewer.as_bytes(), &table);
+        assert!(
+            err.contains("2 pieces of 8192 rows cannot hold its 3 tensors"),
+            "{err}"
+        );
+        let unknown = text.replacen('{', "{\"extra\":1,", 1);
+        assert!(decode(Path::new("x"), &[unknown.as_bytes(), &table].concat()).is_err());
+    }
+}
