@@ -17,28 +17,9 @@ use offloadd::proto::{
     CreatePoolRequest, DeletePoolRequest, DetachWorkerRequest, RegisterModelRequest,
     UnregisterModelRequest,
 };
-use safetensors::Dtype;
-use safetensors::tensor::TensorView;
 
 const TENSOR_BYTES: usize = 4096;
 const ROUNDS: usize = 2;
-
-fn write(path: &std::path::Path, n: usize) {
-    let data: Vec<Vec<u8>> = (0..n)
-        .map(|i| vec![(i % 251) as u8; TENSOR_BYTES])
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = data
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            (
-                format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000),
-                TensorView::new(Dtype::U8, vec![TENSOR_BYTES], d).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
 
 struct Row {
     n: usize,
@@ -67,7 +48,7 @@ fn main() {
     let mut rows = Vec::new();
     for &n in &sizes {
         let path = work.path().join(format!("experts-{n}.safetensors"));
-        write(&path, n);
+        common::write_moe_checkpoint(&path, n, TENSOR_BYTES);
         let bytes = std::fs::metadata(&path).unwrap().len();
         // The page cache is warm (just written): both sides read from it.
         let region = HostRegion::create(&shm.path().join("bound"), bytes).unwrap();

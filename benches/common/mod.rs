@@ -125,6 +125,25 @@ pub fn prober(
     })
 }
 
+/// Writes a mixture-of-experts-shaped checkpoint to `path`: `n` tensors of `tensor_bytes` each,
+/// named as a 1000-expert MoE names them.
+pub fn write_moe_checkpoint(path: &Path, n: usize, tensor_bytes: usize) {
+    let data: Vec<Vec<u8>> = (0..n)
+        .map(|i| vec![(i % 251) as u8; tensor_bytes])
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            (
+                format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000),
+                TensorView::new(Dtype::U8, vec![tensor_bytes], d).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
 /// Writes a Llama-shaped checkpoint (hidden 2048, F16 so numpy can load it too) of about `mib` MiB in 4 shards.
 pub fn write_checkpoint(dir: &Path, mib: u64) -> u64 {
     let hidden = 2048usize;
