@@ -1,6 +1,7 @@
 //! A READY model's journal file, format v2: the record as one line of JSON, then its tensor
-//! table packed with postcard, in pieces of a fixed number of rows that are written and read on
-//! every core.
+//! table packed with postcard, in pieces of a fixed number of rows. The pieces are written on
+//! every core, but read on one: decoded on the pool's threads, 100k rows took longer (each
+//! thread's rows went into a fresh allocator arena, faulted in page by page).
 //!
 //! The table is nearly all of the file. As JSON (v1) it was 13 MB at 100k tensors; writing it
 //! took about 20 ms of every such registration, and reading it back 60 ms of the next start,
