@@ -216,7 +216,8 @@ pub(super) fn decode(path: &Path, body: &[u8]) -> Result<ModelRecord, JournalErr
         starts.push(at..at + n);
         at + n
     });
-    let mut tensors = Vec::with_capacity(head.tensors);
+    // A row takes at least 7 bytes: a count the table could not hold is not believed.
+    let mut tensors = Vec::with_capacity(head.tensors.min(table.len() / 7));
     for (k, span) in starts.into_iter().enumerate() {
         let rows = per.min(head.tensors - k * per);
         decode_piece(&table[span], rows, &mut tensors)
@@ -351,6 +352,21 @@ mod tests {
             err.contains("2 pieces of 8192 rows cannot hold its 3 tensors"),
             "{err}"
         );
+        // A count no table could hold is an error, not an allocation.
+        let huge = text
+            .replacen(
+                &format!("\"tensors\":{}", m.tensors.len()),
+                &format!("\"tensors\":{}", usize::MAX / 2),
+                1,
+            )
+            .replacen(
+                "\"rows_per_piece\":8192",
+                &format!("\"rows_per_piece\":{}", usize::MAX / 2),
+                1,
+            )
+            .replacen(&format!("[{a},{b}]"), &format!("[{}]", a + b), 1);
+        let err = decoded(huge.as_bytes(), &table);
+        assert!(err.contains("piece 0: row 8197 of"), "{err}");
         let unknown = text.replacen('{', "{\"extra\":1,", 1);
         assert!(decode(Path::new("x"), &[unknown.as_bytes(), &table].concat()).is_err());
     }
