@@ -244,7 +244,7 @@ pub fn meminfo_bytes(field: &str) -> Option<u64> {
     parse_kib_field(&text, field)
 }
 
-/// Parses `Name:   1234 kB` lines as found in /proc/meminfo and /proc/<pid>/status.
+/// Parses `Name:   1234 kB` lines as found in `/proc/meminfo` and `/proc/<pid>/status`.
 pub fn parse_kib_field(text: &str, field: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let (name, rest) = line.split_once(':')?;

@@ -5,7 +5,7 @@
 //! One file for the pools and one per READY model, so that finishing a load writes only that
 //! model's table. Each file is framed as `offloadd-journal v<N> crc32c=<hex> len=<bytes>\n`
 //! followed by its body: JSON for the pools (v1), a JSON line and a packed table for a model
-//! (v2, see [`model`]). Each is replaced atomically (write, fsync, rename, fsync the
+//! (v2, see `model.rs`). Each is replaced atomically (write, fsync, rename, fsync the
 //! directory). Nothing on the attach or onload path writes it.
 
 mod model;
