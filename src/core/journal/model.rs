@@ -211,17 +211,14 @@ pub(super) fn decode(path: &Path, body: &[u8]) -> Result<ModelRecord, JournalErr
             table.len()
         )));
     }
-    let mut starts = Vec::with_capacity(head.pieces.len());
-    head.pieces.iter().fold(0, |at, &n| {
-        starts.push(at..at + n);
-        at + n
-    });
     // A row takes at least 7 bytes: a count the table could not hold is not believed.
     let mut tensors = Vec::with_capacity(head.tensors.min(table.len() / 7));
-    for (k, span) in starts.into_iter().enumerate() {
+    let mut at = 0;
+    for (k, &len) in head.pieces.iter().enumerate() {
         let rows = per.min(head.tensors - k * per);
-        decode_piece(&table[span], rows, &mut tensors)
+        decode_piece(&table[at..at + len], rows, &mut tensors)
             .map_err(|why| bad(format!("piece {k}: {why}")))?;
+        at += len;
     }
     Ok(ModelRecord {
         name: head.name,
