@@ -33,10 +33,11 @@ const MODEL_VERSION: u32 = 2;
 const MAGIC: &str = "offloadd-journal";
 const POOLS_FILE: &str = "pools.json";
 const MODEL_PREFIX: &str = "model-";
-const MODEL_SUFFIX: &str = ".journal";
-/// How v1 named model files (JSON through and through): still listed, so that one left by an
-/// older offloadd is reported and removed rather than kept forever.
-const MODEL_SUFFIX_V1: &str = ".json";
+/// Kept from v1, when the whole file was JSON, although only its first line is now: an older
+/// offloadd started after a rollback must find a v2 file, refuse it by version and remove it.
+/// A file it did not list would outlive the rollback and be adopted by the next upgrade, over
+/// ranges the older daemon may have given to other models meanwhile.
+const MODEL_SUFFIX: &str = ".json";
 
 #[derive(Debug, Error)]
 pub enum JournalError {
@@ -146,9 +147,7 @@ impl Journal {
         })?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !(name.starts_with(MODEL_PREFIX)
-                && (name.ends_with(MODEL_SUFFIX) || name.ends_with(MODEL_SUFFIX_V1)))
-            {
+            if !(name.starts_with(MODEL_PREFIX) && name.ends_with(MODEL_SUFFIX)) {
                 continue;
             }
             let path = entry.path();
