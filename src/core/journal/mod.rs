@@ -420,12 +420,8 @@ mod tests {
         j.write_model(&model("b").out()).unwrap();
         let body =
             br#"{"name":"a","pool":"p","source":{"kind":"published"},"backend":null,"tensors":[]}"#;
-        let v1 = format!(
-            "offloadd-journal v1 crc32c={:08x} len={}\n",
-            crc32c(body),
-            body.len()
-        );
-        std::fs::write(j.dir().join("model-a.json"), [v1.as_bytes(), body].concat()).unwrap();
+        // Framed as every journal file is, by the same writer, only with v1's number.
+        j.write(&model_file("a"), 1, &[body]).unwrap();
         let got = j.read().unwrap().unwrap();
         assert_eq!(got.models, vec![model("b")]);
         let [err] = &got.bad_models[..] else {
