@@ -408,6 +408,44 @@ async fn a_checkpoint_changed_while_down_drops_its_model() {
     assert!(d.terminate().await.success());
 }
 
+/// A model file in another journal format (left by an older or newer offloadd) drops that model
+/// alone: its pool is adopted, the reason names both versions, and the model can be registered
+/// again at once.
+#[tokio::test]
+async fn a_model_file_from_another_version_drops_that_model_alone() {
+    let st = Setup::new();
+    let (_, path) = stopped_with_one_model(&st).await;
+    let file = st.journal().join("model-a.json");
+    let raw = std::fs::read(&file).unwrap();
+    assert!(raw.starts_with(b"offloadd-journal v2 "), "a v2 model file");
+    std::fs::write(&file, [b"offloadd-journal v1 ", &raw[20..]].concat()).unwrap();
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    let r = recovery(&mut c).await;
+    assert_eq!(r.journal, "applied", "{r:?}");
+    assert_eq!(r.pools_adopted, vec!["p"]);
+    assert!(r.models_adopted.is_empty(), "{r:?}");
+    assert_eq!(r.dropped.len(), 1, "{r:?}");
+    assert_eq!(r.dropped[0].kind, "model");
+    assert!(
+        r.dropped[0]
+            .reason
+            .contains("journal format v1, this offloadd reads v2"),
+        "{r:?}"
+    );
+    assert!(!file.exists(), "the unreadable file is removed");
+    let gone = c
+        .get_model(GetModelRequest {
+            name: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    register(&mut c, "a", "p", &path, true).await;
+    assert!(d.terminate().await.success());
+}
+
 #[tokio::test]
 async fn verify_none_trusts_the_journal_and_is_ready_at_once() {
     let st = Setup::new();
