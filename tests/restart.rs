@@ -1,63 +1,24 @@
 //! A daemon restart loses nothing: pools and READY models come back from the journal in
 //! `pools.dir` after SIGKILL or SIGTERM, verified; whatever does not match is dropped with the
-//! reason, and a corrupt or foreign journal means a clean start. Real binary, real files.
+//! reason (a journal that cannot be trusted: tests/journal_damage.rs). Real binary, real files.
 
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
+use common::Daemon;
 use common::ckpt::{self, Tensor};
-use common::{Daemon, DaemonBuilder, Scratch};
+use common::restart::{
+    Setup, assert_next_start_finds_no_journal, pool_files, recovery, refused, register,
+    stopped_with_one_model,
+};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    GetInfoRequest, GetModelRequest, GetPoolRequest, ListPoolsRequest, ModelState,
-    RegisterModelRequest, WatchModelRequest,
+    GetModelRequest, GetPoolRequest, ModelState, RegisterModelRequest, WatchModelRequest,
 };
 use rustix::process::Signal;
 use tonic::Code;
 use tonic::transport::Channel;
-
-const JOURNAL: &str = "offloadd-journal";
-
-struct Setup {
-    s: Scratch,
-    root: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let s = Scratch::new();
-        let root = s.models();
-        Self { s, root }
-    }
-
-    fn checkpoint(&self, name: &str, tensors: &[Tensor]) -> PathBuf {
-        let path = self.root.join(format!("{name}.safetensors"));
-        ckpt::write_file(&path, tensors);
-        path
-    }
-
-    fn daemon(&self) -> DaemonBuilder<'_> {
-        DaemonBuilder::new(&self.s).roots(&[&self.root])
-    }
-
-    fn journal(&self) -> PathBuf {
-        self.s.pools_dir().join(JOURNAL)
-    }
-}
-
-async fn register(c: &mut OffloadClient<Channel>, name: &str, pool: &str, path: &Path, wait: bool) {
-    c.register_model(RegisterModelRequest {
-        name: name.into(),
-        pool: pool.into(),
-        path: path.display().to_string(),
-        wait,
-        backend: None,
-    })
-    .await
-    .unwrap();
-}
 
 /// The model's WatchModel stream, each update within the test deadline.
 struct Watch(tonic::Streaming<offloadd::proto::ModelProgress>);
@@ -108,30 +69,11 @@ async fn kill(mut d: Daemon) {
     d.child.wait().await.unwrap();
 }
 
-async fn recovery(c: &mut OffloadClient<Channel>) -> offloadd::proto::Recovery {
-    c.get_info(GetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .recovery
-        .unwrap()
-}
-
 async fn pool(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::Pool {
     c.get_pool(GetPoolRequest { name: name.into() })
         .await
         .unwrap()
         .into_inner()
-}
-
-/// GetModel's refusal for a model that must not be there.
-async fn refused(c: &mut OffloadClient<Channel>, name: &str) -> tonic::Status {
-    c.get_model(GetModelRequest {
-        name: name.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap_err()
 }
 
 async fn table(c: &mut OffloadClient<Channel>, name: &str) -> offloadd::proto::Model {
@@ -234,100 +176,6 @@ async fn sigterm_during_a_load_keeps_ready_models_and_drops_the_partial_one() {
     survives(Signal::TERM).await;
 }
 
-/// One READY model in pool "p", then a clean stop: the state every damage test starts from.
-async fn stopped_with_one_model(st: &Setup) -> (Vec<Tensor>, PathBuf) {
-    let tensors = ckpt::llama(3, 128, 256);
-    let path = st.checkpoint("a", &tensors);
-    let d = st.daemon().start().await.unwrap();
-    let mut c = d.client().await;
-    common::cpu_pool(&mut c, "p", 8 << 20).await;
-    register(&mut c, "a", "p", &path, true).await;
-    assert!(d.terminate().await.success());
-    (tensors, path)
-}
-
-fn pool_files(st: &Setup) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(st.s.pools_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("offloadd-pool-"))
-        .collect();
-    v.sort();
-    v
-}
-
-/// A journal the next start cannot trust: a clean start, the reason in GetInfo and the log,
-/// and nothing left of what it described.
-async fn assert_clean_start(st: &Setup, reason: &str) {
-    let d = st.daemon().start().await.unwrap();
-    let mut c = d.client().await;
-    let r = recovery(&mut c).await;
-    assert_eq!(r.journal, "discarded");
-    assert!(r.journal_error.contains(reason), "{reason:?} in {r:?}");
-    assert!(r.pools_adopted.is_empty() && r.models_adopted.is_empty());
-    let pools = c
-        .list_pools(ListPoolsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(pools.pools.is_empty());
-    assert_eq!(
-        pool_files(st),
-        Vec::<String>::new(),
-        "the old pool file is removed"
-    );
-    let logged = d.logs();
-    assert!(
-        logged.contains("the journal is unusable") && logged.contains(reason),
-        "{logged}"
-    );
-    // The start after that one finds no journal at all.
-    assert!(d.terminate().await.success());
-    assert_next_start_finds_no_journal(st).await;
-}
-
-async fn assert_next_start_finds_no_journal(st: &Setup) {
-    let d = st.daemon().start().await.unwrap();
-    let mut c = d.client().await;
-    assert_eq!(recovery(&mut c).await.journal, "absent");
-    assert!(d.terminate().await.success());
-}
-
-#[tokio::test]
-async fn a_journal_from_another_version_is_a_clean_start_naming_both_versions() {
-    let st = Setup::new();
-    stopped_with_one_model(&st).await;
-    // What an upgrade to a binary with another journal format would find.
-    let path = st.journal().join("pools.json");
-    let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.starts_with("offloadd-journal v1 "), "{text}");
-    std::fs::write(&path, text.replacen(" v1 ", " v2 ", 1)).unwrap();
-    assert_clean_start(&st, "journal format v2, this offloadd reads v1").await;
-}
-
-#[tokio::test]
-async fn a_truncated_journal_is_a_clean_start() {
-    let st = Setup::new();
-    stopped_with_one_model(&st).await;
-    let path = st.journal().join("pools.json");
-    let raw = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &raw[..raw.len() / 2 + 40]).unwrap();
-    assert_clean_start(&st, "truncated").await;
-}
-
-#[tokio::test]
-async fn a_bit_flipped_journal_is_a_clean_start() {
-    let st = Setup::new();
-    stopped_with_one_model(&st).await;
-    let path = st.journal().join("pools.json");
-    let mut raw = std::fs::read(&path).unwrap();
-    // A digit of the pool's size: still valid JSON, caught by the checksum.
-    let at = raw.len() - 1 - raw.iter().rev().position(|b| b.is_ascii_digit()).unwrap();
-    raw[at] = if raw[at] == b'1' { b'2' } else { b'1' };
-    std::fs::write(&path, &raw).unwrap();
-    assert_clean_start(&st, "checksum mismatch").await;
-}
-
 #[tokio::test]
 async fn a_pool_changed_while_down_drops_its_model_and_spares_the_others() {
     let st = Setup::new();
@@ -405,44 +253,6 @@ async fn a_checkpoint_changed_while_down_drops_its_model() {
         "{why}"
     );
     assert_eq!(pool(&mut c, "p").await.used_bytes, 0);
-    assert!(d.terminate().await.success());
-}
-
-/// A model file in another journal format (left by an older or newer offloadd) drops that model
-/// alone: its pool is adopted, the reason names both versions, and the model can be registered
-/// again at once.
-#[tokio::test]
-async fn a_model_file_from_another_version_drops_that_model_alone() {
-    let st = Setup::new();
-    let (_, path) = stopped_with_one_model(&st).await;
-    let file = st.journal().join("model-a.json");
-    let raw = std::fs::read(&file).unwrap();
-    assert!(raw.starts_with(b"offloadd-journal v2 "), "a v2 model file");
-    std::fs::write(&file, [b"offloadd-journal v1 ", &raw[20..]].concat()).unwrap();
-    let d = st.daemon().start().await.unwrap();
-    let mut c = d.client().await;
-    let r = recovery(&mut c).await;
-    assert_eq!(r.journal, "applied", "{r:?}");
-    assert_eq!(r.pools_adopted, vec!["p"]);
-    assert!(r.models_adopted.is_empty(), "{r:?}");
-    assert_eq!(r.dropped.len(), 1, "{r:?}");
-    assert_eq!(r.dropped[0].kind, "model");
-    assert!(
-        r.dropped[0]
-            .reason
-            .contains("journal format v1, this offloadd reads v2"),
-        "{r:?}"
-    );
-    assert!(!file.exists(), "the unreadable file is removed");
-    let gone = c
-        .get_model(GetModelRequest {
-            name: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(gone.code(), Code::NotFound);
-    register(&mut c, "a", "p", &path, true).await;
     assert!(d.terminate().await.success());
 }
 
