@@ -116,6 +116,75 @@ async fn a_200k_tensor_model_is_published_through_a_stream_of_pages() {
     assert!(d.terminate().await.success());
 }
 
+/// Rows are paged by bytes as well as by count: 6,000 tensors with names of 1,000 bytes make
+/// a 6 MB table, which 10,000 rows a page would answer in one message over the 4 MiB a plain
+/// client takes. Every table (a model awaiting its seal, a READY one, a lease) still reaches
+/// that client whole, a page under the limit at a time, even when it asks for every row at once.
+#[tokio::test]
+async fn tables_of_long_names_are_paged_under_the_default_limit() {
+    const N: usize = 6_000;
+    let s = Scratch::new();
+    let d = DaemonBuilder::new(&s).start().await.unwrap();
+    let mut c = OffloadClient::new(d.channel().await);
+    common::cpu_pool(&mut c, "p", 8 * MIB).await;
+    let long: Vec<TensorSpec> = specs(N)
+        .into_iter()
+        .map(|s| TensorSpec {
+            name: format!("{}.{}", s.name, "x".repeat(1000 - s.name.len() - 1)),
+            ..s
+        })
+        .collect();
+    let names = |rows: Vec<String>| {
+        assert_eq!(rows.len(), N);
+        assert!(rows.iter().zip(&long).all(|(r, s)| *r == s.name));
+    };
+    let under_limit = |len: usize| assert!(len < 4 << 20, "a page of {len} bytes");
+
+    let created = c
+        .create_model_stream(tokio_stream::iter(pages("long", long.clone(), 1_000)))
+        .await
+        .unwrap()
+        .into_inner();
+    under_limit(prost::Message::encoded_len(&created));
+    assert!(!created.tensors.is_empty() && created.tensors.len() < N);
+    let rows = common::pages::model_rows(&mut c, created, N as u32).await;
+    names(rows.into_iter().map(|r| r.name).collect());
+
+    c.seal_model(SealModelRequest {
+        name: "long".into(),
+    })
+    .await
+    .unwrap();
+    let first = c
+        .get_model(GetModelRequest {
+            name: "long".into(),
+            include_tensors: true,
+            page_size: N as u32,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    under_limit(prost::Message::encoded_len(&first));
+    let rows = common::pages::model_rows(&mut c, first, N as u32).await;
+    names(rows.into_iter().map(|r| r.name).collect());
+
+    let lease = c
+        .attach_worker(offloadd::proto::AttachWorkerRequest {
+            model: "long".into(),
+            worker_name: "plain".into(),
+            page_size: N as u32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    under_limit(prost::Message::encoded_len(&lease));
+    let rows = common::pages::lease_rows(&mut c, &lease, 0).await;
+    names(rows.into_iter().map(|r| r.name).collect());
+    assert!(d.terminate().await.success());
+}
+
 #[tokio::test]
 async fn a_stream_that_breaks_off_or_renames_creates_nothing() {
     let s = Scratch::new();

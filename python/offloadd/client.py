@@ -31,8 +31,10 @@ DEFAULT_SOCKET = "/tmp/offloadd/offloadd.sock"
 DEFAULT_TIMEOUT = 10.0
 #: Seconds RegisterModel(wait=True) may take: a load reads the whole checkpoint.
 DEFAULT_LOAD_TIMEOUT = 3600.0
-# Tensor specs per CreateModelStream message: about 0.6 MB, well under gRPC's 4 MiB default.
+# Tensor specs per CreateModelStream message: about 0.6 MB at the names checkpoints use, and
+# never over 3 MiB of specs (long names), well under gRPC's 4 MiB default.
 SPECS_PER_MESSAGE = 10_000
+SPEC_BYTES_PER_MESSAGE = 3 << 20
 
 Progress = Callable[[pb.ModelProgress], None]
 
@@ -199,17 +201,16 @@ class Client:
     ) -> pb.Model:
         """Allocates ranges for tensors the caller writes itself, then :meth:`seal_model`.
         Returns the model with its whole tensor table (offsets). The specs go in pages of
-        10,000 over CreateModelStream, so a mixture-of-experts model's 100k+ tensors stay under
-        gRPC's 4 MiB message limit; the answer's table is read page by page."""
-        specs = list(tensors)
+        10,000 (or 3 MiB) over CreateModelStream, so a mixture-of-experts model's 100k+ tensors
+        stay under gRPC's 4 MiB message limit; the answer's table is read page by page."""
         requests = [
             pb.CreateModelRequest(
                 name=name if i == 0 else "",
                 pool=pool if i == 0 else "",
-                tensors=specs[i : i + SPECS_PER_MESSAGE],
+                tensors=page,
                 backend=backend if i == 0 else None,
             )
-            for i in range(0, max(len(specs), 1), SPECS_PER_MESSAGE)
+            for i, page in enumerate(_pages(list(tensors)))
         ]
         model: pb.Model = self._call("CreateModelStream", iter(requests))
         return self._rest_of_table(model)
@@ -297,6 +298,21 @@ class Client:
             ),
         )
 
+
+
+def _pages(specs: list[pb.TensorSpec]) -> list[list[pb.TensorSpec]]:
+    """``specs`` in pages of at most SPECS_PER_MESSAGE specs and SPEC_BYTES_PER_MESSAGE bytes
+    (a spec larger than that alone); one empty page for no specs, which still names the model."""
+    pages: list[list[pb.TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        n = spec.ByteSize() + 8  # the field's key and length
+        if pages[-1] and (len(pages[-1]) == SPECS_PER_MESSAGE or size + n > SPEC_BYTES_PER_MESSAGE):
+            pages.append([])
+            size = 0
+        pages[-1].append(spec)
+        size += n
+    return pages
 
 def _token_from_env() -> str | None:
     """``$OFFLOADD_TOKEN``, else the contents of ``$OFFLOADD_TOKEN_FILE`` (a mounted Secret)."""

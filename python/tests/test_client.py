@@ -81,6 +81,23 @@ def test_a_mixture_of_experts_model_is_published_in_pages(client: offloadd.Clien
     assert len({t.offset for t in created.tensors}) == n
 
 
+def test_specs_and_tables_of_long_names_are_paged_by_bytes(client: offloadd.Client):
+    # 6,000 names of 3,000 bytes: 18 MB of specs, over the daemon's 16 MiB request limit in one
+    # message of 10,000, and a table of the same size. Both go in pages under 4 MiB.
+    n = 6_000
+    specs = [
+        offloadd.v1.offloadd_pb2.TensorSpec(name=f"experts.{i}.".ljust(3000, "x"), dtype="U8", shape=[4])
+        for i in range(n)
+    ]
+    assert len(offloadd.client._pages(specs)) > 1
+    assert all(sum(s.ByteSize() for s in p) < 3 << 20 for p in offloadd.client._pages(specs))
+    client.create_pool("long", size_bytes=8 << 20)
+    created = client.create_model("long", pool="long", tensors=specs)
+    assert [t.name for t in created.tensors] == [s.name for s in specs]
+    client.seal_model("long")
+    with client.attach("long") as lease:
+        assert list(lease.tensors) == [s.name for s in specs]
+
 def test_errors_carry_the_daemons_message(client: offloadd.Client, tmp_path: Path):
     with pytest.raises(offloadd.NotFound, match="nope"):
         client.attach("nope")

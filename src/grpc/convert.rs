@@ -220,11 +220,19 @@ pub fn tensor(t: &TensorEntry) -> proto::TensorInfo {
     }
 }
 
-/// A model with the rows `rows` of its table (clamped to it) and the token of the next page.
+/// A model with the rows `rows` of its table (fitted to it and to the page limit:
+/// [`super::paging::fit`]) and the token of the next page.
 pub fn model_page(m: &Model, rows: std::ops::Range<usize>) -> proto::Model {
-    let len = m.tensors.lock().expect("tensors lock").len();
-    let (rows, next) = super::paging::clamp(rows, len);
-    let mut reply = model_with(m, Some(rows));
+    let mut reply = model_with(m, Some(rows.clone()));
+    let rows = rows.start.min(reply.tensor_count as usize)..rows.end;
+    let size = |i: usize| {
+        let len = prost::Message::encoded_len(&reply.tensors[i - rows.start]);
+        prost::encoding::key_len(super::tables::MODEL_TENSORS)
+            + prost::encoding::encoded_len_varint(len as u64)
+            + len
+    };
+    let (fitted, next) = super::paging::fit(rows.clone(), reply.tensor_count as usize, size);
+    reply.tensors.truncate(fitted.len());
     reply.next_page_token = next;
     reply
 }

@@ -23,7 +23,7 @@ use crate::core::models::model::{Model, ModelState};
 use crate::proto::{self, Encoded};
 
 /// Field numbers of the repeated fields that carry the rows.
-const MODEL_TENSORS: u32 = 11;
+pub(super) const MODEL_TENSORS: u32 = 11;
 const LEASE_TENSORS: u32 = 7;
 const PAGE_TENSORS: u32 = 1;
 
@@ -204,24 +204,23 @@ impl Rows {
         &self.bytes[start..self.ends[i]]
     }
 
-    /// Rows `rows` (clamped to the table) as elements of the repeated field `field` of the
-    /// message `header` makes from the next page's token, after its other fields. Protobuf
-    /// decoders merge fields in any order, so the rows may follow every other field.
+    /// Rows `rows` (fitted to the table and the page limit: [`paging::fit`]) as elements of
+    /// the repeated field `field` of the message `header` makes from the next page's token,
+    /// after its other fields. Protobuf decoders merge fields in any order, so the rows may
+    /// follow every other field.
     fn page<H: Message>(
         &self,
         rows: Range<usize>,
         field: u32,
         header: impl FnOnce(String) -> H,
     ) -> Encoded<H> {
-        let (rows, next_page_token) = paging::clamp(rows, self.len());
+        let size = |i| {
+            let len = self.row(i).len();
+            key_len(field) + encoded_len_varint(len as u64) + len
+        };
+        let (rows, next_page_token) = paging::fit(rows, self.len(), size);
         let header = header(next_page_token);
-        let body: usize = rows
-            .clone()
-            .map(|i| {
-                let len = self.row(i).len();
-                key_len(field) + encoded_len_varint(len as u64) + len
-            })
-            .sum();
+        let body: usize = rows.clone().map(size).sum();
         let mut out = BytesMut::with_capacity(header.encoded_len() + body);
         header.encode_raw(&mut out);
         for i in rows {
