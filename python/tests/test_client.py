@@ -65,20 +65,21 @@ def test_every_rpc_round_trips(client: offloadd.Client, tmp_path: Path):
 
 
 def test_a_mixture_of_experts_model_is_published_in_pages(client: offloadd.Client):
-    # 25k specs and their table are over one 4 MiB message each way at the daemon's page size
-    # only together; the client sends and reads both in pages.
-    n = 25_000
+    # 200k specs (12 MB) and their table (18 MB), each far over one 4 MiB message: the client
+    # sends and reads both in pages.
+    n = 200_000
     specs = [
         offloadd.v1.offloadd_pb2.TensorSpec(
             name=f"model.layers.{i // 1000}.mlp.experts.{i % 1000}.w", dtype="U8", shape=[4]
         )
         for i in range(n)
     ]
-    client.create_pool("moe", size_bytes=16 << 20)
+    client.create_pool("moe", size_bytes=64 << 20)
     created = client.create_model("moe", pool="moe", tensors=specs)
     assert created.tensor_count == n and not created.next_page_token
     assert [t.name for t in created.tensors] == [s.name for s in specs]
     assert len({t.offset for t in created.tensors}) == n
+
 
 
 def test_specs_and_tables_of_long_names_are_paged_by_bytes(client: offloadd.Client):
@@ -186,15 +187,15 @@ def test_mutual_tls_over_tcp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         assert d.stop() == 0
 
 
-def test_a_100k_tensor_table_is_over_the_grpc_default_and_still_attaches(client: offloadd.Client, tmp_path: Path):
-    n = 100_000
+def test_a_200k_tensor_table_is_over_the_grpc_default_and_still_attaches(client: offloadd.Client, tmp_path: Path):
+    n = 200_000
     save_file({f"model.layers.{i // 1000}.experts.{i % 1000}.w": np.full(4, i % 251, np.uint8) for i in range(n)},
               str(tmp_path / "moe.safetensors"))
     client.create_pool("big", size_bytes=64 << 20)
     client.register_model("moe", pool="big", path=str(tmp_path / "moe.safetensors"))
     with client.attach("moe") as lease:
         assert len(lease.tensors) == n
-        assert lease.numpy("model.layers.99.experts.998.w").tolist() == [99998 % 251] * 4
+        assert lease.numpy("model.layers.199.experts.998.w").tolist() == [199998 % 251] * 4
     # GetModel pages the table (10,000 tensors an answer); the client follows the pages.
     table = client.get_model("moe", include_tensors=True)
     assert table.tensor_count == n and len({t.name for t in table.tensors}) == n
