@@ -1,5 +1,6 @@
 //! How leases end and what they may hold: the per-device static budget, the files a SIGTERM
-//! leaves (no static buffer), and leases tied to their fast-path connection.
+//! leaves (no static buffer), leases tied to their fast-path connection, and an attach whose
+//! caller gave up.
 
 mod common;
 
@@ -152,4 +153,55 @@ async fn a_lease_tied_to_the_fast_path_ends_when_its_connection_closes() {
 
 async fn fast_connections(addr: std::net::SocketAddr) -> f64 {
     common::sample(&common::scrape(addr).await, "offloadd_fast_connections ")
+}
+
+/// A caller that gives up on AttachWorker (its deadline passes while the daemon builds the
+/// first lease table of a 200k-tensor model) never learns the lease's id, so it could neither
+/// use nor detach it. The lease ends as soon as it is made, instead of holding the model for
+/// its 600 s ttl and blocking SetBackend.
+#[tokio::test]
+async fn an_attach_whose_caller_gave_up_leaves_no_lease() {
+    let s = common::Scratch::new();
+    let root = s.models();
+    common::ckpt::write_file(
+        &root.join("moe.safetensors"),
+        &common::ckpt::experts(200_000),
+    );
+    let d = common::DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    common::cpu_pool(&mut c, "p", 64 << 20).await;
+    register(&mut c, "moe", &root.join("moe.safetensors"), None).await;
+
+    let mut impatient = tonic::Request::new(AttachWorkerRequest {
+        model: "moe".into(),
+        worker_name: "impatient".into(),
+        ttl_ms: 600_000,
+        ..Default::default()
+    });
+    impatient.set_timeout(std::time::Duration::from_millis(20));
+    let e = c.attach_worker(impatient).await.unwrap_err();
+    // The client's own timer or the daemon's (grpc-timeout), whichever fires first.
+    assert!(
+        matches!(e.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    let ended = d
+        .wait_for_log(|v| v["message"] == "lease ended" && v["worker"] == "impatient")
+        .await;
+    assert_eq!(ended["reason"], "Undelivered");
+    assert_eq!(attached_workers(&mut c, "moe").await, 0);
+    c.set_backend(offloadd::proto::SetBackendRequest {
+        model: "moe".into(),
+        backend: Some(offloadd::proto::UvaConfig::default().into()),
+    })
+    .await
+    .unwrap();
+    // A caller that waits gets its lease, and the table built meanwhile.
+    let lease = attach(&mut c, "moe", "patient").await;
+    assert_eq!(lease.tensors.len(), 10_000);
+    assert!(d.terminate().await.success());
 }

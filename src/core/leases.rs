@@ -252,6 +252,9 @@ pub enum EndReason {
     Expired,
     /// Its last fast-path connection closed (`end_with_fast_path`).
     FastPathClosed,
+    /// Its AttachWorker answer could not be given: the caller went away (past its deadline,
+    /// cancelled, disconnected) or the answer was too large to send.
+    Undelivered,
 }
 
 pub struct LeasesParams {
@@ -476,13 +479,24 @@ impl Leases {
     }
 
     pub fn detach(&self, id: &str) -> Result<(), LeaseError> {
+        self.end_now(id, EndReason::Detached)
+    }
+
+    /// Ends a lease whose id never reached its worker, which therefore can neither use nor
+    /// detach it: left alone it would hold its static buffers, and block SetBackend, for its
+    /// whole ttl.
+    pub fn undelivered(&self, id: &str) -> Result<(), LeaseError> {
+        self.end_now(id, EndReason::Undelivered)
+    }
+
+    fn end_now(&self, id: &str, why: EndReason) -> Result<(), LeaseError> {
         let lease = self
             .map
             .lock()
             .expect("leases lock")
             .remove(id)
             .ok_or_else(|| LeaseError::NotFound(id.to_string()))?;
-        end(lease, EndReason::Detached);
+        end(lease, why);
         Ok(())
     }
 

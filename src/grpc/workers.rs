@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Status;
 
-use super::blocking::blocking;
+use super::blocking::blocking_or_undo;
 use super::paging;
 use super::status::join_error;
 use super::tables::Tables;
@@ -36,19 +36,26 @@ pub async fn attach(
     };
     let page = paging::rows(0, r.page_size);
     // The lease's table is encoded on the blocking thread too: the first lease of a model
-    // with a backend encodes the whole table.
+    // with a backend encodes the whole table. That can outlast the caller; a lease whose id
+    // never reaches it ends at once rather than holding on for its whole ttl.
     let tables = Arc::clone(tables);
-    let (lease, reply) = blocking(core, move |c| {
-        c.leases.attach(&c.models, &c.pools, &req).map(|l| {
-            let reply = tables.lease(&l, page);
-            (l, reply)
-        })
-    })
+    let (lease, reply) = blocking_or_undo(
+        core,
+        move |c| {
+            c.leases.attach(&c.models, &c.pools, &req).map(|l| {
+                let reply = tables.lease(&l, page);
+                (l, reply)
+            })
+        },
+        |c, (lease, _)| {
+            let _ = c.leases.undelivered(&lease.id);
+        },
+    )
     .await?;
     // An answer the transport would refuse must not leave a lease behind for its whole ttl.
     let size = reply.bytes().len();
     if size > proto::MAX_RESPONSE_BYTES {
-        let _ = core.leases.detach(&lease.id);
+        let _ = core.leases.undelivered(&lease.id);
         return Err(LeaseError::ReplyTooLarge {
             size,
             max: proto::MAX_RESPONSE_BYTES,
