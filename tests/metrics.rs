@@ -192,6 +192,50 @@ async fn metrics_follow_pools_models_leases_rpcs_and_onloads() {
         ) >= 1.0
     );
 
+    // The lease's table is kept encoded (its rows, and where each ends); GetModel's is added
+    // beside it, and both go with the model.
+    let rows = |lens: Vec<usize>| (lens.iter().sum::<usize>() + 8 * lens.len()) as f64;
+    let lease_table = rows(
+        lease
+            .tensors
+            .iter()
+            .map(prost::Message::encoded_len)
+            .collect(),
+    );
+    assert_eq!(sample(&body, "offloadd_table_cache_bytes "), lease_table);
+    let model_table = c
+        .get_model(offloadd::proto::GetModelRequest {
+            name: "m".into(),
+            include_tensors: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tensors;
+    let model_table = rows(
+        model_table
+            .iter()
+            .map(prost::Message::encoded_len)
+            .collect(),
+    );
+    let (_, body) = get(addr, "/metrics").await;
+    assert_eq!(
+        sample(&body, "offloadd_table_cache_bytes "),
+        lease_table + model_table
+    );
+    drop(fast);
+    c.detach_worker(offloadd::proto::DetachWorkerRequest {
+        lease_id: lease.lease_id.clone(),
+    })
+    .await
+    .unwrap();
+    c.unregister_model(offloadd::proto::UnregisterModelRequest { name: "m".into() })
+        .await
+        .unwrap();
+    let (_, body) = get(addr, "/metrics").await;
+    assert_eq!(sample(&body, "offloadd_table_cache_bytes "), 0.0);
+
     let (head, _) = get(addr, "/other").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     assert!(d.terminate().await.success());

@@ -29,8 +29,8 @@ impl OffloadService {
     pub fn new(core: Arc<Core>, metrics: Arc<Metrics>) -> Self {
         Self {
             core,
+            tables: Arc::new(Tables::new(metrics.table_cache_gauge())),
             metrics,
-            tables: Arc::default(),
         }
     }
 

@@ -4,14 +4,16 @@
 //! backend gets the same table. Building and encoding 10,000 rows takes milliseconds of CPU;
 //! doing it for every page of every GetModel and every attach kept the daemon's cores busy on
 //! a 100k-tensor model and delayed everyone else's calls. So each table is encoded once, on the
-//! first page asked for, and a page is then a copy of bytes. The cache holds about 65 bytes a
-//! row for a model's table and 90 for a lease table, for as long as the model is registered.
+//! first page asked for, and a page is then a copy of bytes. The cache holds about 70 bytes a
+//! row for a model's table and as many for each lease table (7 MB each at 100k tensors), for as
+//! long as the model is registered; `offloadd_table_cache_bytes` shows how much.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
@@ -32,9 +34,12 @@ const PAGE_TENSORS: u32 = 1;
 const LEASE_SHAPES_PER_MODEL: usize = 4;
 
 /// Encoded tables by model name, while the model they were built from lives.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tables {
     entries: Mutex<HashMap<String, Entry>>,
+    /// Kept at the heap bytes the tables hold (`offloadd_table_cache_bytes`): they live beside
+    /// the pools, outside every budget, and an operator sizing a node needs to see them.
+    bytes: Gauge,
 }
 
 #[derive(Debug)]
@@ -54,6 +59,13 @@ struct LeaseShape {
 }
 
 impl Tables {
+    pub fn new(bytes: Gauge) -> Self {
+        Self {
+            entries: Mutex::default(),
+            bytes,
+        }
+    }
+
     /// GetModel with include_tensors: the model with rows `rows` of its table (clamped) and the
     /// token of the next page. Blocking: the first page of a READY model encodes its table.
     pub fn model_page(&self, m: &Arc<Model>, rows: Range<usize>) -> Encoded<proto::Model> {
@@ -123,6 +135,17 @@ impl Tables {
         let mut entries = self.entries.lock().expect("tables lock");
         entries.remove(name);
         entries.retain(|_, e| e.model.strong_count() > 0);
+        self.count(&entries);
+    }
+
+    /// Sets the gauge to what `entries` hold; a few entries per model, so a sum is cheap.
+    fn count(&self, entries: &HashMap<String, Entry>) {
+        let bytes: usize = entries
+            .values()
+            .flat_map(|e| e.table.iter().chain(e.leases.iter().map(|(_, t)| t)))
+            .map(|t| t.heap_bytes())
+            .sum();
+        self.bytes.set(bytes as i64);
     }
 
     /// The table `find` picks from `m`'s entry, or one `build` makes (outside the lock: it
@@ -154,6 +177,7 @@ impl Tables {
             })
             .or_insert_with(|| Entry::new(m));
         keep(entry, Arc::clone(&table));
+        self.count(&entries);
         table
     }
 }
@@ -189,6 +213,8 @@ impl Rows {
             row.encode_raw(&mut bytes);
             ends.push(bytes.len());
         }
+        // Grown by doubling, a 9 MB table would hold up to 16 MB for as long as its model.
+        bytes.shrink_to_fit();
         Self {
             bytes: bytes.into(),
             ends,
@@ -197,6 +223,10 @@ impl Rows {
 
     fn len(&self) -> usize {
         self.ends.len()
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.bytes.len() + self.ends.capacity() * std::mem::size_of::<usize>()
     }
 
     fn row(&self, i: usize) -> &[u8] {

@@ -84,6 +84,7 @@ pub struct Metrics {
     leases_active: Gauge,
     pools_committed: Gauge,
     pools_budget: Gauge,
+    table_cache: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +129,7 @@ impl Metrics {
             leases_active: Gauge::default(),
             pools_committed: Gauge::default(),
             pools_budget: Gauge::default(),
+            table_cache: Gauge::default(),
         };
         r.register(
             "rpc_requests",
@@ -229,8 +231,18 @@ impl Metrics {
             "pools.max_host_bytes after defaults",
             m.pools_budget.clone(),
         );
+        r.register(
+            "table_cache_bytes",
+            "Heap bytes of the encoded tensor tables kept for GetModel and AttachWorker pages (about 70 a row, per model and per lease backend)",
+            m.table_cache.clone(),
+        );
         *m.registry.lock().expect("registry lock") = r;
         m
+    }
+
+    /// The gauge the table cache keeps at its size; a handle on the same value.
+    pub fn table_cache_gauge(&self) -> Gauge {
+        self.table_cache.clone()
     }
 
     /// One finished RPC.
