@@ -66,7 +66,7 @@ impl Tables {
         }
     }
 
-    /// GetModel with include_tensors: the model with rows `rows` of its table (clamped) and the
+    /// GetModel with include_tensors: the model with rows `rows` of its table (fitted) and the
     /// token of the next page. Blocking: the first page of a READY model encodes its table.
     pub fn model_page(&self, m: &Arc<Model>, rows: Range<usize>) -> Encoded<proto::Model> {
         // Before READY the checksums are still being filled in: build the page itself.
