@@ -16,7 +16,6 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,24 +71,81 @@ def torch_dtype(name: str) -> torch.dtype:
         raise TypeError(f"safetensors dtype {name} has no torch equivalent") from None
 
 
-@dataclass(frozen=True)
 class Tensor:
-    """One row of the lease's tensor table."""
+    """One row of the lease's tensor table, read-only.
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    #: Model layer, or None outside the layer stack.
-    layer: int | None
-    #: "device" (copy once), "uva" (read in place) or "prefetch" (read from its static slot).
-    placement: str
-    segment: int
-    offset: int
-    length: int
-    static_segment: int | None
-    static_offset: int
-    crc32c: int
+    It reads the row as the daemon sent it rather than copying it: a mixture-of-experts lease
+    has 100k+ rows, and a Python object with each field copied made ``attach`` take 25 times
+    as long as the calls it makes (1.3 s at 200k rows) and about 500 bytes a row.
+    """
 
+    __slots__ = ("_row",)
+
+    def __init__(self, row: pb.LeaseTensor) -> None:
+        self._row = row
+
+    @property
+    def name(self) -> str:
+        return self._row.name
+
+    @property
+    def dtype(self) -> str:
+        return self._row.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._row.shape)
+
+    @property
+    def layer(self) -> int | None:
+        """Model layer, or None outside the layer stack."""
+        return self._row.layer if self._row.HasField("layer") else None
+
+    @property
+    def placement(self) -> str:
+        """"device" (copy once), "uva" (read in place) or "prefetch" (read from its static slot)."""
+        return PLACEMENT_NAMES.get(self._row.placement, "device")
+
+    @property
+    def segment(self) -> int:
+        return self._row.segment
+
+    @property
+    def offset(self) -> int:
+        return self._row.offset
+
+    @property
+    def length(self) -> int:
+        return self._row.length
+
+    @property
+    def static_segment(self) -> int | None:
+        return self._row.static_segment if self._row.HasField("static_segment") else None
+
+    @property
+    def static_offset(self) -> int:
+        return self._row.static_offset
+
+    @property
+    def crc32c(self) -> int:
+        return self._row.crc32c
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tensor) and self._row == other._row
+
+    def __hash__(self) -> int:
+        return hash((self._row.name, self._row.segment, self._row.offset))
+
+    def __repr__(self) -> str:
+        return (
+            f"Tensor(name={self.name!r}, dtype={self.dtype!r}, shape={self.shape}, layer={self.layer}, "
+            f"placement={self.placement!r}, offset={self.offset}, length={self.length})"
+        )
+
+
+def _table(raw: pb.Lease) -> dict[str, Tensor]:
+    """The lease's rows by name."""
+    return {t.name: Tensor(t) for t in raw.tensors}
 
 class Lease:
     """A lease on a model (see :meth:`offloadd.Client.attach`).
@@ -117,22 +173,7 @@ class Lease:
         self.prefetch_step: int = raw.prefetch_slots
         #: cuda: IPC handles of the daemon's per-slot "copy done" events (async onloads).
         self.copy_done_events: list[bytes] = list(raw.copy_done_events)
-        self.tensors: dict[str, Tensor] = {
-            t.name: Tensor(
-                name=t.name,
-                dtype=t.dtype,
-                shape=tuple(t.shape),
-                layer=t.layer if t.HasField("layer") else None,
-                placement=PLACEMENT_NAMES.get(t.placement, "device"),
-                segment=t.segment,
-                offset=t.offset,
-                length=t.length,
-                static_segment=t.static_segment if t.HasField("static_segment") else None,
-                static_offset=t.static_offset,
-                crc32c=t.crc32c,
-            )
-            for t in raw.tensors
-        }
+        self.tensors: dict[str, Tensor] = _table(raw)
         self._maps: dict[int, mmap.mmap] = {}
         #: (st_dev, st_ino) of each mapped file, to tell whether a path still names it.
         self._map_ids: dict[int, tuple[int, int]] = {}

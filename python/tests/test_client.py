@@ -196,6 +196,13 @@ def test_a_200k_tensor_table_is_over_the_grpc_default_and_still_attaches(client:
     with client.attach("moe") as lease:
         assert len(lease.tensors) == n
         assert lease.numpy("model.layers.199.experts.998.w").tolist() == [199998 % 251] * 4
+        # Each row reads the daemon's answer in place, and is read-only like it.
+        t = lease.tensor("model.layers.199.experts.998.w")
+        assert (t.dtype, t.shape, t.layer, t.placement, t.length, t.static_segment) == ("U8", (4,), 199, "device", 4, None)
+        assert t == lease.tensors[t.name] and t != lease.tensor("model.layers.0.experts.0.w")
+        assert {t, lease.tensors[t.name]} == {t} and "experts.998" in repr(t)
+        with pytest.raises(AttributeError):
+            t.offset = 0  # type: ignore[misc]
     # GetModel pages the table (10,000 tensors an answer); the client follows the pages.
     table = client.get_model("moe", include_tensors=True)
     assert table.tensor_count == n and len({t.name for t in table.tensors}) == n
