@@ -299,7 +299,6 @@ class Client:
         )
 
 
-
 def _pages(specs: list[pb.TensorSpec]) -> list[list[pb.TensorSpec]]:
     """``specs`` in pages of at most SPECS_PER_MESSAGE specs and SPEC_BYTES_PER_MESSAGE bytes
     (a spec larger than that alone); one empty page for no specs, which still names the model."""
@@ -313,6 +312,7 @@ def _pages(specs: list[pb.TensorSpec]) -> list[list[pb.TensorSpec]]:
         pages[-1].append(spec)
         size += n
     return pages
+
 
 def _token_from_env() -> str | None:
     """``$OFFLOADD_TOKEN``, else the contents of ``$OFFLOADD_TOKEN_FILE`` (a mounted Secret)."""

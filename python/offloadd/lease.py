@@ -103,7 +103,8 @@ class Tensor:
 
     @property
     def placement(self) -> str:
-        """"device" (copy once), "uva" (read in place) or "prefetch" (read from its static slot)."""
+        """Where a worker reads it: "device" (copy once), "uva" (in place) or "prefetch" (from
+        its static slot)."""
         return PLACEMENT_NAMES.get(self._row.placement, "device")
 
     @property
