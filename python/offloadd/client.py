@@ -83,6 +83,12 @@ class Client:
         options: list[tuple[str, object]] = [
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 16 << 20),
+            # The daemon is a sidecar that restarts in well under a second. With gRPC's default
+            # reconnect backoff (1 s, growing to 120 s) a channel that saw it down would fail
+            # every call at once for up to two minutes after it is back.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         if target.startswith("/"):
             #: The Unix socket path, where the onload fast path is served; None over TCP.
@@ -112,12 +118,14 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request: object, timeout: float | None = None) -> object:
+    def _call(
+        self, method: str, request: object, timeout: float | None = None, wait_for_ready: bool = False
+    ) -> object:
         if self._closed:
             raise Unavailable(f"this client of {self.target} was closed; connect again")
         try:
             return getattr(self._stub, method)(
-                request, timeout=timeout or self.timeout, metadata=self._metadata
+                request, timeout=timeout or self.timeout, metadata=self._metadata, wait_for_ready=wait_for_ready
             )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -279,8 +287,12 @@ class Client:
             ),
         )
 
-    def keep_alive(self, lease_id: str) -> pb.KeepAliveResponse:
-        return self._call("KeepAlive", pb.KeepAliveRequest(lease_id=lease_id))
+    def keep_alive(
+        self, lease_id: str, wait_for_ready: bool = False, timeout: float | None = None
+    ) -> pb.KeepAliveResponse:
+        """Renews a lease. With ``wait_for_ready`` the call waits (up to ``timeout``) for a
+        daemon that is not reachable yet, instead of failing at once."""
+        return self._call("KeepAlive", pb.KeepAliveRequest(lease_id=lease_id), timeout, wait_for_ready)
 
     def detach_worker(self, lease_id: str) -> pb.DetachWorkerResponse:
         return self._call("DetachWorker", pb.DetachWorkerRequest(lease_id=lease_id))

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
     from .client import Client
 
+#: Seconds an onload that lost its connection waits to ask the daemon whether the lease lives:
+#: a restart takes well under a second, and the channel retries every second at most.
+CONFIRM_TIMEOUT = 2.0
+
 PLACEMENT_NAMES = {
     pb.PLACEMENT_DEVICE: "device",
     pb.PLACEMENT_UVA: "uva",
@@ -371,9 +375,11 @@ class Lease:
             raise self._mark_lost(e.message) from None
 
     def _confirm_alive(self) -> None:
-        """After a broken onload connection: a lease the daemon no longer knows is lost."""
+        """After a broken onload connection: a lease the daemon no longer knows is lost. The
+        daemon may be restarting, and the channel may still be waiting to reconnect after seeing
+        it down: the question waits briefly for an answer rather than taking that for one."""
         try:
-            self.client.keep_alive(self.id)
+            self.client.keep_alive(self.id, wait_for_ready=True, timeout=CONFIRM_TIMEOUT)
         except NotFound as e:
             raise self._mark_lost(e.message) from None
         except OffloaddError:

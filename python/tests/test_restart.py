@@ -55,6 +55,11 @@ def test_a_worker_carries_on_after_a_daemon_crash(tmp_path: Path, smol_dir: Path
     first_range = model.offloadd_lease.segment_range(0)
 
     d.stop(signal.SIGKILL)
+    # Calls while it is down fail (as the lease's renewals do), which leaves the channel
+    # waiting to reconnect when the daemon comes back.
+    for _ in range(3):
+        with pytest.raises(offloadd.Unavailable):
+            client.get_info()
     d = Daemon([str(smol_dir)], uds=uds, args=["--config", str(cfg)], pools_dir=pools)
     try:
         # The old lease is gone with the old daemon: the next forward says so instead of
