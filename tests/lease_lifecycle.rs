@@ -182,7 +182,9 @@ async fn an_attach_whose_caller_gave_up_leaves_no_lease() {
         ttl_ms: 600_000,
         ..Default::default()
     });
-    impatient.set_timeout(std::time::Duration::from_millis(20));
+    // Long enough for the daemon to have taken the call on a busy machine, and a quarter of
+    // the 370 ms that building this lease table takes in a debug build.
+    impatient.set_timeout(std::time::Duration::from_millis(100));
     let e = c.attach_worker(impatient).await.unwrap_err();
     // The client's own timer or the daemon's (grpc-timeout), whichever fires first.
     assert!(
