@@ -161,20 +161,7 @@ async fn fast_connections(addr: std::net::SocketAddr) -> f64 {
 /// its 600 s ttl and blocking SetBackend.
 #[tokio::test]
 async fn an_attach_whose_caller_gave_up_leaves_no_lease() {
-    let s = common::Scratch::new();
-    let root = s.models();
-    common::ckpt::write_file(
-        &root.join("moe.safetensors"),
-        &common::ckpt::experts(200_000),
-    );
-    let d = common::DaemonBuilder::new(&s)
-        .roots(&[&root])
-        .start()
-        .await
-        .unwrap();
-    let mut c = d.client().await;
-    common::cpu_pool(&mut c, "p", 64 << 20).await;
-    register(&mut c, "moe", &root.join("moe.safetensors"), None).await;
+    let mut f = moe_fixture(200_000).await;
 
     let mut impatient = tonic::Request::new(AttachWorkerRequest {
         model: "moe".into(),
@@ -185,25 +172,25 @@ async fn an_attach_whose_caller_gave_up_leaves_no_lease() {
     // Long enough for the daemon to have taken the call on a busy machine, and a quarter of
     // the 370 ms that building this lease table takes in a debug build.
     impatient.set_timeout(std::time::Duration::from_millis(100));
-    let e = c.attach_worker(impatient).await.unwrap_err();
+    let e = f.c.attach_worker(impatient).await.unwrap_err();
     // The client's own timer or the daemon's (grpc-timeout), whichever fires first.
     assert!(
         matches!(e.code(), Code::Cancelled | Code::DeadlineExceeded),
         "{e:?}"
     );
-    let ended = d
-        .wait_for_log(|v| v["message"] == "lease ended" && v["worker"] == "impatient")
-        .await;
+    let ended =
+        f.d.wait_for_log(|v| v["message"] == "lease ended" && v["worker"] == "impatient")
+            .await;
     assert_eq!(ended["reason"], "Undelivered");
-    assert_eq!(attached_workers(&mut c, "moe").await, 0);
-    c.set_backend(offloadd::proto::SetBackendRequest {
+    assert_eq!(attached_workers(&mut f.c, "moe").await, 0);
+    f.c.set_backend(offloadd::proto::SetBackendRequest {
         model: "moe".into(),
         backend: Some(offloadd::proto::UvaConfig::default().into()),
     })
     .await
     .unwrap();
     // A caller that waits gets its lease, and the table built meanwhile.
-    let lease = attach(&mut c, "moe", "patient").await;
+    let lease = attach(&mut f.c, "moe", "patient").await;
     assert_eq!(lease.tensors.len(), 10_000);
-    assert!(d.terminate().await.success());
+    assert!(f.d.terminate().await.success());
 }

@@ -4,11 +4,10 @@
 mod common;
 
 use common::workers::*;
-use common::{DaemonBuilder, Scratch, ckpt};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
-    AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, GetPoolRequest,
-    OnloadToStaticRequest, Placement, RegisterModelRequest, UvaConfig, UvaMode,
+    AttachWorkerRequest, DetachWorkerRequest, GetPoolRequest, OnloadToStaticRequest, Placement,
+    UvaConfig, UvaMode,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -310,41 +309,16 @@ async fn a_holding_worker_lets_go_when_its_daemon_dies() {
 #[tokio::test]
 async fn a_worker_attaches_to_a_200k_tensor_model() {
     const N: usize = 200_000;
-    let s = Scratch::new();
-    let root = s.models();
-    let tensors = ckpt::experts(N);
-    ckpt::write_file(&root.join("moe.safetensors"), &tensors);
-    let d = DaemonBuilder::new(&s)
-        .roots(&[&root])
-        .start()
-        .await
-        .unwrap();
-    let mut c = d.client().await;
-    c.create_pool(CreatePoolRequest {
-        name: "p".into(),
-        device: "cpu".into(),
-        size_bytes: 64 << 20,
-    })
-    .await
-    .unwrap();
-    c.register_model(RegisterModelRequest {
-        name: "moe".into(),
-        pool: "p".into(),
-        path: root.join("moe.safetensors").display().to_string(),
-        wait: true,
-        backend: None,
-    })
-    .await
-    .unwrap();
-    let done = WorkerProc::spawn(&d, "moe", &["--passes", "1"])
+    let mut f = moe_fixture(N).await;
+    let done = WorkerProc::spawn(&f.d, "moe", &["--passes", "1"])
         .finish()
         .await;
     assert_eq!(done["tensors_verified"].as_u64().unwrap() as usize, N);
 
     // A plain client with gRPC's default 4 MiB limit (as grpcurl has) reads the same lease
     // page by page: AttachWorker answers the first 10,000 rows, GetLeaseTensors the rest.
-    let lease = c
-        .attach_worker(offloadd::proto::AttachWorkerRequest {
+    let lease =
+        f.c.attach_worker(offloadd::proto::AttachWorkerRequest {
             model: "moe".into(),
             worker_name: "plain".into(),
             ..Default::default()
@@ -353,7 +327,7 @@ async fn a_worker_attaches_to_a_200k_tensor_model() {
         .unwrap()
         .into_inner();
     assert_eq!(lease.tensors.len(), 10_000);
-    let names: std::collections::HashSet<String> = common::pages::lease_rows(&mut c, &lease, 0)
+    let names: std::collections::HashSet<String> = common::pages::lease_rows(&mut f.c, &lease, 0)
         .await
         .into_iter()
         .map(|t| t.name)
@@ -364,14 +338,14 @@ async fn a_worker_attaches_to_a_200k_tensor_model() {
         page_token: token,
     };
     assert_eq!(names.len(), N, "every row once");
-    let e = c.get_lease_tensors(page("x".into())).await.unwrap_err();
+    let e = f.c.get_lease_tensors(page("x".into())).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    c.detach_worker(offloadd::proto::DetachWorkerRequest {
+    f.c.detach_worker(offloadd::proto::DetachWorkerRequest {
         lease_id: lease.lease_id.clone(),
     })
     .await
     .unwrap();
-    let e = c.get_lease_tensors(page("0".into())).await.unwrap_err();
+    let e = f.c.get_lease_tensors(page("0".into())).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "the lease has ended");
-    assert!(d.terminate().await.success());
+    assert!(f.d.terminate().await.success());
 }

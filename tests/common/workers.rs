@@ -29,10 +29,29 @@ pub struct Fixture {
 }
 
 pub async fn fixture(builder: impl FnOnce(DaemonBuilder<'_>) -> DaemonBuilder<'_>) -> Fixture {
+    let llama = ckpt::llama(LAYERS, 128, 256);
+    fixture_of(&llama, "m.safetensors", 8 << 20, builder).await
+}
+
+/// A daemon serving a mixture-of-experts checkpoint of `n` 4-byte tensors, registered as `moe`
+/// in a 64 MiB pool `p` (each tensor takes 256 bytes of it: room for 200k and more).
+pub async fn moe_fixture(n: usize) -> Fixture {
+    let mut f = fixture_of(&ckpt::experts(n), "moe.safetensors", 64 << 20, |b| b).await;
+    register(&mut f.c, "moe", &f.ckpt, None).await;
+    f
+}
+
+/// A daemon with `tensors` written to `file` under its roots and an empty cpu pool `p`.
+async fn fixture_of(
+    tensors: &[ckpt::Tensor],
+    file: &str,
+    pool_bytes: u64,
+    builder: impl FnOnce(DaemonBuilder<'_>) -> DaemonBuilder<'_>,
+) -> Fixture {
     let s = Scratch::new();
     let root = s.models();
-    let ckpt = root.join("m.safetensors");
-    ckpt::write_file(&ckpt, &ckpt::llama(LAYERS, 128, 256));
+    let ckpt = root.join(file);
+    ckpt::write_file(&ckpt, tensors);
     let d = builder(DaemonBuilder::new(&s).roots(&[&root]))
         .start()
         .await
@@ -41,7 +60,7 @@ pub async fn fixture(builder: impl FnOnce(DaemonBuilder<'_>) -> DaemonBuilder<'_
     c.create_pool(CreatePoolRequest {
         name: "p".into(),
         device: "cpu".into(),
-        size_bytes: 8 << 20,
+        size_bytes: pool_bytes,
     })
     .await
     .unwrap();
