@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,11 @@ def attach(c: offloadd.Client) -> int:
         return len(lease.tensors)
 
 
-def best(f: object, c: offloadd.Client, rounds: int, n: int) -> float:
+def best(f: Callable[[offloadd.Client], int], c: offloadd.Client, rounds: int, n: int) -> float:
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
-        assert f(c) == n  # type: ignore[operator]
+        assert f(c) == n
         times.append(time.perf_counter() - t)
     return min(times)
 

@@ -148,10 +148,6 @@ class Tensor:
         )
 
 
-def _table(raw: pb.Lease) -> dict[str, Tensor]:
-    """The lease's rows by name."""
-    return {t.name: Tensor(t) for t in raw.tensors}
-
 class Lease:
     """A lease on a model (see :meth:`offloadd.Client.attach`).
 
@@ -178,7 +174,7 @@ class Lease:
         self.prefetch_step: int = raw.prefetch_slots
         #: cuda: IPC handles of the daemon's per-slot "copy done" events (async onloads).
         self.copy_done_events: list[bytes] = list(raw.copy_done_events)
-        self.tensors: dict[str, Tensor] = _table(raw)
+        self.tensors: dict[str, Tensor] = {t.name: Tensor(t) for t in raw.tensors}
         self._maps: dict[int, mmap.mmap] = {}
         #: (st_dev, st_ino) of each mapped file, to tell whether a path still names it.
         self._map_ids: dict[int, tuple[int, int]] = {}
