@@ -12,7 +12,7 @@ use super::convert;
 use crate::core::Core;
 use crate::core::models::model::{Model, ModelState};
 use crate::core::models::{
-    ModelError, NewPublished, PendingLoad, PublishedTensor, RegisterRequest, wait_loaded,
+    ModelError, NewPublished, PendingLoad, PublishedTensor, RegisterRequest,
 };
 use crate::proto::{self, Encoded};
 
@@ -37,22 +37,27 @@ pub async fn register(
     if !r.wait {
         return Ok(snapshot);
     }
-    {
-        wait_loaded(&model).await;
-        let p = model.progress();
-        if p.state == ModelState::Failed {
-            let why = p.error.unwrap_or_default();
-            return Err(if model.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                ModelError::Cancelled(model.name.clone())
-            } else {
-                ModelError::LoadFailed {
-                    name: model.name.clone(),
-                    why,
-                }
+    // Waited for without holding the model: its ranges go back to the pool with the last
+    // holder, and an UnregisterModel during the load must find them freed when it returns,
+    // not when this call next gets to run.
+    let (mut done, progress) = (model.load_done.clone(), model.progress.subscribe());
+    let (name, cancel) = (model.name.clone(), Arc::clone(&model.cancel));
+    let model = Arc::downgrade(&model);
+    let _ = done.wait_for(|done| *done).await;
+    let p = progress.borrow().clone();
+    if p.state == ModelState::Failed {
+        return Err(if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            ModelError::Cancelled(name)
+        } else {
+            ModelError::LoadFailed {
+                name,
+                why: p.error.unwrap_or_default(),
             }
-            .into());
         }
+        .into());
     }
+    // READY, then unregistered before this answer: the registration did not last.
+    let model = model.upgrade().ok_or(ModelError::Cancelled(name))?;
     Ok(convert::model(&model))
 }
 

@@ -101,7 +101,8 @@ pub struct Model {
     pub tensors: Mutex<Arc<Vec<TensorEntry>>>,
     pub bytes: u64,
     pub progress: watch::Sender<Progress>,
-    pub cancel: AtomicBool,
+    /// Shared with a RegisterModel that waits for the load without holding the model.
+    pub cancel: Arc<AtomicBool>,
     pub backend: Mutex<Option<BackendConfig>>,
     pub attached: AtomicUsize,
     pub last_used: Mutex<Instant>,

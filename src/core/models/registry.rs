@@ -484,7 +484,7 @@ pub(super) fn new_model(m: NewModel) -> Model {
         tensors: Mutex::new(Arc::new(m.tensors)),
         bytes: m.bytes,
         progress,
-        cancel: AtomicBool::new(false),
+        cancel: Arc::new(AtomicBool::new(false)),
         backend: Mutex::new(m.backend),
         attached: AtomicUsize::new(0),
         last_used: Mutex::new(Instant::now()),
