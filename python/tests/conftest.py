@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import offloadd
+import placement
 from daemon import Daemon
 from smollm2 import ensure
 
@@ -48,14 +49,36 @@ def smol_daemon(smol_dir: Path) -> Iterator[Daemon]:
     assert d.stop() == 0
 
 
+class Reference:
+    """``from_pretrained`` of the same checkpoint: greedy token ids and logits for each prompt,
+    and how far its logits move when only the addresses of its weights change (placement.py)."""
+
+    def __init__(self, model: object, smol_dir: Path) -> None:
+        self.model, self.smol_dir = model, smol_dir
+        ids, logits, self.tolerance = placement.measure(model, self.run)
+        self.outputs = dict(zip(PROMPTS, zip(ids, logits)))
+        print(f"\nSmolLM2 reference: {self.tolerance.describe()}")
+
+    def run(self, model: object) -> tuple[list[object], list[object]]:
+        got = [generate(model, self.smol_dir, p) for p in PROMPTS]
+        return [ids for ids, _ in got], [logits for _, logits in got]
+
+    def check(self, label: str, got: dict[str, tuple[object, object]]) -> float:
+        """Token ids identical, logits within the measured tolerance; returns the logits' largest
+        difference."""
+        import torch
+
+        for prompt, (ids, _) in got.items():
+            assert torch.equal(ids, self.outputs[prompt][0]), f"{label}: tokens differ for {prompt!r}"
+        return self.tolerance.check(label, [got[p][1] for p in got], [self.outputs[p][1] for p in got])
+
+
 @pytest.fixture(scope="session")
-def reference(smol_dir: Path) -> dict[str, tuple[object, object]]:
-    """from_pretrained of the same checkpoint: greedy token ids and logits for each prompt."""
+def reference(smol_dir: Path) -> Reference:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
-    return {p: generate(model, smol_dir, p) for p in PROMPTS}
+    return Reference(AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval(), smol_dir)
 
 
 def generate(model: object, smol_dir: Path, prompt: str) -> tuple[object, object]:

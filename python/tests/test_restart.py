@@ -50,7 +50,7 @@ def test_a_worker_carries_on_after_a_daemon_crash(tmp_path: Path, smol_dir: Path
     list(client.watch_model("smol"))  # the config's registration loads in the background
     model = offloadd.hf.from_daemon(client, "smol", str(smol_dir), worker_name="survivor")
     before = generate(model, smol_dir, PROMPTS[0])
-    assert torch.equal(before[0], reference[PROMPTS[0]][0])
+    assert torch.equal(before[0], reference.outputs[PROMPTS[0]][0])
     first = model.offloadd_lease.id
     first_range = model.offloadd_lease.segment_range(0)
 

@@ -38,7 +38,7 @@ def test_two_workers_share_one_host_copy(smol_dir, reference):
             w.stdin.close()
             assert w.wait(timeout=60) == 0
         assert d.stop() == 0
-    want = reference[PROMPTS[0]][0][:8].tolist()
+    want = reference.outputs[PROMPTS[0]][0][:8].tolist()
     assert [r["tokens"] for r in reports] == [want, want]
     bound_kb = (model_bytes + sum(r["static_bytes"] for r in reports)) / 1024
     print(f"\nshared memory {shmem_kb_used} kB, Pss of pool+static mappings {pool_pss_kb} kB, "

@@ -1,7 +1,9 @@
 """SmolLM2-135M-Instruct, a real trained model, generating on weights the daemon serves.
 
-Every backend must give token ids *and logits* bit-identical to ``from_pretrained`` of the same
-checkpoint; a wrong next-prefetch table must not.
+Every backend must give token ids identical to ``from_pretrained`` of the same checkpoint, and
+logits within what moving ``from_pretrained``'s own weights in memory changes (placement.py:
+exact where this machine's kernels ignore addresses); a wrong next-prefetch table must fail by
+orders of magnitude more.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from transformers import AutoTokenizer
 
 import offloadd
 import offloadd.hf
-from conftest import PROMPTS, generate
+import placement
+from conftest import PROMPTS, Reference, generate
 from daemon import Daemon
 
 # (group_size, num_in_group, prefetch_step) -> offloaded layers of 30 and whether the
@@ -48,7 +51,7 @@ def run(client: offloadd.Client, smol_dir: Path, backend: object, lease_hook=Non
 
 
 @pytest.mark.parametrize("name", list(backends()))
-def test_generation_is_bit_identical_to_from_pretrained(name, smol_daemon: Daemon, smol_dir, reference):
+def test_generation_matches_from_pretrained(name, smol_daemon: Daemon, smol_dir, reference: Reference):
     with offloadd.connect(smol_daemon.uds) as client:
         model, got = run(client, smol_dir, backends()[name])
     lease = model.offloadd_lease
@@ -60,16 +63,13 @@ def test_generation_is_bit_identical_to_from_pretrained(name, smol_daemon: Daemo
         layer2 = {t.placement for t in lease.layer_tensors(2)}
         assert layer2 == {"uva", "device"}, f"layer 2 should be half placed: {layer2}"
         assert {t.placement for t in lease.layer_tensors(3)} == {"device"}
-    for prompt in PROMPTS:
-        want_ids, want_logits = reference[prompt]
-        ids, logits = got[prompt]
-        assert torch.equal(ids, want_ids), f"{name}: tokens differ for {prompt!r}"
-        assert torch.equal(logits, want_logits), f"{name}: logits differ for {prompt!r}"
+    diff = reference.check(name, got)
+    print(f"{name}: tokens identical, logits max |diff| {diff:.3g} ({reference.tolerance.describe()})")
     text = AutoTokenizer.from_pretrained(smol_dir).decode(got[PROMPTS[0]][0])
     assert "Paris" in text, text
 
 
-def test_everything_on_the_device(tmp_path, smol_dir, reference):
+def test_everything_on_the_device(tmp_path, smol_dir, reference: Reference):
     """No backend at all: every tensor is placed on the device (a separate model, no SetBackend)."""
     d = Daemon([str(smol_dir)])
     try:
@@ -79,27 +79,45 @@ def test_everything_on_the_device(tmp_path, smol_dir, reference):
             model = offloadd.hf.from_daemon(client, "dev", str(smol_dir))
             with model.offloadd_lease as lease:
                 assert {t.placement for t in lease.tensors.values()} == {"device"}
-                ids, logits = generate(model, smol_dir, PROMPTS[0])
-        want_ids, want_logits = reference[PROMPTS[0]]
-        assert torch.equal(ids, want_ids) and torch.equal(logits, want_logits)
+                got = {PROMPTS[0]: generate(model, smol_dir, PROMPTS[0])}
+        reference.check("device", got)
     finally:
         assert d.stop() == 0
 
 
-def test_a_wrong_prefetch_table_changes_the_tokens(smol_daemon: Daemon, smol_dir, reference):
+def test_a_wrong_prefetch_table_changes_the_tokens(smol_daemon: Daemon, smol_dir, reference: Reference):
     """The control: with two slots, onload layer k+3 after layer k instead of k+2. It lands in
     the slot of layer k+1, which then runs on the wrong weights. The comparison above must
-    catch that."""
+    catch that, by far more than the placement tolerance."""
     def corrupt(lease):
         n = len(lease.offloaded_layers)
         lease.prefetch_next = [lease.offloaded_layers[(k + 3) % n] for k in range(n)]
 
     with offloadd.connect(smol_daemon.uds) as client:
         _, got = run(client, smol_dir, offloadd.prefetch(1, 1, 2), corrupt)
-    want_ids, want_logits = reference[PROMPTS[0]]
+    want_ids, want_logits = reference.outputs[PROMPTS[0]]
     ids, logits = got[PROMPTS[0]]
-    assert not torch.equal(logits, want_logits)
     assert not torch.equal(ids, want_ids), "a wrong table must change the generated tokens"
+    first_step = placement.max_diff([logits[0]], [want_logits[0]])
+    assert first_step > 1000 * reference.tolerance.bound, (
+        f"a stale slot moves the first step's logits by {first_step:.3g}: not far enough beyond "
+        f"the {reference.tolerance.describe()}")
+    with pytest.raises(AssertionError, match="tokens differ"):
+        reference.check("wrong table", got)
+
+
+def test_the_tolerance_covers_placement_and_nothing_more(reference: Reference):
+    """The tolerance was measured with weights at a few shifts from a page boundary. At shifts
+    it never saw, from_pretrained's own weights still give the same tokens and logits within it.
+    The tolerance stays far below what the controls change (a wrong layer moves logits by
+    units), or it would hide them."""
+    for shift in placement.HELD_OUT_SHIFTS:
+        twin = placement.moved(reference.model, shift)
+        ids, logits = reference.run(twin)
+        got = dict(zip(PROMPTS, zip(ids, logits)))
+        diff = reference.check(f"weights moved by +{shift}", got)
+        print(f"moved +{shift}: logits max |diff| {diff:.3g}")
+    assert reference.tolerance.bound < 1e-3, f"a tolerance this wide hides real errors: {reference.tolerance.describe()}"
 
 
 def test_parameters_are_views_of_the_mapping(smol_daemon: Daemon, smol_dir):

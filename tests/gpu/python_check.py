@@ -40,10 +40,14 @@ sys.path.insert(0, str(REPO / "python"))
 sys.path.insert(0, str(REPO / "python" / "tests"))
 
 import offloadd  # noqa: E402
+import placement  # noqa: E402
 from offloadd import hf as ohf  # noqa: E402
 from offloadd.v1 import offloadd_pb2 as pb  # noqa: E402
 
 FAILURES: list[str] = []
+#: The logits' tolerance: how far the reference's own logits move with its weights elsewhere in
+#: device memory (python/tests/placement.py), measured in main().
+TOLERANCE = placement.Tolerance(0.0, {})
 PROMPTS = [[1, 450, 7483, 310, 3444, 338], [1, 822, 18755, 29898, 29876, 1125, 13, 1678]]
 NEW_TOKENS = 32
 
@@ -82,6 +86,7 @@ def compare(label: str, got: list, want: list) -> None:
     same_tokens = all(g[0] == w[0] for g, w in zip(got, want))
     diff = max(float((g[1] - w[1]).abs().max()) for g, w in zip(got, want))
     expect(same_tokens, f"{label}: tokens differ from the all-on-GPU model: {got[0][0][-8:]} vs {want[0][0][-8:]}")
+    expect(diff <= TOLERANCE.bound, f"{label}: logits differ by {diff:.3g}, beyond the {TOLERANCE.describe()}")
     print(f"  {label}: tokens {'identical' if same_tokens else 'DIFFER'} over {len(PROMPTS)} prompts x {NEW_TOKENS}; "
           f"logits max |diff| {diff:.3g}{' (bit-identical)' if diff == 0 else ''}", flush=True)
 
@@ -194,7 +199,15 @@ def main() -> None:
     expect(args.small or size >= 200e6, f"model is {size} bytes, want >= 200 MB")
 
     ref_model = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).to(device).eval()
-    want = generate(ref_model, device)
+
+    def outputs(m: torch.nn.Module) -> tuple[list[list[int]], list[torch.Tensor]]:
+        got = generate(m, device)
+        return [ids for ids, _ in got], [logits for _, logits in got]
+
+    global TOLERANCE
+    ids, logits, TOLERANCE = placement.measure(ref_model, outputs)
+    want = list(zip(ids, logits))
+    print(f"reference: {TOLERANCE.describe()}", flush=True)
     tps = {"all on GPU (from_pretrained)": decode_tps(ref_model, device)}
     del ref_model
     from safetensors import safe_open
