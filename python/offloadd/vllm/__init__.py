@@ -6,7 +6,8 @@ It uses only vLLM's public hooks: the ``vllm.general_plugins`` entry point (this
 
 - ``socket``: the daemon's Unix socket (default ``$OFFLOADD_SOCKET``, else
   ``/tmp/offloadd/offloadd.sock``) or ``host:port``;
-- ``pool``: the pool to publish into (default ``vllm``; created to fit when missing);
+- ``pool``: the pool to publish into (default ``vllm``; created to fit when missing; with
+  more than one rank, each rank publishes into ``{pool}-tp{r}-pp{p}``);
 - ``fallback``: when the daemon is down or holds this model under another fingerprint, load
   from disk with a warning (``true``, the default) or fail with the reason (``false``).
 """
@@ -16,9 +17,9 @@ from __future__ import annotations
 import logging
 
 #: vLLM versions this plugin was tested with (its hooks and offloader interface).
-TESTED_VLLM_VERSIONS = ("0.33.0",)
+TESTED_VLLM_VERSIONS = ("0.32.0", "0.33.0")
 
-log = logging.getLogger("offloadd.vllm")
+log = logging.getLogger("vllm.offloadd")
 
 
 def version_warning(version: str) -> str | None:

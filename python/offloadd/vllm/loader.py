@@ -1,16 +1,27 @@
 """``--load-format offloadd``: vLLM's default loader on first start, the daemon's copy after.
 
-First start: vLLM's DefaultModelLoader loads and post-processes (fusion, TP sharding,
-quantization) as usual, with vLLM's own offloader; every parameter of this rank is then
-published to the daemon under the rank's fingerprint. Later starts with the same fingerprint
-attach and bind without opening a checkpoint file, with offloadd's offloader in place of vLLM's
-when an offload backend is configured. A publication under another fingerprint never binds.
+Both run vLLM's own ``BaseModelLoader.load_model``: build the model, load its weights, then
+``process_weights_after_loading``. Only where the weights come from changes.
+
+First start: vLLM's DefaultModelLoader reads the checkpoint (fusing ``qkv_proj`` and
+``gate_up_proj``, sharding for tensor parallelism), with vLLM's own offloader. Every parameter
+of this rank is published to the daemon under the rank's fingerprint **before** the platform's
+post-processing, which may turn weights into something no other process can use (on CPU, each
+linear weight becomes a oneDNN handle and its parameter ``torch.empty(0)``; on GPU, quantized
+kernels repack). The publication is then read back and compared with the parameters, so one that
+could not serve is reported and removed at this start, not found out at the next.
+
+Later starts with the same fingerprint build the model, bind every parameter to the daemon's
+pool without opening a checkpoint file (with offloadd's offloader in place of vLLM's when an
+offload backend is configured), and run the post-processing again, as a disk load would. A
+publication under another fingerprint never binds.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import torch
 from torch import nn
@@ -28,14 +39,29 @@ from ..errors import NotFound, OffloaddError
 from ..v1 import offloadd_pb2 as pb
 from . import fingerprint
 from .offloader import OffloaddOffloader, backend_of, daemon_backend
-from .publish import BindError, check_fits, publish, published_fingerprint
+from .publish import BindError, check_fits, publish, published_fingerprint, rank_pool
 
-log = logging.getLogger("offloadd.vllm")
+# Under vLLM's logger, so its handler prints our lines with vLLM's own (INFO and up).
+log = logging.getLogger("vllm.offloadd")
 OPTIONS = {"socket", "pool", "fallback"}
 
 
 class OffloaddLoadError(RuntimeError):
-    """The daemon could not serve this model and ``fallback`` is false."""
+    """The daemon could not serve this model and ``fallback`` is false, or the engine's settings
+    cannot work with offloadd's offloader."""
+
+
+class _Publishing(DefaultModelLoader):
+    """vLLM's DefaultModelLoader, publishing the rank's weights between loading them and the
+    platform's post-processing (see the module doc)."""
+
+    def __init__(self, load_config: object, after_load: object) -> None:
+        super().__init__(load_config)
+        self.after_load = after_load
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        super().load_weights(model, model_config)
+        self.after_load(model)  # type: ignore[operator]
 
 
 @register_model_loader("offloadd")
@@ -66,6 +92,7 @@ class OffloaddModelLoader(BaseModelLoader):
         self.disk.load_weights(model, model_config)
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        refuse_uncapturable(vllm_config)
         fp = fingerprint.of(vllm_config, model_config)
         try:
             client = offloadd.connect(self.socket)
@@ -99,18 +126,25 @@ class OffloaddModelLoader(BaseModelLoader):
                     "start every engine of a model with the same --offload-* settings"
                 ) from None
         lease = client.attach(fp.model_name, worker_name=f"vllm-tp{fp.tp_rank}-pp{fp.pp_rank}")
+        if kind == "uva" and device.type == "cuda" and lease.uva_mode == pb.UVA_MODE_COPY_ON_USE:
+            try:
+                refuse_uncapturable(vllm_config, "uva with copy-on-use (the lease's uva mode)")
+            except OffloaddLoadError:
+                lease.close()
+                raise
         vllms_offloader = get_offloader()
         registered = _layer_registry(vllm_config)
         before = set(registered)
         try:
             offloader = OffloaddOffloader(kind, lease, device) if kind != "none" else None
             set_offloader(offloader if offloader is not None else vllms_offloader)
-            # With an offloader, each layer is bound as it is built; a parameter the publication
-            # lacks, or holds with another shape, stops the build (and falls back to disk).
-            with set_default_torch_dtype(model_config.dtype), device:
-                model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-            check_fits(model, lease.tensors)
-            _bind_rest(model, lease, offloader, device)
+            # vLLM's own load_model: build (with an offloader, each layer is bound as it is
+            # built; a parameter the publication lacks, or holds with another shape, stops the
+            # build and falls back to disk), bind the rest instead of reading, post-process.
+            binder = _Binding(self.load_config, lease, offloader, device)
+            started = time.perf_counter()
+            model = binder.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+            done = time.perf_counter()
         except BaseException:
             set_offloader(vllms_offloader)
             _forget_layers(registered, before)  # so a disk load can build the model again
@@ -118,22 +152,30 @@ class OffloaddModelLoader(BaseModelLoader):
             raise
         model.offloadd_lease = lease
         model.offloadd_offloader = offloader
-        self.outcome, self.reason = "attached", f"bound {fp.model_name} from offloadd"
-        log.info("offloadd: %s without reading the checkpoint", self.reason)
-        return model.eval()
+        self.outcome = "attached"
+        self.reason = (
+            f"attached {fp.model_name}: built and bound in {binder.bound_at - started:.2f} s without "
+            f"reading the checkpoint, post-processing {done - binder.bound_at:.2f} s"
+        )
+        log.info("offloadd: %s", self.reason)
+        return model
 
     def _publish(self, client, vllm_config, model_config, prefix, fp) -> nn.Module:
-        model = self.disk.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-        try:
-            publish(client, self.pool, fp, model, _wanted_backend(vllm_config))
-        except (OffloaddError, BindError) as e:
-            # The weights are loaded; only sharing is lost. Say why and serve anyway.
-            log.warning("offloadd: could not publish %s (%s); serving from this process's copy", fp.model_name, e)
-            self.outcome, self.reason = "disk", f"publish failed: {e}"
-            return model
-        self.outcome, self.reason = "published", f"published {fp.model_name} to pool {self.pool!r}"
-        log.info("offloadd: %s; later starts attach to it", self.reason)
-        return model
+        def after_load(model: nn.Module) -> None:
+            try:
+                publish(client, self.pool, fp, model, _wanted_backend(vllm_config))
+            except (OffloaddError, BindError) as e:
+                # The weights are loaded; only sharing is lost. Say why and serve anyway.
+                log.warning("offloadd: could not publish %s (%s); nothing of it is left in the daemon, so the "
+                            "next start publishes again; serving from this process's copy", fp.model_name, e)
+                self.outcome, self.reason = "disk", f"publish failed: {e}"
+                return
+            pool = rank_pool(self.pool, fp)
+            self.outcome, self.reason = "published", f"published {fp.model_name} to pool {pool!r}"
+            log.info("offloadd: %s; later starts attach to it", self.reason)
+
+        loader = _Publishing(self.disk.load_config, after_load)
+        return loader.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
 
     def _disk(self, vllm_config, model_config, prefix, why) -> nn.Module:
         if not self.fallback:
@@ -141,6 +183,45 @@ class OffloaddModelLoader(BaseModelLoader):
         log.warning("offloadd: %s; loading from disk", why)
         self.outcome, self.reason = "disk", why
         return self.disk.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+
+
+class _Binding(BaseModelLoader):
+    """vLLM's BaseModelLoader whose weights come from a lease instead of the checkpoint."""
+
+    def __init__(self, load_config: object, lease: offloadd.Lease, offloader: OffloaddOffloader | None,
+                 device: torch.device) -> None:
+        super().__init__(load_config)
+        self.lease, self.offloader, self.device = lease, offloader, device
+        self.bound_at = 0.0
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        return
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        check_fits(model, self.lease.tensors)
+        _bind_rest(model, self.lease, self.offloader, self.device)
+        self.bound_at = time.perf_counter()
+
+
+def refuse_uncapturable(vllm_config: VllmConfig, what: str | None = None) -> None:
+    """offloadd's prefetch offloader onloads from forward hooks (so does uva when the lease says
+    copy-on-use). A CUDA graph replays kernels, not Python hooks, and torch.compile traces them
+    into a graph that cannot call the daemon; either would run layers on stale weights. So the
+    combination is refused at start, never silently wrong. ``what`` names the hooked mode; by
+    default, prefetch when the engine asks for it."""
+    if what is None:
+        if backend_of(vllm_config.offload_config) != "prefetch":
+            return
+        what = "prefetch"
+    cc = vllm_config.compilation_config
+    # Both are enums whose NONE means off (CUDAGraphMode's other values are not all ints).
+    mode, graphs = (getattr(v, "name", "NONE") if v is not None else "NONE" for v in (cc.mode, cc.cudagraph_mode))
+    if (mode, graphs) != ("NONE", "NONE"):
+        raise OffloaddLoadError(
+            f"offloadd's {what} offloader moves weights from forward hooks, which CUDA graphs and "
+            f"torch.compile do not replay (compilation mode {mode}, cudagraph mode {graphs}); start "
+            "vLLM with --enforce-eager (LLM(..., enforce_eager=True))"
+        )
 
 
 def _wanted_backend(vllm_config: VllmConfig) -> object:
@@ -203,5 +284,7 @@ def _same_path_other_fingerprint(client: offloadd.Client, fp: fingerprint.Finger
         if m.name.startswith(fp.path_prefix) and m.name != fp.model_name:
             theirs = published_fingerprint(client, m.name)
             diff = fp.differences(theirs) if theirs else ["unreadable fingerprint"]
+            if all(d.startswith(("tp_rank:", "pp_rank:")) for d in diff):
+                continue  # another rank of the same engine: its shard, not a stale publication
             return f"offloadd holds {m.name} for this model under another fingerprint ({'; '.join(diff)})"
     return None

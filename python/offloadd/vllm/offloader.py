@@ -23,7 +23,7 @@ from vllm.model_executor.offloader.base import BaseOffloader, get_offloader, sho
 from .. import torch as ot
 from ..lease import Lease
 
-log = logging.getLogger("offloadd.vllm")
+log = logging.getLogger("vllm.offloadd")
 
 
 def backend_of(offload_config: object) -> str:
@@ -85,10 +85,26 @@ class OffloaddOffloader(BaseOffloader):
         modules = []
         for index, module in enumerate(modules_generator):
             ot.bind_layer(module, index, self.lease, self.prefix, self.device)
+            if self.device.type == "cpu":
+                self._keep_views(module, index)
             modules.append(module)
         self.layers = nn.ModuleList(modules)
         self.binding = ot.install_hooks(self.layers, self.lease, self.prefix, self.device)
         return modules
+
+    def _keep_views(self, layer: nn.Module, index: int) -> None:
+        """On vLLM's CPU platform, post-processing turns each linear weight into a private
+        oneDNN copy and drops the parameter: an offloaded layer would then hold neither the
+        pool's pages nor (for prefetch) the weights onloaded later. vLLM's own flag for layers
+        it leaves unpacked, ``_cpu_skip_gemm_dispatch``, keeps the weight and runs
+        ``F.linear`` on it, so the layer reads the pool (uva) or its static slot (prefetch)."""
+        for name, module in layer.named_modules():
+            weight = getattr(module, "weight", None)
+            if getattr(module, "quant_method", None) is None or not isinstance(weight, torch.Tensor):
+                continue
+            full = ".".join(p for p in (self.prefix, str(index), name, "weight") if p)
+            if self.lease.tensor(full).placement in ("prefetch", "uva"):
+                module._cpu_skip_gemm_dispatch = True
 
     def post_init(self) -> None:
         # vLLM #51396: offloading silently became a no-op when the runner moved the place where
@@ -104,12 +120,19 @@ class OffloaddOffloader(BaseOffloader):
         self.post_init_done = True
 
     def check_active(self) -> None:
-        """Run before the first forward: fails loudly if vLLM skipped our post_init."""
-        if not self.post_init_done or get_offloader() is not self:
+        """Run before every forward. Another offloader in our place fails loudly (a silent
+        no-op otherwise, vLLM #51396). A runner that never calls ``post_init`` (vLLM 0.32's
+        CPUModelRunner) while ours is the active offloader gets it here, before the first
+        forward, with the same checks."""
+        if get_offloader() is not self:
             raise RuntimeError(
-                "offloadd's offloader was installed but vLLM did not run its post_init "
-                f"(active offloader: {type(get_offloader()).__name__}); offloading would be a no-op"
+                "offloadd's offloader was installed but vLLM runs another one "
+                f"({type(get_offloader()).__name__}); offloading would be a no-op"
             )
+        if not self.post_init_done:
+            log.info("offloadd: this vLLM runner did not call the offloader's post_init; running it "
+                     "before the first forward")
+            self.post_init()
 
     def sync_prev_onload(self) -> None:
         # Each onload answers once its copy is complete: nothing is in flight.

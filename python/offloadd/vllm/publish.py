@@ -1,4 +1,5 @@
-"""Publishing a vLLM rank's processed parameters to the daemon, and binding them back."""
+"""Publishing a vLLM rank's loaded parameters to the daemon, checking that the publication can
+serve, and checking that it fits a model built later."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ..client import Client
-from ..errors import AlreadyExists, NotFound
+from ..errors import AlreadyExists, FailedPrecondition, NotFound
 from ..lease import torch_dtypes
 from ..v1 import offloadd_pb2 as pb
 from .fingerprint import FINGERPRINT_TENSOR, Fingerprint
@@ -36,8 +37,9 @@ def pool_bytes(params: Iterable[tuple[str, torch.Tensor]]) -> int:
 
 
 def publish(client: Client, pool: str, fp: Fingerprint, model: nn.Module, backend: pb.Backend | None) -> pb.Model:
-    """CreateModel, write every parameter through the pool file, SealModel. Raises
-    AlreadyExists when another process published the same fingerprint first."""
+    """CreateModel, write every parameter through the pool file, SealModel, then
+    :func:`verify`. Raises AlreadyExists when another process published the same fingerprint
+    first, BindError (with the publication removed) when it could not serve."""
     params = parameters(model)
     raw_fp = fp.to_bytes()
     specs = [pb.TensorSpec(name=FINGERPRINT_TENSOR, dtype="U8", shape=[len(raw_fp)])]
@@ -45,13 +47,8 @@ def publish(client: Client, pool: str, fp: Fingerprint, model: nn.Module, backen
         if p.dtype not in SAFETENSORS_DTYPES:
             raise BindError(f"{name} is {p.dtype}, which has no safetensors dtype")
         specs.append(pb.TensorSpec(name=name, dtype=SAFETENSORS_DTYPES[p.dtype], shape=list(p.shape)))
-    try:
-        client.get_pool(pool)
-    except NotFound:
-        try:
-            client.create_pool(pool, size_bytes=pool_bytes(params))
-        except AlreadyExists:
-            pass  # another rank created it meanwhile
+    pool = rank_pool(pool, fp)
+    _ensure_pool(client, pool, pool_bytes(params))
     created = client.create_model(fp.model_name, pool=pool, tensors=specs, backend=backend)
     try:
         offsets = {t.name: t.offset for t in created.tensors}
@@ -66,10 +63,56 @@ def publish(client: Client, pool: str, fp: Fingerprint, model: nn.Module, backen
                 del dst
         finally:
             os.close(fd)
-        return client.seal_model(fp.model_name)
+        client.seal_model(fp.model_name)
+        return verify(client, fp, model)
     except BaseException:
-        client.unregister_model(fp.model_name)  # nothing half-published
+        client.unregister_model(fp.model_name)  # nothing half-published, nothing unservable
         raise
+
+
+def rank_pool(pool: str, fp: Fingerprint) -> str:
+    """The pool a rank publishes into: ``pool`` itself for an engine of one rank, else one per
+    rank (``{pool}-tp{r}-pp{p}``), each sized to its own shard, so ranks never race to size or
+    resize a shared one."""
+    if fp.tp_size * fp.pp_size == 1:
+        return pool
+    return f"{pool}-tp{fp.tp_rank}-pp{fp.pp_rank}"
+
+
+def _ensure_pool(client: Client, pool: str, need: int) -> None:
+    """Creates the pool to fit when missing. An empty pool too small for this publication (made
+    for another, or left by one removed as unservable) is made again at the right size."""
+    try:
+        found = client.get_pool(pool)
+    except NotFound:
+        try:
+            client.create_pool(pool, size_bytes=need)
+        except AlreadyExists:
+            pass  # another rank created it meanwhile
+        return
+    if found.used_bytes == 0 and found.size_bytes < need:
+        try:
+            client.delete_pool(pool)
+            client.create_pool(pool, size_bytes=need)
+        except (AlreadyExists, FailedPrecondition, NotFound):
+            pass  # another rank got there first; CreateModel says whether it fits
+
+
+def verify(client: Client, fp: Fingerprint, model: nn.Module) -> pb.Model:
+    """Attaches to the sealed publication as a later start would, and checks that it carries
+    this fingerprint and exactly this model's parameters, byte for byte. Raises BindError naming
+    the first that differs: such a publication could not serve, and is caught here rather than
+    at the next start."""
+    name = fp.model_name
+    with client.attach(name, worker_name="offloadd-vllm-verify") as lease:
+        if lease.numpy(FINGERPRINT_TENSOR).tobytes() != fp.to_bytes():
+            raise BindError("the publication's fingerprint differs from the one this engine wrote")
+        check_fits(model, lease.tensors)
+        for pname, p in parameters(model):
+            theirs = lease.torch(pname).reshape(-1).view(torch.uint8)
+            if not torch.equal(theirs, p.detach().contiguous().cpu().reshape(-1).view(torch.uint8)):
+                raise BindError(f"the publication's {pname} differs from the weight this engine loaded")
+    return client.get_model(name)
 
 
 def _write(dst: torch.Tensor, offset: int, t: torch.Tensor) -> None:
