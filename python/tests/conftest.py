@@ -56,7 +56,7 @@ class Reference:
     def __init__(self, model: object, smol_dir: Path) -> None:
         self.model, self.smol_dir = model, smol_dir
         ids, logits, self.tolerance = placement.measure(model, self.run)
-        self.outputs = dict(zip(PROMPTS, zip(ids, logits)))
+        self.outputs = dict(zip(PROMPTS, zip(ids, logits, strict=True), strict=True))
         print(f"\nSmolLM2 reference: {self.tolerance.describe()}")
 
     def run(self, model: object) -> tuple[list[object], list[object]]:

@@ -114,7 +114,7 @@ def test_the_tolerance_covers_placement_and_nothing_more(reference: Reference):
     for shift in placement.HELD_OUT_SHIFTS:
         twin = placement.moved(reference.model, shift)
         ids, logits = reference.run(twin)
-        got = dict(zip(PROMPTS, zip(ids, logits)))
+        got = dict(zip(PROMPTS, zip(ids, logits, strict=True), strict=True))
         diff = reference.check(f"weights moved by +{shift}", got)
         print(f"moved +{shift}: logits max |diff| {diff:.3g}")
     assert reference.tolerance.bound < 1e-3, f"a tolerance this wide hides real errors: {reference.tolerance.describe()}"

@@ -395,7 +395,7 @@ def run_daemon(args, work, pinned):
     staging = [x for x in api.call("GetInfo", "GetInfoRequest", "GetInfoResponse").devices if x.id == "cuda:0"][0].staging
     expect(staging.allocated == (not pinned), f"{label}: the pinned staging ring exists only with an unpinned pool: {staging}")
     bigsize = 6 * 256 * MIB + 64 * MIB
-    big = api.call("CreatePool", "CreatePoolRequest", "Pool", name="big", device="cuda:0", size_bytes=bigsize)
+    api.call("CreatePool", "CreatePoolRequest", "Pool", name="big", device="cuda:0", size_bytes=bigsize)
     big_reg = api.call("GetPool", "GetPoolRequest", "Pool", name="big").registered_bytes
     with open(pool.path, "r+b") as f:
         pool_map = mmap.mmap(f.fileno(), 0)

@@ -109,7 +109,7 @@ def queue_wait(args, work, window):
                 onload(api, big, layer, async_copy=True)
         waited = []
 
-        def sync_small():
+        def sync_small(waited: list = waited):
             t1 = time.perf_counter()
             onload(api, small, small.offloaded_layers[0])
             waited.append(time.perf_counter() - t1)

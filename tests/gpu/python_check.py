@@ -83,8 +83,8 @@ def generate(model: torch.nn.Module, device: torch.device, new_tokens: int = NEW
 
 
 def compare(label: str, got: list, want: list) -> None:
-    same_tokens = all(g[0] == w[0] for g, w in zip(got, want))
-    diff = max(float((g[1] - w[1]).abs().max()) for g, w in zip(got, want))
+    same_tokens = all(g[0] == w[0] for g, w in zip(got, want, strict=True))
+    diff = max(float((g[1] - w[1]).abs().max()) for g, w in zip(got, want, strict=True))
     expect(same_tokens, f"{label}: tokens differ from the all-on-GPU model: {got[0][0][-8:]} vs {want[0][0][-8:]}")
     expect(diff <= TOLERANCE.bound, f"{label}: logits differ by {diff:.3g}, beyond the {TOLERANCE.describe()}")
     print(f"  {label}: tokens {'identical' if same_tokens else 'DIFFER'} over {len(PROMPTS)} prompts x {NEW_TOKENS}; "
@@ -206,7 +206,7 @@ def main() -> None:
 
     global TOLERANCE
     ids, logits, TOLERANCE = placement.measure(ref_model, outputs)
-    want = list(zip(ids, logits))
+    want = list(zip(ids, logits, strict=True))
     print(f"reference: {TOLERANCE.describe()}", flush=True)
     tps = {"all on GPU (from_pretrained)": decode_tps(ref_model, device)}
     del ref_model

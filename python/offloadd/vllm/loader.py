@@ -30,7 +30,6 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.offloader.base import get_offloader, set_offloader
-from vllm.utils.torch_utils import set_default_torch_dtype
 
 import offloadd
 
