@@ -4,11 +4,13 @@
 
 SPEC: {"ckpt", "load_format", "extra": {...}, "offload": {vLLM's offload keyword arguments},
 "tp": N, "enforce_eager": bool, "max_tokens": N, "corrupt_publication": bool, "in_process":
-bool, "hold": bool}. Prints one JSON line: for each prompt the greedy token ids and each sampled
+bool, "hold": bool, "f_linear": [weight names]}. Prints one JSON line: for each prompt the greedy token ids and each sampled
 token's logprob, and seconds from start to ready and to the first token. ``in_process`` runs the
 engine core and its worker in this process (vLLM's "uni" executor), which also times
 ``load_model``, its weights and its post-processing; ``hold`` then waits for stdin to close, so
-a benchmark can measure the process's memory. vLLM's logs, the plugin's included, go to
+a benchmark can measure the process's memory. ``f_linear`` makes vLLM's own disk load run the
+named weights' layers on its ``F.linear`` path (vLLM's ``_cpu_skip_gemm_dispatch``) instead of
+oneDNN, as offloadd's offloader does for the layers it offloads. vLLM's logs, the plugin's included, go to
 stdout and stderr.
 """
 
@@ -24,10 +26,12 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    if spec.get("in_process") or spec.get("corrupt_publication"):
+    if spec.get("in_process") or spec.get("corrupt_publication") or spec.get("f_linear"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         spec["distributed_executor_backend"] = "uni"
     timings = time_load_model() if spec.get("in_process") else {}
+    if spec.get("f_linear"):
+        unpacked(spec["f_linear"])
     if spec.get("corrupt_publication"):
         # Simulates a publication that cannot serve: one weight's bytes never reach the pool.
         # Needs the engine core and its worker in this process, where the patch applies.
@@ -61,11 +65,26 @@ def main() -> None:
         c = out.outputs[0]
         ids = list(c.token_ids)
         outputs.append({"prompt": out.prompt, "token_ids": ids, "text": c.text,
-                        "logprobs": [step[t].logprob for step, t in zip(c.logprobs, ids)]})
+                        "logprobs": [step[t].logprob for step, t in zip(c.logprobs, ids, strict=True)]})
     print(json.dumps({"outputs": outputs, "ready_s": ready - started, "first_token_s": first_token - ready,
                       **timings, "pid": os.getpid()}), flush=True)
     if spec.get("hold"):
         sys.stdin.read()
+
+
+def unpacked(weights: list[str]) -> None:
+    """Marks the modules of these weights as offloadd's offloader marks offloaded ones, after
+    DefaultModelLoader loads them and before vLLM post-processes them."""
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    load = DefaultModelLoader.load_weights
+
+    def load_weights(self: DefaultModelLoader, model: object, model_config: object) -> None:
+        load(self, model, model_config)
+        for name in weights:
+            model.get_submodule(name.rpartition(".")[0])._cpu_skip_gemm_dispatch = True  # type: ignore[attr-defined]
+
+    DefaultModelLoader.load_weights = load_weights  # type: ignore[method-assign]
 
 
 def time_load_model() -> dict[str, float]:
