@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -120,7 +120,7 @@ class Client:
 
     def _call(
         self, method: str, request: object, timeout: float | None = None, wait_for_ready: bool = False
-    ) -> object:
+    ) -> Any:
         if self._closed:
             raise Unavailable(f"this client of {self.target} was closed; connect again")
         try:

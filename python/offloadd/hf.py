@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import cast
 
 import torch
 import transformers
@@ -29,7 +30,7 @@ def model_class(config: transformers.PretrainedConfig) -> type[transformers.PreT
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    return transformers.AutoModel._model_mapping[type(config)]
+    return cast("type[transformers.PreTrainedModel]", transformers.AutoModel._model_mapping[type(config)])
 
 
 def from_daemon(
@@ -63,9 +64,7 @@ def from_daemon(
     except BaseException:
         lease.close()
         raise
-    m.offloadd_lease = lease
-    m.offloadd_binding = binding
-    m.offloadd_worker_name = worker_name
+    _keep(m, offloadd_lease=lease, offloadd_binding=binding, offloadd_worker_name=worker_name)
     return m.eval()
 
 
@@ -108,7 +107,7 @@ def bind_model(
 
 
 def reattach(
-    m: nn.Module, timeout: float = 60.0, async_copy: bool | None = None
+    m: transformers.PreTrainedModel, timeout: float = 60.0, async_copy: bool | None = None
 ) -> Lease:
     """After the lease of a :func:`from_daemon` model was lost (the daemon restarted, or the
     ttl passed), attaches to the same model again, retrying with backoff while the daemon is
@@ -116,15 +115,15 @@ def reattach(
     pool mapping is kept when the pool is the very same file (a restarted daemon adopts its
     pools and models from its journal); otherwise it is mapped again. Static slots are always
     new. Returns the new lease."""
-    old: Lease = m.offloadd_lease
-    binding: Binding = m.offloadd_binding
+    old = cast(Lease, m.offloadd_lease)
+    binding = cast(Binding, m.offloadd_binding)
     binding.remove()
     old.close()
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
         try:
-            lease = old.client.attach(old.model, worker_name=m.offloadd_worker_name, ttl=old.ttl)
+            lease = old.client.attach(old.model, worker_name=cast(str, m.offloadd_worker_name), ttl=old.ttl)
             break
         except (Unavailable, NotFound, FailedPrecondition) as e:
             if time.monotonic() + delay > deadline:
@@ -137,9 +136,16 @@ def reattach(
     # page faults on the first forward.
     lease.keep_pool_mapping(old)
     try:
-        m.offloadd_binding = bind_model(m, lease, binding.device, async_copy)
+        new_binding = bind_model(m, lease, binding.device, async_copy)
     except OffloaddError:
         lease.close()
         raise
-    m.offloadd_lease = lease
+    _keep(m, offloadd_lease=lease, offloadd_binding=new_binding)
     return lease
+
+
+def _keep(m: nn.Module, **state: object) -> None:
+    """Hangs offloadd's state on the model. (nn.Module's ``__setattr__`` is typed for tensors and
+    modules; for any other value it stores a plain attribute, as this does.)"""
+    for name, value in state.items():
+        object.__setattr__(m, name, value)

@@ -33,6 +33,8 @@ from .v1 import offloadd_pb2 as pb
 
 if TYPE_CHECKING:
     import torch
+    # Lease has a method named torch, which hides the module inside the class body.
+    from torch import Tensor as TorchTensor
 
     from .client import Client
 
@@ -178,7 +180,9 @@ class Lease:
         self._maps: dict[int, mmap.mmap] = {}
         #: (st_dev, st_ino) of each mapped file, to tell whether a path still names it.
         self._map_ids: dict[int, tuple[int, int]] = {}
-        self._torch_bases: dict[int, Any] = {}
+        # Torch tensors over whole segments: static ones by segment index, uva device views by
+        # ("uva", segment index) (cuda.py).
+        self._torch_bases: dict[int | tuple[str, int], Any] = {}
         self._fast: FastPath | None = None
         self._lock = threading.Lock()
         self._lost: str | None = None
@@ -308,7 +312,7 @@ class Lease:
         t = self.tensor(name)
         return self._torch_view(t.segment, t.offset, t)
 
-    def static(self, name: str) -> torch.Tensor:
+    def static(self, name: str) -> TorchTensor:
         """The tensor's static slot (prefetch tensors): a view of the lease's static buffers,
         valid once its layer was onloaded. On cpu a view of the shared-memory file; on cuda a
         device tensor over the daemon's buffer, opened by its CUDA IPC handle."""
@@ -327,7 +331,7 @@ class Lease:
             return _typed(base, t.static_offset, t)
         return self._torch_view(t.static_segment, t.static_offset, t)
 
-    def _torch_view(self, index: int, offset: int, t: Tensor) -> torch.Tensor:
+    def _torch_view(self, index: int, offset: int, t: Tensor) -> TorchTensor:
         import torch
 
         base = self._torch_bases.get(index)

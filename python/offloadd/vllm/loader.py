@@ -22,10 +22,11 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from typing import cast
 
 import torch
 from torch import nn
-from vllm.config import ModelConfig, VllmConfig
+from vllm.config import LoadConfig, ModelConfig, VllmConfig
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
@@ -54,7 +55,7 @@ class _Publishing(DefaultModelLoader):
     """vLLM's DefaultModelLoader, publishing the rank's weights between loading them and the
     platform's post-processing (see the module doc)."""
 
-    def __init__(self, load_config: object, after_load: object) -> None:
+    def __init__(self, load_config: LoadConfig, after_load: object) -> None:
         super().__init__(load_config)
         self.after_load = after_load
 
@@ -67,7 +68,7 @@ class _Publishing(DefaultModelLoader):
 class OffloaddModelLoader(BaseModelLoader):
     """See the module doc; options come from ``--model-loader-extra-config``."""
 
-    def __init__(self, load_config: object) -> None:
+    def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
         extra = dict(getattr(load_config, "model_loader_extra_config", None) or {})
         unknown = set(extra) - OPTIONS
@@ -187,7 +188,7 @@ class OffloaddModelLoader(BaseModelLoader):
 class _Binding(BaseModelLoader):
     """vLLM's BaseModelLoader whose weights come from a lease instead of the checkpoint."""
 
-    def __init__(self, load_config: object, lease: offloadd.Lease, offloader: OffloaddOffloader | None,
+    def __init__(self, load_config: LoadConfig, lease: offloadd.Lease, offloader: OffloaddOffloader | None,
                  device: torch.device) -> None:
         super().__init__(load_config)
         self.lease, self.offloader, self.device = lease, offloader, device
@@ -223,7 +224,7 @@ def refuse_uncapturable(vllm_config: VllmConfig, what: str | None = None) -> Non
         )
 
 
-def _wanted_backend(vllm_config: VllmConfig) -> object:
+def _wanted_backend(vllm_config: VllmConfig) -> pb.Backend:
     """The daemon's backend for this engine: vLLM's offload settings, or uva with a zero budget
     (everything on the device) when offloading is off."""
     return daemon_backend(vllm_config.offload_config) or offloadd.uva(0)
@@ -258,9 +259,9 @@ def _forget_layers(registry: dict, before: set) -> None:
         del registry[name]
 
 
-def _device(vllm_config: VllmConfig, load_config: object) -> torch.device:
+def _device(vllm_config: VllmConfig, load_config: LoadConfig) -> torch.device:
     device = getattr(load_config, "device", None) or vllm_config.device_config.device
-    return torch.device(device)
+    return torch.device(str(device))
 
 
 def _bind_rest(model: nn.Module, lease: offloadd.Lease, offloader: OffloaddOffloader | None,
@@ -269,7 +270,7 @@ def _bind_rest(model: nn.Module, lease: offloadd.Lease, offloader: OffloaddOfflo
     outside the decoder stack (embeddings, final norm, lm_head)."""
     prefix = ot.layer_prefix(lease)
     if offloader is None:
-        ot.bind(model.get_submodule(prefix), lease, prefix, device)
+        ot.bind(cast(nn.ModuleList, model.get_submodule(prefix)), lease, prefix, device)
     else:
         model.register_forward_pre_hook(lambda _m, _a: offloader.check_active())
     for name, _ in list(model.named_parameters()):

@@ -22,6 +22,7 @@ from vllm.model_executor.offloader.base import BaseOffloader, get_offloader, sho
 
 from .. import torch as ot
 from ..lease import Lease
+from ..v1 import offloadd_pb2 as pb
 
 log = logging.getLogger("vllm.offloadd")
 
@@ -38,7 +39,7 @@ def backend_of(offload_config: object) -> str:
     return backend if backend in ("prefetch", "uva") else "none"
 
 
-def daemon_backend(offload_config: object) -> object | None:
+def daemon_backend(offload_config: object) -> pb.Backend | None:
     """The daemon's backend with vLLM's settings, so its plan is vLLM's plan."""
     import offloadd
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -129,7 +129,7 @@ def published_fingerprint(client: Client, name: str) -> Fingerprint | None:
             return None
 
 
-def check_fits(model: nn.Module, lease_tensors: dict[str, object]) -> None:
+def check_fits(model: nn.Module, lease_tensors: Mapping[str, object]) -> None:
     """Raises BindError unless the publication holds exactly this model's parameters."""
     ours = {n: (tuple(p.shape), SAFETENSORS_DTYPES.get(p.dtype)) for n, p in parameters(model)}
     theirs = {
