@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -55,13 +56,13 @@ class _Publishing(DefaultModelLoader):
     """vLLM's DefaultModelLoader, publishing the rank's weights between loading them and the
     platform's post-processing (see the module doc)."""
 
-    def __init__(self, load_config: LoadConfig, after_load: object) -> None:
+    def __init__(self, load_config: LoadConfig, after_load: Callable[[nn.Module], None]) -> None:
         super().__init__(load_config)
         self.after_load = after_load
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         super().load_weights(model, model_config)
-        self.after_load(model)  # type: ignore[operator]
+        self.after_load(model)
 
 
 @register_model_loader("offloadd")
