@@ -422,6 +422,44 @@ async fn two_daemons_never_share_a_pool_directory() {
     };
     assert!(!status.success());
     assert!(
+        stderr.contains(&format!(
+            "another offloadd (pid {}) is using this directory",
+            first.pid()
+        )),
+        "{stderr}"
+    );
+    first
+        .client()
+        .await
+        .list_pools(ListPoolsRequest {})
+        .await
+        .unwrap();
+    assert!(first.terminate().await.success());
+}
+
+/// Deleting the owner file used to end the lock for newcomers: a second daemon then shared
+/// the directory, adopted the first's pool files and overwrote a model it still served.
+#[tokio::test]
+async fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = Scratch::new();
+    let first = DaemonBuilder::new(&s).start().await.unwrap();
+    let owner = s.pools_dir().join(".offloadd.lock");
+    let mode = std::fs::metadata(&owner).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the owner file tells no other uid anything");
+    std::fs::remove_file(&owner).unwrap();
+    let other = Scratch::new();
+    let Started::Exited { status, stderr } = DaemonBuilder::new(&other)
+        .arg("--set")
+        .arg(&format!("pools.dir={}", s.pools_dir().display()))
+        .try_start()
+        .await
+        .unwrap()
+    else {
+        panic!("a second daemon must not start on a pools.dir whose lock file was deleted");
+    };
+    assert!(!status.success());
+    assert!(
         stderr.contains("another offloadd is using this directory"),
         "{stderr}"
     );

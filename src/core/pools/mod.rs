@@ -21,8 +21,9 @@ use crate::vllm_env::VllmEnv;
 
 /// Pool files carry this prefix; startup sweeps only files with it or the static-buffer prefix.
 pub const POOL_FILE_PREFIX: &str = "offloadd-pool-";
-/// Held (flock) for the daemon's life so two daemons never share a pool directory.
-const LOCK_FILE: &str = ".offloadd.lock";
+/// Names the daemon that holds the pool directory (its pid), for the message a second daemon
+/// gets. The lock itself is the directory's, so deleting this file cannot break it.
+const OWNER_FILE: &str = ".offloadd.lock";
 
 #[derive(Debug, Error)]
 pub enum PoolError {
@@ -143,6 +144,20 @@ impl std::fmt::Debug for Pools {
     }
 }
 
+/// Writes this process's pid, readable by its owner alone (an older offloadd left it 0644).
+fn write_owner(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    writeln!(f, "{}", std::process::id())
+}
+
 impl Pools {
     /// Takes ownership of the pool directory: locks it. Files an earlier run left are adopted
     /// ([`Pools::adopt`]) or removed ([`Pools::sweep`]) next.
@@ -153,16 +168,24 @@ impl Pools {
             message,
         };
         std::fs::create_dir_all(&dir).map_err(|e| fail(format!("cannot create: {e}")))?;
-        let lock = File::create(dir.join(LOCK_FILE))
-            .map_err(|e| fail(format!("cannot create lock file: {e}")))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |_| {
-                fail(
-                    "another offloadd is using this directory; give each daemon its own pools.dir"
-                        .into(),
-                )
-            },
-        )?;
+        // flock on the directory itself, held for the daemon's life. A lock on a file inside it
+        // ended for newcomers when someone deleted the file: a second daemon made a new one,
+        // locked it, and adopted and overwrote pools the first still served.
+        let lock = File::open(&dir).map_err(|e| fail(format!("cannot open: {e}")))?;
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            let owner = std::fs::read_to_string(dir.join(OWNER_FILE))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map_or_else(
+                    || "another offloadd".to_string(),
+                    |pid| format!("another offloadd (pid {pid})"),
+                );
+            return Err(fail(format!(
+                "{owner} is using this directory; give each daemon its own pools.dir"
+            )));
+        }
+        write_owner(&dir.join(OWNER_FILE))
+            .map_err(|e| fail(format!("cannot write {OWNER_FILE}: {e}")))?;
         Ok(Self {
             params,
             inner: Mutex::new(Inner::default()),
