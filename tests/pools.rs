@@ -446,7 +446,7 @@ async fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
     let first = DaemonBuilder::new(&s).start().await.unwrap();
     let owner = s.pools_dir().join(".offloadd.lock");
     let mode = std::fs::metadata(&owner).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "the owner file tells no other uid anything");
+    assert_eq!(mode, 0o640, "the owner file tells other users nothing");
     std::fs::remove_file(&owner).unwrap();
     let other = Scratch::new();
     let Started::Exited { status, stderr } = DaemonBuilder::new(&other)

@@ -436,3 +436,21 @@ async fn ranges_of_a_model_not_adopted_stay_reserved_for_the_old_workers_ttl() {
     assert_eq!(pool(&mut c, "p").await.used_bytes, 0, "free after the ttl");
     assert!(d.terminate().await.success());
 }
+
+/// The journal holds checkpoint paths and tensor tables: the daemon's and its group's business,
+/// not every local user's (it was 0644).
+#[tokio::test]
+async fn journal_files_are_not_readable_by_other_users() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let st = Setup::new();
+    stopped_with_one_model(&st).await;
+    let files: Vec<_> = std::fs::read_dir(st.journal())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(files.len() >= 2, "a pools file and a model file: {files:?}");
+    for path in files {
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{}", path.display());
+    }
+}

@@ -12,6 +12,7 @@ mod model;
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
@@ -217,7 +218,15 @@ impl Journal {
         let tmp = self.dir.join(format!(".tmp-{file}"));
         let dest = self.dir.join(file);
         let written = (|| {
-            let mut f = File::create(&tmp)?;
+            // Checkpoint paths and tensor tables are the daemon's business and its group's (the
+            // pools are 0660), not every local user's.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o640)
+                .open(&tmp)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
             f.write_all(head.as_bytes())?;
             for part in body {
                 f.write_all(part)?;

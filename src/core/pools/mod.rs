@@ -144,7 +144,8 @@ impl std::fmt::Debug for Pools {
     }
 }
 
-/// Writes this process's pid, readable by its owner alone (an older offloadd left it 0644).
+/// Writes this process's pid, readable by the owner and the pools' group alone, as the journal
+/// (an older offloadd left it 0644).
 fn write_owner(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -152,9 +153,9 @@ fn write_owner(path: &std::path::Path) -> std::io::Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(0o640)
         .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
     writeln!(f, "{}", std::process::id())
 }
 
