@@ -454,3 +454,34 @@ async fn journal_files_are_not_readable_by_other_users() {
         assert_eq!(mode, 0o640, "{}", path.display());
     }
 }
+
+/// A pool file replaced by a symbolic link to a file outside `pools.dir` (the same bytes, even
+/// the same inode) is not adopted through the link: the pool is dropped with the reason, and
+/// the file it pointed to is left as it was.
+#[tokio::test]
+async fn a_pool_file_replaced_by_a_symlink_is_not_adopted() {
+    let st = Setup::new();
+    stopped_with_one_model(&st).await;
+    let [file] = pool_files(&st).try_into().expect("one pool file");
+    let inside = st.s.pools_dir().join(&file);
+    let outside = st.s.shm.path().join("elsewhere"); // beside pools.dir, on the same filesystem
+    std::fs::rename(&inside, &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, &inside).unwrap();
+    let before = std::fs::read(&outside).unwrap();
+    let d = st.daemon().start().await.unwrap();
+    let mut c = d.client().await;
+    let r = recovery(&mut c).await;
+    assert!(r.pools_adopted.is_empty(), "{r:?}");
+    let pool = r
+        .dropped
+        .iter()
+        .find(|x| x.kind == "pool")
+        .expect("the pool is dropped");
+    assert!(pool.reason.contains("symbolic link"), "{r:?}");
+    assert!(d.terminate().await.success());
+    assert_eq!(
+        std::fs::read(&outside).unwrap(),
+        before,
+        "the linked file is untouched"
+    );
+}

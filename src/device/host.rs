@@ -138,11 +138,20 @@ impl HostRegion {
     }
 
     /// Maps an existing file (made by another process) shared and writable, for its whole length.
+    /// A symbolic link is refused, not followed: the file must be the one at `path` itself, not
+    /// one outside the directory that someone linked there.
     pub fn open(path: &Path) -> Result<Self, HostMemError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => std::io::Error::other(
+                    "it is a symbolic link; offloadd maps only the pool files it made",
+                ),
+                _ => e,
+            })
             .map_err(io(path, "open"))?;
         let len = file.metadata().map_err(io(path, "stat"))?.len();
         if len == 0 {
