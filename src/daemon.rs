@@ -75,6 +75,9 @@ fn serve_options(config: &Config) -> Result<server::ServeOptions, DaemonError> {
     if let Some(addr) = s.unauthenticated_public_tcp() {
         tracing::warn!(%addr, "server.tcp_insecure: serving TCP on a non-loopback address WITHOUT authentication; anyone who reaches it controls this daemon");
     }
+    if let Some(addr) = s.tcp_around_peer_checks() {
+        tracing::warn!(%addr, "server.tcp_insecure: TCP callers are NOT checked against server.allowed_uids/allowed_gids; any local user who reaches this address controls this daemon");
+    }
     let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
     Ok(server::ServeOptions {
         drain_timeout: Duration::from_millis(s.drain_timeout_ms),

@@ -165,6 +165,44 @@ async fn unix_peers_outside_the_allowed_uids_are_refused_by_rpc_and_fast_path() 
     assert!(f.d.terminate().await.success());
 }
 
+/// With `allowed_uids`, an unauthenticated TCP listener let any local user around it over
+/// loopback (uid 65534 created a pool and detached root's lease). Now it refuses to start,
+/// loopback included, unless `tcp_insecure` says so, and then it warns.
+#[tokio::test]
+async fn allowed_uids_with_unauthenticated_tcp_is_refused_unless_insecure_is_explicit() {
+    let me = rustix::process::getuid().as_raw();
+    let s = Scratch::new();
+    let common::Started::Exited { status, stderr } = DaemonBuilder::new(&s)
+        .tcp()
+        .set(&format!("server.allowed_uids={me}"))
+        .try_start()
+        .await
+        .unwrap()
+    else {
+        panic!("started with allowed_uids and an unauthenticated TCP listener");
+    };
+    assert!(!status.success());
+    assert!(
+        stderr.contains("around them") && stderr.contains("server.tcp_insecure"),
+        "{stderr}"
+    );
+    let s = Scratch::new();
+    let d = DaemonBuilder::new(&s)
+        .tcp()
+        .set(&format!("server.allowed_uids={me}"))
+        .set("server.tcp_insecure=true")
+        .start()
+        .await
+        .unwrap();
+    d.wait_for_log(|v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("NOT checked against server.allowed_uids"))
+    })
+    .await;
+    assert!(d.terminate().await.success());
+}
+
 #[tokio::test]
 async fn connections_over_the_cap_are_closed_at_once_and_the_other_listener_answers() {
     let s = Scratch::new();

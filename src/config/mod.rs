@@ -53,8 +53,9 @@ pub struct ServerConfig {
     /// File holding the bearer token that TCP callers must send (`authorization: Bearer
     /// <token>`) for every offloadd.v1.Offload method; health and reflection stay open.
     pub auth_token_file: Option<PathBuf>,
-    /// Serve TCP on a non-loopback address without authentication (neither a token nor
-    /// client certificates). Refused unless set explicitly.
+    /// Serve TCP without authentication (neither a token nor client certificates) where that
+    /// is refused by default: on a non-loopback address, or on any address while
+    /// `allowed_uids`/`allowed_gids` restrict Unix-socket callers (TCP would go around them).
     pub tcp_insecure: bool,
     /// PEM certificate chain for TLS on the TCP listener; with `tls_key_file`. Unset: plaintext.
     pub tls_cert_file: Option<PathBuf>,
@@ -80,6 +81,17 @@ impl ServerConfig {
     pub fn unauthenticated_public_tcp(&self) -> Option<SocketAddr> {
         self.tcp_addr.filter(|a| {
             !a.ip().is_loopback()
+                && self.auth_token_file.is_none()
+                && self.tls_client_ca_file.is_none()
+        })
+    }
+
+    /// The TCP address when `allowed_uids` or `allowed_gids` restrict Unix-socket callers but
+    /// nothing authenticates TCP callers: any local user would reach the daemon around them over
+    /// loopback TCP. Startup refuses it unless `tcp_insecure`, and warns if so.
+    pub fn tcp_around_peer_checks(&self) -> Option<SocketAddr> {
+        self.tcp_addr.filter(|_| {
+            (!self.allowed_uids.is_empty() || !self.allowed_gids.is_empty())
                 && self.auth_token_file.is_none()
                 && self.tls_client_ca_file.is_none()
         })

@@ -59,6 +59,16 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
              server.tcp_insecure = true to serve it unauthenticated anyway"
         ));
     }
+    if let Some(addr) = srv.tcp_around_peer_checks()
+        && !srv.tcp_insecure
+    {
+        return invalid(format!(
+            "server.allowed_uids/allowed_gids admit only some Unix-socket callers, but server.tcp_addr = {addr} \
+             authenticates nobody: any local user could call the daemon over TCP around them, loopback \
+             included. Set server.auth_token_file or mutual TLS (server.tls_cert_file, server.tls_key_file, \
+             server.tls_client_ca_file), drop server.tcp_addr, or set server.tcp_insecure = true to accept it"
+        ));
+    }
     let window = c.leases.copy_window_bytes;
     if window != 0 && window < 16 << 20 {
         return invalid(format!(
