@@ -257,6 +257,14 @@ fn build_cases(root: &Path, outside: &Path) -> Vec<Case> {
         Code::InvalidArgument,
         &["is a FIFO, not a regular file"],
     ));
+    // open(2) of a socket fails with ENXIO, which was answered INTERNAL "No such device or address".
+    drop(std::os::unix::net::UnixListener::bind(p("sock.safetensors")).unwrap());
+    cases.push(case(
+        "a Unix socket",
+        p("sock.safetensors"),
+        Code::InvalidArgument,
+        &["is a socket, not a regular file"],
+    ));
     std::fs::create_dir_all(p("fifodir")).unwrap();
     mkfifo(&p("fifodir/model.safetensors"));
     cases.push(case(

@@ -106,6 +106,25 @@ fn open_beneath(path: &Path, roots: &[PathBuf]) -> Result<File, ModelError> {
     ) {
         Ok(fd) => Ok(File::from(fd)),
         Err(rustix::io::Errno::XDEV) => Err(outside()),
+        // open(2) answers ENXIO for a socket (and a device with no driver): say what it is.
+        Err(rustix::io::Errno::NXIO) => {
+            use rustix::fs::{AtFlags, FileType};
+            let kind = rustix::fs::statat(&dir, rel, AtFlags::empty())
+                .map(|st| FileType::from_raw_mode(st.st_mode));
+            Err(match kind {
+                Ok(FileType::Socket) => ModelError::NotRegularFile {
+                    path: path.to_path_buf(),
+                    kind: "a socket",
+                },
+                Ok(FileType::CharacterDevice | FileType::BlockDevice) => {
+                    ModelError::NotRegularFile {
+                        path: path.to_path_buf(),
+                        kind: "a device",
+                    }
+                }
+                _ => ModelError::io(path, rustix::io::Errno::NXIO.into()),
+            })
+        }
         // Kernels before 5.6: the name-based check above is all there is.
         Err(rustix::io::Errno::NOSYS) => OpenOptions::new()
             .read(true)
