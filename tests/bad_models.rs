@@ -235,7 +235,12 @@ fn build_cases(root: &Path, outside: &Path) -> Vec<Case> {
         &[],
     );
     small.pool = "small";
-    small.mentions = vec!["\"small\"".into(), "needs".into()];
+    // An empty pool: all of it is free, whatever ranges the refused model took on the way.
+    small.mentions = vec![
+        "\"small\"".into(),
+        "needs".into(),
+        "the pool has 1048576 of 1048576 bytes free".into(),
+    ];
     cases.push(small);
 
     let mut nopool = case("unknown pool", p("good.safetensors"), Code::NotFound, &[]);

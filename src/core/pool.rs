@@ -200,7 +200,16 @@ impl Pool {
                     for r in out {
                         st.ranges.free(r).expect("just taken");
                     }
-                    return Err(e);
+                    // The error counted the pool after this call's own earlier ranges (0 bytes
+                    // free, when they had filled it); report the pool as the caller finds it.
+                    return Err(match e {
+                        AllocError::Exhausted { len, .. } => AllocError::Exhausted {
+                            len,
+                            free: st.ranges.size() - st.ranges.used(),
+                            largest: st.ranges.largest_free(),
+                        },
+                        e => e,
+                    });
                 }
             }
         }
