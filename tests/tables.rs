@@ -66,12 +66,33 @@ async fn get_model_pages_a_large_table_within_default_message_limits() {
         got.len(),
         want.len()
     );
-    let small = c.get_model(page("24998", 7)).await.unwrap().into_inner();
+    let token = c
+        .get_model(page("", 24_998))
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    let small = c.get_model(page(&token, 7)).await.unwrap().into_inner();
     assert_eq!(small.tensors.len(), 2);
     assert!(small.next_page_token.is_empty());
-    let e = c.get_model(page("ten", 0)).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("next_page_token"), "{}", e.message());
+    // Tokens are opaque and bound to their table: neither a row number, nor something else,
+    // nor a lease's token passes for one of this model's.
+    let lease = c
+        .attach_worker(offloadd::proto::AttachWorkerRequest {
+            model: "moe".into(),
+            worker_name: "pager".into(),
+            page_size: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!lease.next_page_token.is_empty());
+    for forged in ["24998", "ten", lease.next_page_token.as_str()] {
+        let e = c.get_model(page(forged, 0)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{forged:?}");
+        assert!(e.message().contains("next_page_token"), "{}", e.message());
+    }
     assert!(d.terminate().await.success());
 }
 

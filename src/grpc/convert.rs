@@ -233,7 +233,7 @@ pub fn model_page(m: &Model, rows: std::ops::Range<usize>) -> proto::Model {
     };
     let (fitted, next) = super::paging::fit(rows.clone(), reply.tensor_count as usize, size);
     reply.tensors.truncate(fitted.len());
-    reply.next_page_token = next;
+    reply.next_page_token = super::paging::Scope::model(m).token(next);
     reply
 }
 

@@ -149,7 +149,7 @@ impl Offload for OffloadService {
         }
         let start = match r.page_token.as_str() {
             "" => 0,
-            t => paging::start_of(
+            t => paging::Scope::model(&model).start_of(
                 t,
                 "next_page_token of the previous answer, or none for the first page",
             )?,

@@ -79,8 +79,8 @@ impl Tables {
             |e, t| e.table = Some(t),
             || Rows::encode(m.tensors().iter().map(convert::tensor)),
         );
-        table.page(rows, MODEL_TENSORS, |next_page_token| proto::Model {
-            next_page_token,
+        table.page(rows, MODEL_TENSORS, |next| proto::Model {
+            next_page_token: paging::Scope::model(m).token(next),
             ..convert::model(m)
         })
     }
@@ -88,8 +88,8 @@ impl Tables {
     /// AttachWorker's answer: the lease with rows `rows` of its table. Blocking.
     pub fn lease(&self, l: &Lease, rows: Range<usize>) -> Encoded<proto::Lease> {
         self.lease_rows(l)
-            .page(rows, LEASE_TENSORS, |next_page_token| proto::Lease {
-                next_page_token,
+            .page(rows, LEASE_TENSORS, |next| proto::Lease {
+                next_page_token: paging::Scope::lease(l).token(next),
                 ..convert::lease(l)
             })
     }
@@ -97,11 +97,9 @@ impl Tables {
     /// GetLeaseTensors: rows `rows` of the lease's table. Blocking.
     pub fn lease_page(&self, l: &Lease, rows: Range<usize>) -> Encoded<proto::LeaseTensorPage> {
         self.lease_rows(l)
-            .page(rows, PAGE_TENSORS, |next_page_token| {
-                proto::LeaseTensorPage {
-                    tensors: Vec::new(),
-                    next_page_token,
-                }
+            .page(rows, PAGE_TENSORS, |next| proto::LeaseTensorPage {
+                tensors: Vec::new(),
+                next_page_token: paging::Scope::lease(l).token(next),
             })
     }
 
@@ -235,21 +233,21 @@ impl Rows {
     }
 
     /// Rows `rows` (fitted to the table and the page limit: [`paging::fit`]) as elements of
-    /// the repeated field `field` of the message `header` makes from the next page's token,
+    /// the repeated field `field` of the message `header` makes from the next page's first row,
     /// after its other fields. Protobuf decoders merge fields in any order, so the rows may
     /// follow every other field.
     fn page<H: Message>(
         &self,
         rows: Range<usize>,
         field: u32,
-        header: impl FnOnce(String) -> H,
+        header: impl FnOnce(Option<usize>) -> H,
     ) -> Encoded<H> {
         let size = |i| {
             let len = self.row(i).len();
             key_len(field) + encoded_len_varint(len as u64) + len
         };
-        let (rows, next_page_token) = paging::fit(rows, self.len(), size);
-        let header = header(next_page_token);
+        let (rows, next) = paging::fit(rows, self.len(), size);
+        let header = header(next);
         let body: usize = rows.clone().map(size).sum();
         let mut out = BytesMut::with_capacity(header.encoded_len() + body);
         header.encode_raw(&mut out);
@@ -294,8 +292,8 @@ mod tests {
             next_page_token: "30".into(),
             ..Default::default()
         };
-        let page = rows.page(10..30, MODEL_TENSORS, |next_page_token| proto::Model {
-            next_page_token,
+        let page = rows.page(10..30, MODEL_TENSORS, |next| proto::Model {
+            next_page_token: next.unwrap().to_string(),
             ..header.clone()
         });
         let got = proto::Model::decode(page.bytes().clone()).unwrap();
@@ -326,11 +324,9 @@ mod tests {
         let got = proto::Lease::decode(page.bytes().clone()).unwrap();
         assert_eq!(got.tensors, lease_rows);
         assert_eq!(got.prefetch_next, [3, 1]);
-        let page = rows.page(40..49, PAGE_TENSORS, |next_page_token| {
-            proto::LeaseTensorPage {
-                tensors: Vec::new(),
-                next_page_token,
-            }
+        let page = rows.page(40..49, PAGE_TENSORS, |next| proto::LeaseTensorPage {
+            tensors: Vec::new(),
+            next_page_token: next.unwrap().to_string(),
         });
         let got = proto::LeaseTensorPage::decode(page.bytes().clone()).unwrap();
         assert_eq!(got.tensors, lease_rows[40..49]);

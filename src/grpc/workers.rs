@@ -189,7 +189,7 @@ pub fn lease_page(
     r: &proto::GetLeaseTensorsRequest,
 ) -> Result<Encoded<proto::LeaseTensorPage>, Status> {
     let lease = core.leases.get(&r.lease_id)?;
-    let start = paging::start_of(
+    let start = paging::Scope::lease(&lease).start_of(
         &r.page_token,
         "Lease.next_page_token or the previous page's next_page_token",
     )?;
