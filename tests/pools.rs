@@ -406,10 +406,9 @@ async fn pools_declared_in_toml_are_created_at_startup() {
     );
 }
 
-#[tokio::test]
-async fn two_daemons_never_share_a_pool_directory() {
-    let s = Scratch::new();
-    let first = DaemonBuilder::new(&s).start().await.unwrap();
+/// Starts a second daemon on `s`'s pools.dir, which must exit; returns what it said, once
+/// `first`, still running there, has answered a call.
+async fn second_daemon_refused(s: &Scratch, first: &common::Daemon) -> String {
     let other = Scratch::new();
     let Started::Exited { status, stderr } = DaemonBuilder::new(&other)
         .arg("--set")
@@ -418,9 +417,23 @@ async fn two_daemons_never_share_a_pool_directory() {
         .await
         .unwrap()
     else {
-        panic!("second daemon on the same pools.dir must not start");
+        panic!("a second daemon on the same pools.dir must not start");
     };
     assert!(!status.success());
+    first
+        .client()
+        .await
+        .list_pools(ListPoolsRequest {})
+        .await
+        .unwrap();
+    stderr
+}
+
+#[tokio::test]
+async fn two_daemons_never_share_a_pool_directory() {
+    let s = Scratch::new();
+    let first = DaemonBuilder::new(&s).start().await.unwrap();
+    let stderr = second_daemon_refused(&s, &first).await;
     assert!(
         stderr.contains(&format!(
             "another offloadd (pid {}) is using this directory",
@@ -428,12 +441,6 @@ async fn two_daemons_never_share_a_pool_directory() {
         )),
         "{stderr}"
     );
-    first
-        .client()
-        .await
-        .list_pools(ListPoolsRequest {})
-        .await
-        .unwrap();
     assert!(first.terminate().await.success());
 }
 
@@ -448,26 +455,10 @@ async fn deleting_the_lock_file_does_not_let_a_second_daemon_in() {
     let mode = std::fs::metadata(&owner).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o640, "the owner file tells other users nothing");
     std::fs::remove_file(&owner).unwrap();
-    let other = Scratch::new();
-    let Started::Exited { status, stderr } = DaemonBuilder::new(&other)
-        .arg("--set")
-        .arg(&format!("pools.dir={}", s.pools_dir().display()))
-        .try_start()
-        .await
-        .unwrap()
-    else {
-        panic!("a second daemon must not start on a pools.dir whose lock file was deleted");
-    };
-    assert!(!status.success());
+    let stderr = second_daemon_refused(&s, &first).await;
     assert!(
         stderr.contains("another offloadd is using this directory"),
         "{stderr}"
     );
-    first
-        .client()
-        .await
-        .list_pools(ListPoolsRequest {})
-        .await
-        .unwrap();
     assert!(first.terminate().await.success());
 }
