@@ -218,15 +218,7 @@ impl Journal {
         let tmp = self.dir.join(format!(".tmp-{file}"));
         let dest = self.dir.join(file);
         let written = (|| {
-            // Checkpoint paths and tensor tables are the daemon's business and its group's (the
-            // pools are 0660), not every local user's.
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o640)
-                .open(&tmp)?;
-            f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+            let mut f = create_group_readable(&tmp)?;
             f.write_all(head.as_bytes())?;
             for part in body {
                 f.write_all(part)?;
@@ -240,6 +232,20 @@ impl Journal {
         }
         written.map_err(io(&dest))
     }
+}
+
+/// Creates (or truncates) `path` as mode 0640, whatever the umask or an older file's mode: what
+/// the daemon keeps in `pools.dir` beside the pools (checkpoint paths, tensor tables, its pid) is
+/// its business and its group's (the pools are 0660), not every local user's.
+pub fn create_group_readable(path: &Path) -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+    Ok(f)
 }
 
 fn model_file(name: &str) -> String {

@@ -144,18 +144,10 @@ impl std::fmt::Debug for Pools {
     }
 }
 
-/// Writes this process's pid, readable by the owner and the pools' group alone, as the journal
-/// (an older offloadd left it 0644).
+/// Writes this process's pid, mode 0640 as the journal (an older offloadd left it 0644).
 fn write_owner(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o640)
-        .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+    let mut f = super::journal::create_group_readable(path)?;
     writeln!(f, "{}", std::process::id())
 }
 
