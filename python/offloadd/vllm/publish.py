@@ -63,8 +63,9 @@ def publish(client: Client, pool: str, fp: Fingerprint, model: nn.Module, backen
                 del dst
         finally:
             os.close(fd)
-        client.seal_model(fp.model_name)
-        return verify(client, fp, model)
+        sealed = client.seal_model(fp.model_name)
+        verify(client, fp, model)
+        return sealed
     except BaseException:
         client.unregister_model(fp.model_name)  # nothing half-published, nothing unservable
         raise
@@ -88,36 +89,38 @@ def _ensure_pool(client: Client, pool: str, need: int) -> None:
         try:
             client.create_pool(pool, size_bytes=need)
         except AlreadyExists:
-            pass  # another rank created it meanwhile
+            pass  # an engine started beside this one created it meanwhile
         return
     if found.used_bytes == 0 and found.size_bytes < need:
         try:
             client.delete_pool(pool)
             client.create_pool(pool, size_bytes=need)
         except (AlreadyExists, FailedPrecondition, NotFound):
-            pass  # another rank got there first; CreateModel says whether it fits
+            pass  # an engine started beside this one got there first; CreateModel says whether it fits
 
 
-def verify(client: Client, fp: Fingerprint, model: nn.Module) -> pb.Model:
+def verify(client: Client, fp: Fingerprint, model: nn.Module) -> None:
     """Attaches to the sealed publication as a later start would, and checks that it carries
     this fingerprint and exactly this model's parameters, byte for byte. Raises BindError naming
     the first that differs: such a publication could not serve, and is caught here rather than
     at the next start."""
-    name = fp.model_name
-    with client.attach(name, worker_name="offloadd-vllm-verify") as lease:
+    with client.attach(fp.model_name, worker_name="offloadd-vllm-verify") as lease:
         if lease.numpy(FINGERPRINT_TENSOR).tobytes() != fp.to_bytes():
             raise BindError("the publication's fingerprint differs from the one this engine wrote")
         check_fits(model, lease.tensors)
         for pname, p in parameters(model):
-            theirs = lease.torch(pname).reshape(-1).view(torch.uint8)
-            if not torch.equal(theirs, p.detach().contiguous().cpu().reshape(-1).view(torch.uint8)):
+            if not torch.equal(_raw(lease.torch(pname)), _raw(p.detach())):
                 raise BindError(f"the publication's {pname} differs from the weight this engine loaded")
-    return client.get_model(name)
 
 
 def _write(dst: torch.Tensor, offset: int, t: torch.Tensor) -> None:
-    flat = t.contiguous().cpu().reshape(-1).view(torch.uint8)
+    flat = _raw(t)
     dst[offset : offset + flat.numel()].copy_(flat)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, on the CPU, as a flat uint8 tensor (a view when they already are)."""
+    return t.contiguous().cpu().reshape(-1).view(torch.uint8)
 
 
 def published_fingerprint(client: Client, name: str) -> Fingerprint | None:
