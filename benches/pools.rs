@@ -28,7 +28,7 @@ fn main() {
     let devices: Vec<Arc<dyn Device>> = vec![Arc::new(CpuDevice::new())];
     let pools = Pools::open(PoolsParams {
         dir: dir.path().to_path_buf(),
-        journal: offloadd::core::journal::Journal::new(dir.path()),
+        journal: offloadd::core::journal::Journal::new(dir.path(), false),
         budget: u64::MAX,
         devices: Devices::new(devices),
         env: VllmEnv::default(),

@@ -82,6 +82,8 @@ fn serve_options(config: &Config) -> Result<server::ServeOptions, DaemonError> {
     Ok(server::ServeOptions {
         drain_timeout: Duration::from_millis(s.drain_timeout_ms),
         max_connections: s.max_connections,
+        max_connections_per_peer: s.max_connections_per_peer,
+        handshake_timeout: Duration::from_millis(s.handshake_timeout_ms),
         idle_timeout: ms(s.idle_timeout_ms),
         keepalive: ms(s.keepalive_ms),
         max_fast_connections: s.max_fast_connections,
@@ -142,7 +144,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         .transpose()?;
     let max_host_bytes = config.pools.max_host_bytes.unwrap_or_else(default_budget);
 
-    let journal = Journal::new(&config.pools.dir);
+    let journal = Journal::new(&config.pools.dir, config.journal.required);
     let pools = Pools::open(PoolsParams {
         dir: config.pools.dir.clone(),
         journal: journal.clone(),
@@ -174,6 +176,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         journal: journal.clone(),
     });
     let keep_on_exit = config.pools.keep_on_exit;
+    let scrub = crate::core::scrub::ScrubStats::new(config.models.scrub_bytes_per_second);
     let verify_on_adopt = config.models.verify_on_adopt;
     let core = Arc::new(Core {
         node: Node::new(NodeParams {
@@ -188,6 +191,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         models,
         leases: Arc::clone(&leases),
         recovery: Recovery::default(),
+        scrub,
     });
     let verifications = adopt(
         &core,
@@ -203,6 +207,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         tokio::task::spawn_blocking(move || core.models.verify(job, &core.recovery));
     }
     tokio::spawn(leases.run_reaper());
+    crate::core::scrub::start(&core)?;
     create_startup_pools(&core, startup_pools).await?;
     register_startup_models(&core, startup_models).await?;
     tracing::info!(uds = %uds_path.display(), tcp = ?tcp_bound, "offloadd serving");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::workers::{LAYERS, fixture, prefetched, register};
@@ -262,10 +262,14 @@ async fn idle_connections_are_closed_but_never_during_a_call_or_a_stream() {
         .start()
         .await
         .unwrap();
-    // A silent connection is closed after the idle timeout.
+    // A connection silent after its HTTP/2 preface (the handshake) is closed after the idle
+    // timeout.
     let started = Instant::now();
     let mut silent = std::net::TcpStream::connect(d.tcp.unwrap()).unwrap();
     silent.set_read_timeout(Some(DEADLINE)).unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .unwrap();
     // It reads the daemon's HTTP/2 settings, then the end of the stream.
     silent
         .read_to_end(&mut Vec::new())

@@ -1,16 +1,15 @@
 //! Models an engine publishes itself: CreateModel (or CreateModelStream for spec lists over one
-//! message), writes through the pool file, SealModel. Through the real daemon, with a plain
-//! tonic client and gRPC's default 4 MiB message limit, as grpcurl has.
+//! message), WriteModel, SealModel. Through the real daemon, with a plain tonic client and
+//! gRPC's default 4 MiB message limit, as grpcurl has.
 
 mod common;
-
-use std::os::unix::fs::FileExt;
 
 use common::ckpt;
 use common::{DaemonBuilder, Scratch};
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
     CreateModelRequest, GetModelRequest, GetPoolRequest, ModelState, SealModelRequest, TensorSpec,
+    WriteModelRequest,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -24,6 +23,35 @@ async fn used(c: &mut OffloadClient<Channel>, name: &str) -> u64 {
         .unwrap()
         .into_inner()
         .used_bytes
+}
+
+/// One WriteModel call putting each `(pool offset, bytes)` of `writes` into model `name`.
+async fn write(
+    c: &mut OffloadClient<Channel>,
+    name: &str,
+    token: &str,
+    writes: Vec<(u64, Vec<u8>)>,
+) -> Result<u64, tonic::Status> {
+    let msgs: Vec<WriteModelRequest> = writes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (offset, data))| WriteModelRequest {
+            name: if i == 0 { name.into() } else { String::new() },
+            publish_token: if i == 0 { token.into() } else { String::new() },
+            offset,
+            data,
+        })
+        .collect();
+    c.write_model(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner().bytes_written)
+}
+
+fn seal(name: &str, token: &str) -> SealModelRequest {
+    SealModelRequest {
+        name: name.into(),
+        publish_token: token.into(),
+    }
 }
 
 /// `n` specs of 4-byte experts, as a mixture-of-experts engine would publish them.
@@ -80,6 +108,7 @@ async fn a_200k_tensor_model_is_published_through_a_stream_of_pages() {
     );
     assert_eq!(created.state(), ModelState::AwaitingSeal);
     assert_eq!(created.tensor_count, N as u64);
+    let created_token = created.publish_token.clone();
     let rows = common::pages::model_rows(&mut c, created, 0).await;
     assert_eq!(rows.len(), N);
     // In the order sent, each 4 bytes, none overlapping.
@@ -91,20 +120,16 @@ async fn a_200k_tensor_model_is_published_through_a_stream_of_pages() {
     assert!(ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
     assert!(used(&mut c, "p").await >= 4 * N as u64);
 
-    // The engine writes through the pool file; sealing checksums what it wrote.
-    let path = c
-        .get_pool(GetPoolRequest { name: "p".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .path;
-    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    for (i, r) in rows.iter().enumerate().step_by(997) {
-        file.write_all_at(&(i as u32).to_le_bytes(), r.offset)
-            .unwrap();
-    }
+    // The engine sends its bytes; sealing checksums what the daemon wrote.
+    let writes = rows
+        .iter()
+        .enumerate()
+        .step_by(997)
+        .map(|(i, r)| (r.offset, (i as u32).to_le_bytes().to_vec()))
+        .collect();
+    write(&mut c, "moe", &created_token, writes).await.unwrap();
     let sealed = c
-        .seal_model(SealModelRequest { name: "moe".into() })
+        .seal_model(seal("moe", &created_token))
         .await
         .unwrap()
         .into_inner();
@@ -147,14 +172,11 @@ async fn tables_of_long_names_are_paged_under_the_default_limit() {
         .into_inner();
     under_limit(prost::Message::encoded_len(&created));
     assert!(!created.tensors.is_empty() && created.tensors.len() < N);
+    let token = created.publish_token.clone();
     let rows = common::pages::model_rows(&mut c, created, N as u32).await;
     names(rows.into_iter().map(|r| r.name).collect());
 
-    c.seal_model(SealModelRequest {
-        name: "long".into(),
-    })
-    .await
-    .unwrap();
+    c.seal_model(seal("long", &token)).await.unwrap();
     let first = c
         .get_model(GetModelRequest {
             name: "long".into(),
@@ -272,34 +294,39 @@ async fn published_tensors_are_sealed_with_checksums() {
         .unwrap()
         .into_inner();
     assert_eq!(m.state(), ModelState::AwaitingSeal);
+    assert_eq!(m.publish_token.len(), 32, "an unguessable token");
+    let token = m.publish_token.clone();
     assert_eq!(m.tensors.len(), 2);
     assert_eq!(m.tensors[0].length, 2048);
     assert_eq!(m.tensors[1].length, 20);
-    // The engine writes through the shared pool file.
-    let p = c
-        .get_pool(GetPoolRequest { name: "p".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p.path)
-        .unwrap();
     let data: Vec<Vec<u8>> = m
         .tensors
         .iter()
         .enumerate()
         .map(|(i, t)| ckpt::bytes(t.length as usize, i as u64 + 7))
         .collect();
-    for (t, bytes) in m.tensors.iter().zip(&data) {
-        file.write_all_at(bytes, t.offset).unwrap();
-    }
+    let writes = m
+        .tensors
+        .iter()
+        .zip(&data)
+        .map(|(t, b)| (t.offset, b.clone()));
+    assert_eq!(
+        write(&mut c, "pub", &token, writes.collect())
+            .await
+            .unwrap(),
+        2068
+    );
     let sealed = c
-        .seal_model(SealModelRequest { name: "pub".into() })
+        .seal_model(seal("pub", &token))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(sealed.state(), ModelState::Ready);
+    assert!(sealed.durable, "{}", sealed.not_durable_reason);
+    assert!(
+        sealed.publish_token.is_empty(),
+        "only CreateModel answers the token"
+    );
     let m = c
         .get_model(GetModelRequest {
             name: "pub".into(),
@@ -312,10 +339,7 @@ async fn published_tensors_are_sealed_with_checksums() {
     for (t, bytes) in m.tensors.iter().zip(&data) {
         assert_eq!(t.crc32c, crc32c::crc32c(bytes));
     }
-    let err = c
-        .seal_model(SealModelRequest { name: "pub".into() })
-        .await
-        .unwrap_err();
+    let err = c.seal_model(seal("pub", &token)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let err = c
         .create_model(CreateModelRequest {

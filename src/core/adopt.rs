@@ -74,7 +74,7 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
         }
     }
     core.pools.sweep();
-    core.pools.write_journal();
+    let _ = core.pools.write_journal();
 
     let config_models: HashMap<&str, &ModelSpec> = p
         .config_models

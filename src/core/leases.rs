@@ -50,6 +50,10 @@ pub enum LeaseError {
         layer: u32,
         offloaded: Vec<u32>,
     },
+    #[error(
+        "model {model:?} is out of service: {why}; nothing is served from it: detach and register it again"
+    )]
+    OutOfService { model: String, why: String },
     #[error("worker_name must not be empty")]
     NoWorkerName,
     #[error("slot_free_event is only used with async_copy = true")]
@@ -207,6 +211,12 @@ impl Lease {
 
     /// The copies, buffers and slot for an offloaded layer.
     fn layer_ops(&self, layer: u32) -> Result<(&[CopyOp], &dyn StaticBuffer, usize), LeaseError> {
+        if let Some(why) = self.model.out_of_service() {
+            return Err(LeaseError::OutOfService {
+                model: self.model.name.clone(),
+                why: why.to_string(),
+            });
+        }
         let Some(pf) = &self.plan.prefetch else {
             return Err(LeaseError::NotPrefetch(self.model.name.clone()));
         };
@@ -331,7 +341,7 @@ impl Leases {
         match self.build(model.clone(), pools, req) {
             Ok(lease) => {
                 if model.pool().note_lease_ttl(lease.ttl) {
-                    pools.write_journal();
+                    let _ = pools.write_journal();
                 }
                 let lease = Arc::new(lease);
                 self.map

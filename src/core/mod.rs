@@ -12,6 +12,8 @@ pub mod pin_policy;
 pub mod pool;
 pub mod pools;
 pub mod recovery;
+pub mod scrub;
+mod secret;
 pub mod spares;
 pub mod static_budget;
 
@@ -26,4 +28,6 @@ pub struct Core {
     pub leases: std::sync::Arc<leases::Leases>,
     /// What this start brought back from the journal.
     pub recovery: recovery::Recovery,
+    /// The background checksum scrubber's settings and counts.
+    pub scrub: scrub::ScrubStats,
 }

@@ -1,5 +1,6 @@
 //! One host weight pool: an exact-size shared-memory file, its pin decision and its ranges.
 
+use crate::core::journal::Durability;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -30,6 +31,8 @@ pub struct Pool {
     max_lease_ttl_ms: AtomicU64,
     region: Arc<HostRegion>,
     alloc: Mutex<AllocState>,
+    /// What failed to reach the journal, shared by every pool and model of the daemon.
+    durability: Arc<Durability>,
 }
 
 #[derive(Debug)]
@@ -61,6 +64,7 @@ pub struct PoolParts {
     /// Adopted pools: the longest lease ttl the journal recorded.
     pub max_lease_ttl_ms: u64,
     pub region: Arc<HostRegion>,
+    pub durability: Arc<Durability>,
 }
 
 impl Pool {
@@ -84,7 +88,19 @@ impl Pool {
                 ranges: RangeAllocator::new(size),
                 retired: false,
             }),
+            durability: p.durability,
         }
+    }
+
+    /// Why this pool would not survive a restart (its journal write failed); None when it
+    /// would.
+    pub fn not_durable(&self) -> Option<String> {
+        self.durability.pools()
+    }
+
+    /// Why the named model of this pool would not survive a restart; None when it would.
+    pub fn model_not_durable(&self, model: &str) -> Option<String> {
+        self.durability.model(model)
     }
 
     /// Whether the pool is pinned now.

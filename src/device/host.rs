@@ -99,7 +99,12 @@ unsafe impl Sync for HostRegion {}
 
 impl HostRegion {
     /// Creates `path` (which must not exist) with exactly `len` bytes and maps it shared.
+    ///
+    /// Mode 0640 whatever the umask: workers of the file's group map it read-only, and only
+    /// the daemon writes it (publishers send their bytes through WriteModel), so no party
+    /// sharing the pool can change another's weights.
     pub fn create(path: &Path, len: u64) -> Result<Self, HostMemError> {
+        use std::os::unix::fs::PermissionsExt as _;
         if len == 0 {
             return Err(HostMemError::Empty);
         }
@@ -107,10 +112,12 @@ impl HostRegion {
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o660)
+            .mode(0o640)
             .open(path)
             .map_err(io(path, "create"))?;
         let region = (|| {
+            file.set_permissions(std::fs::Permissions::from_mode(0o640))
+                .map_err(io(path, "chmod"))?;
             file.set_len(len).map_err(io(path, "ftruncate"))?;
             Self::map(file, path, len as usize)
         })();
@@ -316,6 +323,30 @@ impl HostRegion {
             }
         }
         Ok(())
+    }
+
+    /// Copies `dst.len()` bytes at `offset` out of the region. Panics if out of bounds.
+    ///
+    /// Safe where [`HostRegion::slice`] is not: the bytes are copied through raw pointers and no
+    /// reference to shared memory is ever made, so another process (or root) writing the file
+    /// meanwhile changes only the values copied, as vm-memory's volatile reads allow.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) {
+        assert!(
+            offset
+                .checked_add(dst.len())
+                .is_some_and(|end| end <= self.len),
+            "read out of bounds"
+        );
+        // SAFETY: in bounds (checked above); the mapping lives as long as `self`; `dst` is our
+        // own memory, distinct from the mapping; racing writers outside this process can change
+        // the bytes read, not the validity of either range.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        }
     }
 
     /// A read-only view of `len` bytes at `offset`. Panics if the range is out of bounds.

@@ -10,12 +10,9 @@ pub trait Session {
     fn onload(&mut self, req: Request) -> Reply;
 }
 
-/// How long a connection may take to send its hello. Until it is bound to a lease nothing else
-/// would ever end it, so a client that stalls there must not hold a thread for good.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serves one connection until the worker closes it or the daemon shuts it down (the lease
-/// ended). `open` binds the hello's lease id to a session, or refuses with the reply to send.
+/// ended). The hello must come within `hello_timeout` (server.handshake_timeout_ms): until it
+/// is bound to a lease nothing else would end it, so a stalled client must not hold a thread. `open` binds the hello's lease id to a session, or refuses with the reply to send.
 /// Blocking.
 pub fn serve<S: Session>(
     stream: UnixStream,
@@ -53,6 +50,8 @@ mod tests {
 
     use super::*;
     use crate::fast::Request;
+
+    const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
     use crate::fast::{read_request, write_hello, write_request};
 
     struct Echo;

@@ -1,5 +1,5 @@
-//! Accepted connections: a cap per listener, an idle timeout, accept errors that back off, and
-//! who the peer is (SO_PEERCRED on the Unix socket, the address on TCP).
+//! Accepted connections: an idle timeout, accept errors that back off, and who the peer is
+//! (SO_PEERCRED on the Unix socket, the address on TCP). Caps are the gate's (`gate.rs`).
 //!
 //! Why here and not in tonic: tonic serves whatever stream of connections it is given, without
 //! limit, and keeps an HTTP/2 connection open for as long as the peer answers pings. A client
@@ -10,26 +10,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 
 use crate::metrics::Metrics;
-
-/// The limits every gRPC connection of one listener lives under.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Listener name for logs and metrics ("uds", "tcp").
-    pub listener: &'static str,
-    pub max_connections: usize,
-    /// Close a connection that had no call in flight for this long.
-    pub idle_timeout: Option<Duration>,
-}
 
 /// Who is at the other end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,10 +60,10 @@ impl Peer {
 /// What one connection's calls and its reader share: calls in flight and when the last one
 /// started or ended (milliseconds since the connection was accepted).
 #[derive(Debug)]
-struct Activity {
-    opened: Instant,
-    in_flight: AtomicUsize,
-    last_ms: AtomicU64,
+pub(super) struct Activity {
+    pub(super) opened: Instant,
+    pub(super) in_flight: AtomicUsize,
+    pub(super) last_ms: AtomicU64,
 }
 
 impl Activity {
@@ -96,7 +85,7 @@ impl Activity {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: Peer,
-    activity: Arc<Activity>,
+    pub(super) activity: Arc<Activity>,
 }
 
 impl ConnInfo {
@@ -155,12 +144,12 @@ impl Drop for CallGuard {
 
 /// An accepted connection: holds its listener's permit and ends (EOF to hyper) once idle.
 pub struct Conn<IO> {
-    io: IO,
-    info: ConnInfo,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    metrics: Arc<Metrics>,
-    listener: &'static str,
-    _permit: OwnedSemaphorePermit,
+    pub(super) io: IO,
+    pub(super) info: ConnInfo,
+    pub(super) idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) listener: &'static str,
+    pub(super) _admission: super::gate::Admission,
 }
 
 impl<IO> Connected for Conn<IO> {
@@ -233,70 +222,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
-    }
-}
-
-/// Admits connections of one listener up to its cap.
-#[derive(Clone)]
-pub struct Gate {
-    limits: Limits,
-    permits: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
-    /// Set while at the cap, so the warning is logged once per episode, not per connection.
-    full: Arc<AtomicBool>,
-}
-
-impl Gate {
-    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(limits.max_connections)),
-            limits,
-            metrics,
-            full: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// A permit for a new connection, or None at the cap: the caller closes the connection at
-    /// once, so it neither waits in the backlog nor holds an fd.
-    pub fn admit(&self, peer: &Peer) -> Option<OwnedSemaphorePermit> {
-        match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(p) => {
-                self.full.store(false, Ordering::Relaxed);
-                Some(p)
-            }
-            Err(_) => {
-                self.metrics.connection_refused(self.limits.listener);
-                if !self.full.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        listener = self.limits.listener,
-                        max_connections = self.limits.max_connections,
-                        %peer,
-                        "connection cap reached: closing new connections until some end (server.max_connections)"
-                    );
-                }
-                None
-            }
-        }
-    }
-
-    /// Wraps an admitted connection.
-    pub fn wrap<IO>(&self, io: IO, peer: Peer, permit: OwnedSemaphorePermit) -> Conn<IO> {
-        let activity = Arc::new(Activity {
-            opened: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            last_ms: AtomicU64::new(0),
-        });
-        Conn {
-            io,
-            info: ConnInfo { peer, activity },
-            idle: self
-                .limits
-                .idle_timeout
-                .map(|d| (d, Box::pin(tokio::time::sleep(d)))),
-            metrics: Arc::clone(&self.metrics),
-            listener: self.limits.listener,
-            _permit: permit,
-        }
     }
 }
 

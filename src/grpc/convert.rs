@@ -79,6 +79,8 @@ pub fn pool(p: &Pool) -> proto::Pool {
         registered_bytes: p.device.registered_bytes(p.region()).unwrap_or(0),
         adopted: p.previously_pinned.is_some(),
         previously_pinned: p.previously_pinned,
+        durable: p.not_durable().is_none(),
+        not_durable_reason: p.not_durable().unwrap_or_default(),
     }
 }
 
@@ -142,6 +144,36 @@ pub fn info(core: &Core) -> proto::GetInfoResponse {
             metrics_addr: p.metrics_bound.map(|a| a.to_string()).unwrap_or_default(),
         }),
         recovery: Some(recovery(core.recovery.snapshot())),
+        durability: Some(durability(core)),
+        scrub: Some(proto::Scrub {
+            bytes_per_second: core.scrub.bytes_per_second,
+            bytes_checked: core.scrub.bytes_checked(),
+            passes: core.scrub.passes(),
+            out_of_service: core.scrub.out_of_service(),
+        }),
+    }
+}
+
+fn durability(core: &Core) -> proto::Durability {
+    let journal = core.pools.journal();
+    let d = journal.durability();
+    let pools = match d.pools() {
+        Some(_) => core
+            .pools
+            .list()
+            .iter()
+            .map(|p| format!("pool {}", p.name))
+            .collect(),
+        None => Vec::new(),
+    };
+    proto::Durability {
+        journal_required: journal.required(),
+        journal_write_failures: d.failures(),
+        last_failure: d.last_failure().unwrap_or_default(),
+        not_durable: pools
+            .into_iter()
+            .chain(d.models().into_iter().map(|m| format!("model {m}")))
+            .collect(),
     }
 }
 
@@ -244,6 +276,7 @@ pub fn model(m: &Model) -> proto::Model {
 
 fn model_with(m: &Model, table: Option<std::ops::Range<usize>>) -> proto::Model {
     let p = m.progress();
+    let not_durable = m.pool().model_not_durable(&m.name);
     let tensors = m.tensors.lock().expect("tensors lock");
     proto::Model {
         name: m.name.clone(),
@@ -269,6 +302,13 @@ fn model_with(m: &Model, table: Option<std::ops::Range<usize>>) -> proto::Model 
         adopted: m.adopted,
         next_page_token: String::new(),
         load_seconds: p.load_time.map_or(0.0, |t| t.as_secs_f64()),
+        publish_token: String::new(),
+        // Only what is (or is meant to be) recorded can be durable: READY models.
+        durable: p.state == ModelState::Ready && not_durable.is_none(),
+        not_durable_reason: match p.state {
+            ModelState::Ready => not_durable.unwrap_or_default(),
+            _ => String::new(),
+        },
     }
 }
 

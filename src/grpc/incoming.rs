@@ -15,7 +15,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::AuthPolicy;
-use super::conn::{Backoff, Conn, Gate, Peer};
+use super::conn::{Backoff, Conn, Peer};
+use super::gate::{Admission, Gate};
 use super::tls::TcpIo;
 use super::workers::FastSession;
 use crate::fast;
@@ -25,8 +26,8 @@ use crate::metrics::Metrics;
 pub type FastOpen =
     Arc<dyn Fn(&str, &StdUnixStream) -> Result<FastSession, fast::Reply> + Send + Sync>;
 
-/// A client that has not sent four bytes by then is not one of ours (both protocols speak first).
-const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// What every HTTP/2 client sends first (RFC 9113 §3.4): a connection has spoken once it has.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the Unix socket's fast-path connections need besides the socket.
 #[derive(Clone)]
@@ -51,24 +52,29 @@ pub fn unix(
         let mut backoff = Backoff::default();
         while let Some((stream, _)) = accept("uds", || listener.accept(), &tx, &mut backoff).await {
             let peer = Peer::of_unix(&stream);
-            let Some(permit) = gate.admit(&peer) else {
+            let Some(admission) = gate.admit(&peer) else {
                 continue; // dropped: closed at once
             };
             let (tx, gate, fast) = (tx.clone(), gate.clone(), fast.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(SNIFF_TIMEOUT, first_bytes(&stream)).await {
+                // Both protocols speak first; one that has not within the deadline is closed,
+                // so silent connections hold their places for seconds, not minutes.
+                let deadline = gate.handshake_timeout();
+                match tokio::time::timeout(deadline, first_bytes(&stream)).await {
                     Ok(Ok(magic)) if magic == fast::MAGIC => {
-                        drop(permit); // fast-path connections count against their own cap
-                        admit_fast(stream, &peer, &fast).await;
+                        admit_fast(stream, &peer, &fast, admission, deadline).await;
                     }
-                    Ok(Ok(_)) => {
-                        let _ = tx.send(Ok(gate.wrap(stream, peer, permit))).await;
-                    }
+                    Ok(Ok(_)) => match tokio::time::timeout(deadline, preface(&stream)).await {
+                        Ok(Ok(())) => {
+                            let _ = tx.send(Ok(gate.wrap(stream, peer, admission))).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "not an HTTP/2 client; closed")
+                        }
+                        Err(_) => silent(&peer, deadline),
+                    },
                     Ok(Err(e)) => tracing::debug!(error = %e, "connection closed before it spoke"),
-                    Err(_) => tracing::debug!(
-                        timeout_s = SNIFF_TIMEOUT.as_secs(),
-                        "connection did not send four bytes in time; closed"
-                    ),
+                    Err(_) => silent(&peer, deadline),
                 }
             });
         }
@@ -90,37 +96,38 @@ pub fn tcp(
             accept("tcp", || listener.accept(), &tx, &mut backoff).await
         {
             let peer = Peer::Tcp(addr);
-            let Some(permit) = gate.admit(&peer) else {
+            let Some(admission) = gate.admit(&peer) else {
                 continue;
             };
             // Small request/response frames: Nagle would add up to 40 ms to each.
             let _ = stream.set_nodelay(true);
-            let Some(tls) = tls.clone() else {
-                if tx
-                    .send(Ok(gate.wrap(TcpIo::Plain(stream), peer, permit)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                continue;
-            };
-            let (tx, gate) = (tx.clone(), gate.clone());
+            let (tx, gate, tls) = (tx.clone(), gate.clone(), tls.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(SNIFF_TIMEOUT, tls.accept(stream)).await {
+                let deadline = gate.handshake_timeout();
+                let Some(tls) = tls else {
+                    match tokio::time::timeout(deadline, preface(&stream)).await {
+                        Ok(Ok(())) => {
+                            let io = TcpIo::Plain(stream);
+                            let _ = tx.send(Ok(gate.wrap(io, peer, admission))).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "not an HTTP/2 client; closed")
+                        }
+                        Err(_) => silent(&peer, deadline),
+                    }
+                    return;
+                };
+                match tokio::time::timeout(deadline, tls.accept(stream)).await {
                     Ok(Ok(s)) => {
-                        let _ = tx
-                            .send(Ok(gate.wrap(TcpIo::Tls(Box::new(s)), peer, permit)))
-                            .await;
+                        let io = TcpIo::Tls(Box::new(s));
+                        let _ = tx.send(Ok(gate.wrap(io, peer, admission))).await;
                     }
                     // A plaintext client, an untrusted or missing client certificate: the
                     // client sees the TLS alert; the daemon notes it and goes on.
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %e, "TLS handshake failed; connection closed")
                     }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake did not finish in time; closed")
-                    }
+                    Err(_) => silent(&peer, deadline),
                 }
             });
         }
@@ -154,14 +161,70 @@ where
     }
 }
 
+fn silent(peer: &Peer, deadline: Duration) {
+    tracing::debug!(%peer, timeout_ms = deadline.as_millis() as u64, "connection did not finish its handshake in time (server.handshake_timeout_ms); closed");
+}
+
 /// Peeks at the first four bytes without consuming them.
 async fn first_bytes(stream: &UnixStream) -> io::Result<[u8; 4]> {
     let mut head = [0u8; 4];
+    peek(stream, &mut head).await?;
+    Ok(head)
+}
+
+/// Waits, without consuming anything, until the peer has sent the whole HTTP/2 preface.
+async fn preface<S: Peek>(stream: &S) -> io::Result<()> {
+    let mut head = [0u8; H2_PREFACE.len()];
+    peek(stream, &mut head).await?;
+    match &head == H2_PREFACE {
+        true => Ok(()),
+        false => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the first bytes are not the HTTP/2 preface",
+        )),
+    }
+}
+
+/// A tokio socket whose pending bytes can be peeked at: the Unix and TCP streams.
+trait Peek: std::os::fd::AsFd {
+    fn ready(
+        &self,
+        interest: Interest,
+    ) -> impl std::future::Future<Output = io::Result<tokio::io::Ready>> + Send;
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
+
+impl Peek for UnixStream {
+    fn ready(
+        &self,
+        interest: Interest,
+    ) -> impl std::future::Future<Output = io::Result<tokio::io::Ready>> + Send {
+        UnixStream::ready(self, interest)
+    }
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        UnixStream::try_io(self, interest, f)
+    }
+}
+
+impl Peek for tokio::net::TcpStream {
+    fn ready(
+        &self,
+        interest: Interest,
+    ) -> impl std::future::Future<Output = io::Result<tokio::io::Ready>> + Send {
+        tokio::net::TcpStream::ready(self, interest)
+    }
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        tokio::net::TcpStream::try_io(self, interest, f)
+    }
+}
+
+/// Fills `head` with the first bytes the peer sent, leaving them to be read.
+async fn peek<S: Peek>(stream: &S, head: &mut [u8]) -> io::Result<()> {
     loop {
         let ready = stream.ready(Interest::READABLE).await?;
         let peeked = stream.try_io(Interest::READABLE, || {
             let (n, _) =
-                rustix::net::recv(stream, &mut head, RecvFlags::PEEK | RecvFlags::DONTWAIT)?;
+                rustix::net::recv(stream, &mut *head, RecvFlags::PEEK | RecvFlags::DONTWAIT)?;
             match n {
                 n if n >= head.len() => Ok(()),
                 // The peer hung up: what it sent is all there will be. (tokio never clears
@@ -172,7 +235,7 @@ async fn first_bytes(stream: &UnixStream) -> io::Result<[u8; 4]> {
             }
         });
         match peeked {
-            Ok(()) => return Ok(head),
+            Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -181,11 +244,17 @@ async fn first_bytes(stream: &UnixStream) -> io::Result<[u8; 4]> {
 
 /// Starts a fast-path connection on a thread of its own, or refuses it with a reply frame: a
 /// peer the policy does not allow, or no thread left under `server.max_fast_connections`.
-async fn admit_fast(stream: UnixStream, peer: &Peer, fast: &FastPath) {
+async fn admit_fast(
+    stream: UnixStream,
+    peer: &Peer,
+    fast: &FastPath,
+    mut admission: Admission,
+    hello_timeout: Duration,
+) {
     if let Err(status) = fast.policy.check_unix_peer(peer) {
         fast.metrics.auth_denied("uds");
         tracing::warn!(%peer, error = status.message(), "fast-path connection refused");
-        return refuse(stream, fast::Reply::from_status(&status)).await;
+        return refuse(stream, fast::Reply::from_status(&status), hello_timeout).await;
     }
     let Ok(permit) = Arc::clone(&fast.threads).try_acquire_owned() else {
         fast.metrics.connection_refused("fast");
@@ -197,15 +266,23 @@ async fn admit_fast(stream: UnixStream, peer: &Peer, fast: &FastPath) {
         return refuse(
             stream,
             fast::Reply::from_status(&tonic::Status::resource_exhausted(msg)),
+            hello_timeout,
         )
         .await;
     };
-    start_fast(stream, Arc::clone(&fast.open), permit);
+    // Fast-path connections count against their own cap, and still against their peer's.
+    admission.leave_listener_cap();
+    start_fast(
+        stream,
+        Arc::clone(&fast.open),
+        (permit, admission),
+        hello_timeout,
+    );
 }
 
 /// Reads the hello (so the worker's write does not fail) and answers it with `reply`, without a
 /// thread: refusals happen exactly when threads are scarce.
-async fn refuse(mut stream: UnixStream, reply: fast::Reply) {
+async fn refuse(mut stream: UnixStream, reply: fast::Reply, hello_timeout: Duration) {
     let read_hello = async {
         let mut head = [0u8; 8];
         stream.read_exact(&mut head).await?;
@@ -216,13 +293,18 @@ async fn refuse(mut stream: UnixStream, reply: fast::Reply) {
         reply.write_to(&mut frame)?;
         stream.write_all(&frame).await
     };
-    if let Ok(Err(e)) = tokio::time::timeout(fast::serve::HELLO_TIMEOUT, read_hello).await {
+    if let Ok(Err(e)) = tokio::time::timeout(hello_timeout, read_hello).await {
         tracing::debug!(error = %e, "refused fast-path connection closed early");
     }
 }
 
-/// Hands a fast-path connection to a blocking thread of its own, which holds `permit`.
-fn start_fast(stream: UnixStream, open: FastOpen, permit: OwnedSemaphorePermit) {
+/// Hands a fast-path connection to a blocking thread of its own, which holds its places.
+fn start_fast(
+    stream: UnixStream,
+    open: FastOpen,
+    places: (OwnedSemaphorePermit, Admission),
+    hello_timeout: Duration,
+) {
     let stream = match stream.into_std().and_then(|s| {
         s.set_nonblocking(false)?;
         Ok(s)
@@ -236,10 +318,8 @@ fn start_fast(stream: UnixStream, open: FastOpen, permit: OwnedSemaphorePermit) 
     let spawned = std::thread::Builder::new()
         .name("onload-fast".into())
         .spawn(move || {
-            let _permit = permit;
-            let served = fast::serve::serve(stream, fast::serve::HELLO_TIMEOUT, |id, conn| {
-                open(id, conn)
-            });
+            let _places = places;
+            let served = fast::serve::serve(stream, hello_timeout, |id, conn| open(id, conn));
             if let Err(e) = served {
                 tracing::debug!(error = %e, "fast-path connection ended with an error");
             }

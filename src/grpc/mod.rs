@@ -5,6 +5,7 @@ pub mod auth;
 mod blocking;
 mod conn;
 mod convert;
+mod gate;
 mod incoming;
 pub mod listen;
 mod models;

@@ -46,7 +46,12 @@ pub async fn register(
     let _ = done.wait_for(|done| *done).await;
     let p = progress.borrow().clone();
     if p.state == ModelState::Failed {
-        return Err(if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(if let Some(no_space) = p.journal_refused {
+            ModelError::NotDurable {
+                why: p.error.unwrap_or_default(),
+                no_space,
+            }
+        } else if cancel.load(std::sync::atomic::Ordering::Relaxed) {
             ModelError::Cancelled(name)
         } else {
             ModelError::LoadFailed {
@@ -176,12 +181,58 @@ async fn create_published(
 ) -> Result<Encoded<proto::Model>, Status> {
     let model = blocking(core, move |c| c.models.create_published(&c.pools, &req)).await?;
     let first = super::paging::rows(0, 0);
-    tokio::task::spawn_blocking(move || Encoded::new(&convert::model_page(&model, first)))
-        .await
-        .map_err(super::status::join_error)
+    tokio::task::spawn_blocking(move || {
+        let mut reply = convert::model_page(&model, first);
+        // The one answer that carries the token: the capability to write this publication.
+        reply.publish_token = model
+            .publication
+            .as_ref()
+            .map(|p| p.token().to_string())
+            .unwrap_or_default();
+        Encoded::new(&reply)
+    })
+    .await
+    .map_err(super::status::join_error)
 }
 
-pub async fn seal(core: &Arc<Core>, name: String) -> Result<proto::Model, Status> {
-    let model = blocking(core, move |c| c.models.seal(&name)).await?;
+/// Puts each message's bytes into the publication's tensors, one message at a time on a
+/// blocking thread (a copy of up to 16 MiB), so the router never waits on a copy.
+pub async fn write(
+    core: &Arc<Core>,
+    mut stream: tonic::Streaming<proto::WriteModelRequest>,
+) -> Result<proto::WriteModelResponse, Status> {
+    let (mut name, mut token) = (String::new(), String::new());
+    let mut written = 0u64;
+    while let Some(m) = stream.message().await? {
+        if name.is_empty() {
+            if m.name.is_empty() {
+                return Err(Status::invalid_argument(
+                    "WriteModel: the first message names the model and carries its publish_token",
+                ));
+            }
+            tracing::Span::current().record("model", m.name.as_str());
+            (name, token) = (m.name, m.publish_token);
+        } else if (!m.name.is_empty() && m.name != name)
+            || (!m.publish_token.is_empty() && m.publish_token != token)
+        {
+            return Err(Status::invalid_argument(format!(
+                "WriteModel: one call writes one model ({name:?}); a later message named another or another token"
+            )));
+        }
+        let (n, t) = (name.clone(), token.clone());
+        let len = m.data.len() as u64;
+        blocking(core, move |c| {
+            c.models.write_published(&n, &t, m.offset, &m.data)
+        })
+        .await?;
+        written += len;
+    }
+    Ok(proto::WriteModelResponse {
+        bytes_written: written,
+    })
+}
+
+pub async fn seal(core: &Arc<Core>, r: proto::SealModelRequest) -> Result<proto::Model, Status> {
+    let model = blocking(core, move |c| c.models.seal(&r.name, &r.publish_token)).await?;
     Ok(convert::model(&model))
 }

@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 
 use super::OffloadService;
 use super::auth::{AuthLayer, AuthPolicy};
-use super::conn::{Gate, Limits};
+use super::gate::{Gate, Limits};
 use super::incoming;
 use super::trace::RpcTraceLayer;
 use crate::proto::{self, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, offload_server::OffloadServer};
@@ -29,6 +29,10 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Per listener.
     pub max_connections: usize,
+    /// Per peer (uid or address) on each listener; 0 for none.
+    pub max_connections_per_peer: usize,
+    /// Time a new connection has to speak.
+    pub handshake_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     /// HTTP/2 ping interval: finds peers that vanished without closing (a killed pod).
     pub keepalive: Option<Duration>,
@@ -110,6 +114,8 @@ pub async fn serve(
             Limits {
                 listener,
                 max_connections: opts.max_connections,
+                max_per_peer: opts.max_connections_per_peer,
+                handshake_timeout: opts.handshake_timeout,
                 idle_timeout: opts.idle_timeout,
             },
             std::sync::Arc::clone(&metrics),

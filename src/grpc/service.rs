@@ -218,9 +218,17 @@ impl Offload for OffloadService {
         request: Request<proto::SealModelRequest>,
     ) -> Reply<Encoded<proto::Model>> {
         Ok(Response::new(
-            models::seal(&self.core, request.into_inner().name)
-                .await?
-                .into(),
+            models::seal(&self.core, request.into_inner()).await?.into(),
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = tracing::field::Empty))]
+    async fn write_model(
+        &self,
+        request: Request<tonic::Streaming<proto::WriteModelRequest>>,
+    ) -> Reply<proto::WriteModelResponse> {
+        Ok(Response::new(
+            models::write(&self.core, request.into_inner()).await?,
         ))
     }
 

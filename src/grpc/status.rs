@@ -30,9 +30,11 @@ fn pool_code(e: &PoolError) -> Code {
             Code::InvalidArgument
         }
         PoolError::AlreadyExists(_) => Code::AlreadyExists,
-        PoolError::OverBudget { .. } | PoolError::StaticsOverBudget { .. } => {
-            Code::ResourceExhausted
-        }
+        PoolError::OverBudget { .. }
+        | PoolError::StaticsOverBudget { .. }
+        | PoolError::NoSpace { .. }
+        | PoolError::NotDurable { no_space: true, .. } => Code::ResourceExhausted,
+        PoolError::NotDurable { .. } => Code::FailedPrecondition,
         PoolError::NotFound(_) => Code::NotFound,
         PoolError::DeviceFaulted { .. } => Code::Unavailable,
         PoolError::InUse { .. } => Code::FailedPrecondition,
@@ -80,7 +82,11 @@ fn model_code(e: &ModelError) -> Code {
         | E::BadFile { .. }
         | E::NotRegularFile { .. }
         | E::BadTensorSpec { .. }
+        | E::OutsideTensors { .. }
         | E::Backend(_) => Code::InvalidArgument,
+        E::NotPublisher(_) => Code::PermissionDenied,
+        E::NotDurable { no_space: true, .. } => Code::ResourceExhausted,
+        E::NotDurable { .. } => Code::FailedPrecondition,
         E::AlreadyExists(_) => Code::AlreadyExists,
         E::NotFound(_) | E::PoolNotFound(_) | E::PathNotFound(_) | E::MissingShard { .. } => {
             Code::NotFound
@@ -109,7 +115,9 @@ impl From<LeaseError> for Status {
             | LeaseError::ReplyTooLarge { .. } => Code::ResourceExhausted,
             LeaseError::Pool(p) => pool_code(p),
             LeaseError::Model(m) => model_code(m),
-            LeaseError::NotReady { .. } | LeaseError::NotPrefetch(_) => Code::FailedPrecondition,
+            LeaseError::NotReady { .. }
+            | LeaseError::NotPrefetch(_)
+            | LeaseError::OutOfService { .. } => Code::FailedPrecondition,
             LeaseError::LayerNotOffloaded { .. }
             | LeaseError::NoWorkerName
             | LeaseError::SlotFreeWithoutAsync => Code::InvalidArgument,

@@ -20,6 +20,7 @@ const MUTATING: &[&str] = &[
     "RegisterModel",
     "CreateModel",
     "CreateModelStream",
+    "WriteModel",
     "SealModel",
     "UnregisterModel",
     "SetBackend",

@@ -72,6 +72,7 @@ pub fn keep_alive(core: &Core, id: &str) -> Result<proto::KeepAliveResponse, Sta
             .expires()
             .saturating_duration_since(Instant::now())
             .as_millis() as u64,
+        model_out_of_service: lease.model.out_of_service().unwrap_or_default().to_string(),
     })
 }
 

@@ -72,6 +72,7 @@ pub struct Metrics {
     fast_connections: Gauge,
     connections_refused: Family<ListenerLabels, Counter>,
     connections_closed_idle: Family<ListenerLabels, Counter>,
+    connections_refused_peer: Family<ListenerLabels, Counter>,
     auth_denied: Family<ListenerLabels, Counter>,
     pool_size: Family<PoolLabels, Gauge>,
     pool_used: Family<PoolLabels, Gauge>,
@@ -85,6 +86,10 @@ pub struct Metrics {
     pools_committed: Gauge,
     pools_budget: Gauge,
     table_cache: Gauge,
+    journal_write_failures: Gauge,
+    not_durable: Gauge,
+    scrub_checked: Gauge,
+    out_of_service: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -117,6 +122,7 @@ impl Metrics {
             fast_connections: Gauge::default(),
             connections_refused: Family::default(),
             connections_closed_idle: Family::default(),
+            connections_refused_peer: Family::default(),
             auth_denied: Family::default(),
             pool_size: Family::default(),
             pool_used: Family::default(),
@@ -130,6 +136,10 @@ impl Metrics {
             pools_committed: Gauge::default(),
             pools_budget: Gauge::default(),
             table_cache: Gauge::default(),
+            journal_write_failures: Gauge::default(),
+            not_durable: Gauge::default(),
+            scrub_checked: Gauge::default(),
+            out_of_service: Gauge::default(),
         };
         r.register(
             "rpc_requests",
@@ -170,6 +180,11 @@ impl Metrics {
             "connections_closed_idle",
             "gRPC connections closed after server.idle_timeout_ms with no call in flight",
             m.connections_closed_idle.clone(),
+        );
+        r.register(
+            "connections_refused_peer",
+            "Connections closed on arrival because their peer (a uid on the Unix socket, an address on TCP) held server.max_connections_per_peer already",
+            m.connections_refused_peer.clone(),
         );
         r.register(
             "auth_denied",
@@ -236,6 +251,26 @@ impl Metrics {
             "Heap bytes of the encoded tensor tables kept for GetModel and AttachWorker pages (about 70 a row, per model and per lease backend)",
             m.table_cache.clone(),
         );
+        r.register(
+            "journal_write_failures",
+            "Journal writes that failed since the daemon started (GetInfo durability.last_failure says why)",
+            m.journal_write_failures.clone(),
+        );
+        r.register(
+            "not_durable",
+            "Pools and models served now that a restart would not bring back, their journal write having failed",
+            m.not_durable.clone(),
+        );
+        r.register(
+            "scrub_checked_bytes",
+            "Bytes of READY models the scrubber re-read and checksummed since the daemon started",
+            m.scrub_checked.clone(),
+        );
+        r.register(
+            "models_out_of_service",
+            "Models taken out of service because the scrubber found their bytes changed",
+            m.out_of_service.clone(),
+        );
         *m.registry.lock().expect("registry lock") = r;
         m
     }
@@ -243,6 +278,15 @@ impl Metrics {
     /// The gauge the table cache keeps at its size; a handle on the same value.
     pub fn table_cache_gauge(&self) -> Gauge {
         self.table_cache.clone()
+    }
+
+    /// A connection closed on arrival because its peer was at its own cap.
+    pub fn connection_refused_peer(&self, listener: &str) {
+        self.connections_refused_peer
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
     }
 
     /// One finished RPC.
@@ -357,6 +401,14 @@ impl Metrics {
             .set(core.leases.fast_connections() as i64);
         self.pools_committed.set(core.pools.committed() as i64);
         self.pools_budget.set(core.pools.budget() as i64);
+        let d = core.pools.journal().durability();
+        self.journal_write_failures.set(d.failures() as i64);
+        let stale_pools = d.pools().map_or(0, |_| core.pools.list().len());
+        self.not_durable
+            .set((stale_pools + d.models().len()) as i64);
+        self.scrub_checked.set(core.scrub.bytes_checked() as i64);
+        self.out_of_service
+            .set(core.scrub.out_of_service().len() as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");

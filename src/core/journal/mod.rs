@@ -8,6 +8,7 @@
 //! (v2, see `model.rs`). Each is replaced atomically (write, fsync, rename, fsync the
 //! directory). Nothing on the attach or onload path writes it.
 
+mod durability;
 mod model;
 
 use std::fs::File;
@@ -19,6 +20,7 @@ use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use self::durability::{Durability, free_bytes, no_space};
 pub use self::model::{
     AsTensorRecord, FileStamp, ModelRecord, ModelRecordOut, SourceRecord, TensorRecord,
     TensorRecordOut,
@@ -117,17 +119,41 @@ pub struct Contents {
 #[derive(Debug, Clone)]
 pub struct Journal {
     dir: PathBuf,
+    /// journal.required: a pool or model whose record cannot be written is refused.
+    required: bool,
+    durability: std::sync::Arc<Durability>,
 }
 
 impl Journal {
-    pub fn new(pools_dir: &Path) -> Self {
+    pub fn new(pools_dir: &Path, required: bool) -> Self {
         Self {
             dir: pools_dir.join(JOURNAL_DIR),
+            required,
+            durability: Default::default(),
         }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// What failed to reach the journal in this run.
+    pub fn durability(&self) -> &Durability {
+        &self.durability
+    }
+
+    /// The same, shared, for pools to answer whether they are durable.
+    pub fn durability_handle(&self) -> std::sync::Arc<Durability> {
+        std::sync::Arc::clone(&self.durability)
+    }
+
+    /// A failed write, with the filesystem's free bytes when it ran out of them.
+    pub fn describe(&self, e: &JournalError) -> String {
+        durability::describe(e, self.dir.parent().unwrap_or(&self.dir))
     }
 
     /// Reads everything. `Ok(None)`: there is no journal (a first start, or the last run kept
@@ -166,7 +192,10 @@ impl Journal {
 
     pub fn write_pools(&self, pools: Vec<PoolRecord>) -> Result<(), JournalError> {
         let body = serde_json::to_vec(&PoolsFile { pools }).expect("pool records serialize");
-        self.write(POOLS_FILE, POOLS_VERSION, &[&body])
+        let written = self.write(POOLS_FILE, POOLS_VERSION, &[&body]);
+        self.durability
+            .pools_written(written.as_ref().map(|_| ()).map_err(|e| self.describe(e)));
+        written
     }
 
     pub fn write_model<T: AsTensorRecord>(
@@ -175,10 +204,16 @@ impl Journal {
     ) -> Result<(), JournalError> {
         let parts = model::encode(model);
         let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-        self.write(&model_file(model.name), MODEL_VERSION, &parts)
+        let written = self.write(&model_file(model.name), MODEL_VERSION, &parts);
+        self.durability.model_written(
+            model.name,
+            written.as_ref().map(|_| ()).map_err(|e| self.describe(e)),
+        );
+        written
     }
 
     pub fn remove_model(&self, name: &str) -> Result<(), JournalError> {
+        self.durability.model_removed(name);
         let path = self.dir.join(model_file(name));
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -236,7 +271,7 @@ impl Journal {
 
 /// Creates (or truncates) `path` as mode 0640, whatever the umask or an older file's mode: what
 /// the daemon keeps in `pools.dir` beside the pools (checkpoint paths, tensor tables, its pid) is
-/// its business and its group's (the pools are 0660), not every local user's.
+/// its business and its group's (like the pools, 0640), not every local user's.
 pub fn create_group_readable(path: &Path) -> std::io::Result<File> {
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -362,7 +397,7 @@ mod tests {
     #[test]
     fn round_trips_and_removes() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::new(dir.path());
+        let j = Journal::new(dir.path(), false);
         assert!(j.read().unwrap().is_none());
         j.write_pools(vec![pool()]).unwrap();
         j.write_model(&model("a").out()).unwrap();
@@ -380,7 +415,7 @@ mod tests {
     #[test]
     fn every_damage_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::new(dir.path());
+        let j = Journal::new(dir.path(), false);
         j.write_pools(vec![pool()]).unwrap();
         let path = j.dir().join(POOLS_FILE);
         let good = std::fs::read(&path).unwrap();
@@ -416,7 +451,7 @@ mod tests {
     #[test]
     fn a_bad_model_file_spares_the_others() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::new(dir.path());
+        let j = Journal::new(dir.path(), false);
         j.write_pools(vec![pool()]).unwrap();
         j.write_model(&model("a").out()).unwrap();
         j.write_model(&model("b").out()).unwrap();
@@ -430,7 +465,7 @@ mod tests {
     #[test]
     fn a_model_file_in_the_json_format_of_v1_is_named_as_such() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::new(dir.path());
+        let j = Journal::new(dir.path(), false);
         j.write_pools(vec![pool()]).unwrap();
         j.write_model(&model("b").out()).unwrap();
         let body =

@@ -349,7 +349,7 @@ fn drop_behind(file: &File, resident_at_start: Option<&[u64]>, offset: u64, len:
 }
 
 /// CRC32C of `a ++ b` from the CRCs of `a` and `b`.
-fn combine(a: u32, b: u32, b_len: u64) -> u32 {
+pub(crate) fn combine(a: u32, b: u32, b_len: u64) -> u32 {
     crc_fast::checksum_combine(Crc32Iscsi, a.into(), b.into(), b_len) as u32
 }
 
@@ -373,12 +373,21 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
     crc_fast::checksum(Crc32Iscsi, bytes) as u32
 }
 
-/// CRC32C of a range, for sealed (published) tensors.
+/// CRC32C of a range of pool memory that another process may still be writing (a sealed
+/// publication a root-owned writer reaches, a READY model the scrubber re-reads): the bytes are
+/// copied out a piece at a time, never borrowed, so a racing writer changes only the result.
 pub fn checksum(region: &HostRegion, offset: u64, len: u64) -> u32 {
-    // SAFETY: called when a published model is sealed, after its worker finished writing and
-    // before anyone reads it as weights; a worker that keeps writing after SealModel changes
-    // only bytes, never memory safety of this process (the mapping stays valid).
-    crc32c(unsafe { region.slice(offset as usize, len as usize) })
+    const PIECE: usize = 1 << 20;
+    let mut buf = vec![0u8; PIECE.min(len as usize)];
+    let mut digest = crc_fast::Digest::new(Crc32Iscsi);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(PIECE as u64) as usize;
+        region.read_at((offset + done) as usize, &mut buf[..n]);
+        digest.update(&buf[..n]);
+        done += n as u64;
+    }
+    digest.finalize() as u32
 }
 
 #[cfg(test)]

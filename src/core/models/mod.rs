@@ -17,7 +17,7 @@ use thiserror::Error;
 use crate::core::alloc::AllocError;
 use crate::core::backend::BackendError;
 
-pub use published::{NewPublished, PublishedTensor};
+pub use published::{NewPublished, Publication, PublishedTensor};
 pub use recover::PendingVerify;
 pub use registry::{Models, ModelsParams, PendingLoad, RegisterRequest, state_name, wait_loaded};
 
@@ -113,6 +113,20 @@ pub enum ModelError {
     },
     #[error("tensor {tensor:?}: {why}")]
     BadTensorSpec { tensor: String, why: String },
+    #[error(
+        "wrong publish_token for model {0:?}: only the caller whose CreateModel made it may write or seal it, with the token that answer carried"
+    )]
+    NotPublisher(String),
+    #[error(
+        "model {model:?}: {len} bytes at pool offset {offset} are not inside one of its tensors; write each tensor at TensorInfo.offset, no further than its length"
+    )]
+    OutsideTensors {
+        model: String,
+        offset: u64,
+        len: u64,
+    },
+    #[error("{why}")]
+    NotDurable { why: String, no_space: bool },
     #[error("loading model {name:?} failed: {why}")]
     LoadFailed { name: String, why: String },
     #[error("loading model {0:?} was cancelled because it was unregistered")]

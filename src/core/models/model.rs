@@ -34,6 +34,9 @@ pub struct Progress {
     pub error: Option<String>,
     /// How long the bytes took to load, once READY after a load from a checkpoint.
     pub load_time: Option<std::time::Duration>,
+    /// FAILED because journal.required and its record could not be written: Some(true) when
+    /// `pools.dir` was full, Some(false) for any other failure.
+    pub journal_refused: Option<bool>,
 }
 
 impl Progress {
@@ -110,6 +113,11 @@ pub struct Model {
     pub load_done: watch::Receiver<bool>,
     /// Came back from the journal at this start rather than being registered in this run.
     pub adopted: bool,
+    /// Made by CreateModel in this run: who may write its bytes, and until when.
+    pub publication: Option<super::Publication>,
+    /// Set once the scrubber found bytes that no longer match their checksum: why. Nothing is
+    /// served from the model after that; leases learn it at their next KeepAlive.
+    pub out_of_service: std::sync::OnceLock<String>,
     /// Serializes this model's journal writes; true once its record was removed for good, so a
     /// late write (SetBackend racing UnregisterModel) cannot bring it back at the next start.
     pub journal_gate: Mutex<bool>,
@@ -130,6 +138,11 @@ impl Model {
 
     pub fn attached_workers(&self) -> usize {
         self.attached.load(Ordering::Acquire)
+    }
+
+    /// Why the model was taken out of service, once it was.
+    pub fn out_of_service(&self) -> Option<&str> {
+        self.out_of_service.get().map(String::as_str)
     }
 
     pub fn touch(&self) {

@@ -148,6 +148,7 @@ impl Models {
             backend: req.backend.clone(),
             load_done,
             adopted: false,
+            publication: None,
         }));
         self.insert(&model)?;
         tracing::info!(model = %req.name, pool = %req.pool, path = %ckpt.path.display(), bytes, shards = ckpt.shards.len(), "registering model");
@@ -216,12 +217,22 @@ impl Models {
                 let secs = loaded.as_secs_f64();
                 tracing::info!(model = %model.name, bytes = model.bytes, secs, gbps = model.bytes as f64 / secs / 1e9, "model ready");
                 // Recorded before anyone is told READY: a model a client saw READY survives a
-                // crash.
-                self.journal_write(&model);
-                model.progress.send_modify(|p| {
-                    p.state = ModelState::Ready;
-                    p.load_time = Some(loaded);
-                });
+                // crash, or is refused under journal.required.
+                match self.journal_write(&model) {
+                    Err(refused) => {
+                        tracing::warn!(model = %model.name, error = %refused.why, "journal.required: model refused");
+                        self.remove_if_same(&model);
+                        model.progress.send_modify(|p| {
+                            p.state = ModelState::Failed;
+                            p.error = Some(refused.why);
+                            p.journal_refused = Some(refused.no_space);
+                        });
+                    }
+                    Ok(()) => model.progress.send_modify(|p| {
+                        p.state = ModelState::Ready;
+                        p.load_time = Some(loaded);
+                    }),
+                }
             }
             Err(e) => {
                 let why = match &e {
@@ -290,7 +301,9 @@ impl Models {
         *model.backend.lock().expect("backend lock") = Some(backend);
         drop(map);
         if model.state() == ModelState::Ready {
-            self.journal_write(&model);
+            // Under journal.required the model stays as it is: the new backend is served and
+            // reported not durable, as the refusal of a change already made cannot undo it.
+            let _ = self.journal_write(&model);
         }
         Ok(model)
     }
@@ -467,6 +480,7 @@ pub(super) struct NewModel {
     pub backend: Option<BackendConfig>,
     pub load_done: watch::Receiver<bool>,
     pub adopted: bool,
+    pub publication: Option<super::Publication>,
 }
 
 pub(super) fn new_model(m: NewModel) -> Model {
@@ -476,6 +490,7 @@ pub(super) fn new_model(m: NewModel) -> Model {
         total_bytes: m.bytes,
         error: None,
         load_time: None,
+        journal_refused: None,
     });
     Model {
         name: m.name,
@@ -490,6 +505,8 @@ pub(super) fn new_model(m: NewModel) -> Model {
         last_used: Mutex::new(Instant::now()),
         load_done: m.load_done,
         adopted: m.adopted,
+        publication: m.publication,
+        out_of_service: Default::default(),
         journal_gate: Mutex::new(false),
     }
 }

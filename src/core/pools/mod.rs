@@ -1,15 +1,16 @@
 //! The pool registry: creates pools under the shared pin policy and the host-memory budget,
 //! and owns the pool directory.
 
+mod error;
 mod files;
+
+pub use error::PoolError;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-use thiserror::Error;
 
 use super::journal::{Journal, PoolRecord};
 use super::pin_policy::{self, PinDecision, PinInputs};
@@ -24,53 +25,6 @@ pub const POOL_FILE_PREFIX: &str = "offloadd-pool-";
 /// Names the daemon that holds the pool directory (its pid), for the message a second daemon
 /// gets. The lock itself is the directory's, so deleting this file cannot break it.
 const OWNER_FILE: &str = ".offloadd.lock";
-
-#[derive(Debug, Error)]
-pub enum PoolError {
-    #[error(
-        "pool name {0:?} is invalid: use 1-64 characters of [A-Za-z0-9._-], not starting with '.'"
-    )]
-    InvalidName(String),
-    #[error("pool {0:?} already exists; delete it first or pick another name")]
-    AlreadyExists(String),
-    #[error("unknown device {device:?}; this node has {known:?} (see GetInfo)")]
-    UnknownDevice { device: String, known: Vec<String> },
-    #[error("size_bytes must be greater than 0")]
-    ZeroSize,
-    #[error(
-        "pool {name:?} needs {requested} bytes but only {available} of the {budget}-byte host budget are free ({committed} committed to other pools and leases); delete a pool or raise pools.max_host_bytes"
-    )]
-    OverBudget {
-        name: String,
-        requested: u64,
-        committed: u64,
-        available: u64,
-        budget: u64,
-    },
-    #[error(
-        "the lease's static buffers need {requested} bytes of host memory but only {available} of the {budget}-byte host budget are free ({committed} committed to pools and other leases); detach idle workers, use a smaller prefetch_step, or raise pools.max_host_bytes"
-    )]
-    StaticsOverBudget {
-        requested: u64,
-        committed: u64,
-        available: u64,
-        budget: u64,
-    },
-    #[error("pool {0:?} not found; ListPools shows the pools")]
-    NotFound(String),
-    #[error(
-        "device {device} is unavailable: it faulted with {cause}; restart offloadd or use another device"
-    )]
-    DeviceFaulted { device: String, cause: String },
-    #[error(
-        "pool {name:?} is in use ({used_bytes} bytes hold model weights); unregister its models first"
-    )]
-    InUse { name: String, used_bytes: u64 },
-    #[error("pool {name:?}: {source}")]
-    HostMem { name: String, source: HostMemError },
-    #[error("pools.dir {dir}: {message}")]
-    Dir { dir: PathBuf, message: String },
-}
 
 /// How the registry is set up.
 pub struct PoolsParams {
@@ -303,7 +257,14 @@ impl Pools {
             }
             inner.creating.insert(req.name.clone(), needed);
         }
-        let built = self.build(req, Arc::clone(&device));
+        let built = self
+            .check_space(req)
+            .and_then(|()| self.build(req, Arc::clone(&device)))
+            .map_err(|e| match e {
+                // A filesystem filled meanwhile fails the pre-fault (EFAULT on tmpfs): say so.
+                PoolError::HostMem { .. } => self.check_space(req).err().unwrap_or(e),
+                e => e,
+            });
         if built.as_ref().is_ok_and(|p| !p.pinned()) && staging_bytes > 0 {
             if let Err(e) = device.prepare_staging() {
                 tracing::warn!(device = %req.device, error = %e, "staging ring not made; the first copy from an unpinned pool tries again");
@@ -314,8 +275,41 @@ impl Pools {
         let pool = Arc::new(built?);
         inner.pools.insert(req.name.clone(), Arc::clone(&pool));
         drop(inner);
-        self.write_journal();
+        if let Err(e) = self.write_journal() {
+            if self.params.journal.required() {
+                self.inner
+                    .lock()
+                    .expect("pools lock")
+                    .pools
+                    .remove(&req.name);
+                if let Err(e) = pool.region().unlink() {
+                    tracing::warn!(pool = %req.name, error = %e, "cannot remove pool file");
+                }
+                // Written again without the pool: a record of it must not outlive the refusal.
+                let _ = self.write_journal();
+                return Err(PoolError::NotDurable {
+                    name: req.name.clone(),
+                    why: self.params.journal.describe(&e),
+                    no_space: super::journal::no_space(&e),
+                });
+            }
+        }
         Ok(pool)
+    }
+
+    /// Refuses a pool the filesystem of pools.dir has no room for, with the figures, instead of
+    /// failing in the pre-fault with a bare EFAULT.
+    fn check_space(&self, req: &NewPool) -> Result<(), PoolError> {
+        match super::journal::free_bytes(&self.params.dir) {
+            Some((free, total)) if free < req.size_bytes => Err(PoolError::NoSpace {
+                name: req.name.clone(),
+                dir: self.params.dir.clone(),
+                requested: req.size_bytes,
+                free,
+                total,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn build(&self, req: &NewPool, device: Arc<dyn Device>) -> Result<Pool, PoolError> {
@@ -349,6 +343,7 @@ impl Pools {
             "pool created"
         );
         Ok(Pool::new(PoolParts {
+            durability: self.params.journal.durability_handle(),
             name: req.name.clone(),
             device,
             decision,
@@ -442,13 +437,19 @@ impl Pools {
         }
         tracing::info!(pool = name, "pool deleted");
         drop(inner);
-        self.write_journal();
+        let _ = self.write_journal();
         Ok(pool)
     }
 
-    /// Records every pool for the next start. A failure is logged: the pools keep working, and
-    /// the next start rebuilds instead of adopting.
-    pub fn write_journal(&self) {
+    /// Where pools and models are recorded for the next start.
+    pub fn journal(&self) -> &Journal {
+        &self.params.journal
+    }
+
+    /// Records every pool for the next start. A failure is logged and reported (each pool's
+    /// `durable`, GetInfo, metrics): the pools keep working, and the next start rebuilds
+    /// instead of adopting. It is returned for CreatePool to refuse under journal.required.
+    pub fn write_journal(&self) -> Result<(), super::journal::JournalError> {
         let _order = self.journal_lock.lock().expect("journal lock");
         let records = self
             .list()
@@ -465,9 +466,12 @@ impl Pools {
                 })
             })
             .collect();
-        if let Err(e) = self.params.journal.write_pools(records) {
-            tracing::error!(error = %e, "cannot write the journal; pools will not survive a restart");
+        let written = self.params.journal.write_pools(records);
+        if let Err(e) = &written {
+            let why = self.params.journal.describe(e);
+            tracing::error!(error = %why, "cannot write the journal; pools will not survive a restart");
         }
+        written
     }
 
     /// Maps a pool file an earlier run left, if it is the one the journal describes, and applies
@@ -522,6 +526,7 @@ impl Pools {
         }
         tracing::info!(pool = %rec.name, device = %rec.device, size_bytes = rec.size_bytes, pin = decision.pin, "pool adopted from the journal");
         let pool = Arc::new(Pool::new(PoolParts {
+            durability: self.params.journal.durability_handle(),
             name: rec.name.clone(),
             device: Arc::clone(&device),
             decision: decision.clone(),

@@ -1,0 +1,180 @@
+//! The scrubber: re-reads READY models' bytes in the background, at a budgeted rate, and
+//! compares each tensor's CRC32C with its table. A model whose bytes changed after they were
+//! checksummed (a writer outside the daemon, root included, or failing memory) is taken out of
+//! service: no attach, no onload, and leases are told at their next KeepAlive.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::Core;
+use super::models::loader;
+use super::models::model::{Model, ModelState};
+
+/// Bytes read and checksummed between two looks at the pacing clock and the model's state.
+const PIECE: u64 = 1 << 20;
+/// Longest sleep between pieces: the daemon's shutdown (dropping the core) is noticed this soon.
+const NAP: Duration = Duration::from_millis(100);
+
+/// What the scrubber has done in this run, for GetInfo and metrics.
+#[derive(Debug, Default)]
+pub struct ScrubStats {
+    pub bytes_per_second: u64,
+    bytes_checked: AtomicU64,
+    passes: AtomicU64,
+    out_of_service: Mutex<Vec<String>>,
+}
+
+impl ScrubStats {
+    pub fn new(bytes_per_second: u64) -> Self {
+        Self {
+            bytes_per_second,
+            ..Self::default()
+        }
+    }
+
+    pub fn bytes_checked(&self) -> u64 {
+        self.bytes_checked.load(Ordering::Relaxed)
+    }
+
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::Relaxed)
+    }
+
+    /// Models taken out of service in this run, in the order it happened.
+    pub fn out_of_service(&self) -> Vec<String> {
+        self.out_of_service.lock().expect("scrub lock").clone()
+    }
+}
+
+/// Starts the scrubber's thread, unless its rate is 0. It ends when the core is dropped.
+pub fn start(core: &Arc<Core>) -> std::io::Result<()> {
+    if core.scrub.bytes_per_second == 0 {
+        return Ok(());
+    }
+    let core = Arc::downgrade(core);
+    std::thread::Builder::new()
+        .name("offloadd-scrub".into())
+        .spawn(move || run(&core))
+        .map(drop)
+}
+
+fn run(core: &Weak<Core>) {
+    let mut pace = Pace::new();
+    loop {
+        let Some(models) = core.upgrade().map(|c| c.models.list()) else {
+            return;
+        };
+        if models.is_empty() {
+            // Nothing to read: look again in a second (in naps, to notice shutdown).
+            for _ in 0..10 {
+                std::thread::sleep(NAP);
+                if core.strong_count() == 0 {
+                    return;
+                }
+            }
+            continue;
+        }
+        let models: Vec<Weak<Model>> = models.iter().map(Arc::downgrade).collect();
+        for model in models {
+            if scrub_model(core, &model, &mut pace).is_none() {
+                return;
+            }
+        }
+        let Some(c) = core.upgrade() else { return };
+        c.scrub.passes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Checks every tensor of one READY model; None once the daemon is gone.
+fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Option<()> {
+    let Some(tensors) = model
+        .upgrade()
+        .and_then(|m| servable(&m).then(|| m.tensors()))
+    else {
+        return Some(());
+    };
+    for t in tensors.iter() {
+        let Some(want) = t.crc32c else { continue };
+        let mut crc = 0u32;
+        let mut done = 0u64;
+        while done < t.len {
+            let n = (t.len - done).min(PIECE);
+            {
+                // Held for one piece only: an unregister meanwhile frees the ranges at once.
+                let Some(m) = model.upgrade().filter(|m| servable(m)) else {
+                    return Some(());
+                };
+                let piece = loader::checksum(m.pool().region(), t.offset + done, n);
+                crc = loader::combine(crc, piece, n);
+            }
+            done += n;
+            let c = core.upgrade()?;
+            c.scrub.bytes_checked.fetch_add(n, Ordering::Relaxed);
+            drop(c);
+            if !pace.wait(core, n) {
+                return None;
+            }
+        }
+        if crc != want {
+            let (Some(m), Some(c)) = (model.upgrade(), core.upgrade()) else {
+                return core.upgrade().map(drop);
+            };
+            let why = format!(
+                "the scrubber found tensor {:?} changed in pool {:?} (crc32c {crc:08x}, table says {want:08x}, {} bytes at offset {}): something outside offloadd wrote the pool file",
+                t.name,
+                m.pool().name,
+                t.len,
+                t.offset
+            );
+            c.models.take_out_of_service(&m, why);
+            c.scrub
+                .out_of_service
+                .lock()
+                .expect("scrub lock")
+                .push(m.name.clone());
+            return Some(());
+        }
+    }
+    Some(())
+}
+
+fn servable(m: &Model) -> bool {
+    m.state() == ModelState::Ready && m.out_of_service().is_none()
+}
+
+/// Keeps the bytes read at or under the configured rate. Time spent idle is not banked: after
+/// a quiet hour the next model is read at the rate, not in a burst that catches up.
+struct Pace {
+    started: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// Counts `n` bytes and sleeps until they are due; false once the daemon is gone.
+    fn wait(&mut self, core: &Weak<Core>, n: u64) -> bool {
+        self.bytes += n;
+        loop {
+            let Some(rate) = core.upgrade().map(|c| c.scrub.bytes_per_second) else {
+                return false;
+            };
+            let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+            let elapsed = self.started.elapsed();
+            match due.checked_sub(elapsed) {
+                Some(ahead) if !ahead.is_zero() => std::thread::sleep(ahead.min(NAP)),
+                _ => {
+                    // Behind schedule: forget the slack, so it cannot be spent as a burst.
+                    self.started += elapsed - due;
+                    return true;
+                }
+            }
+        }
+    }
+}
