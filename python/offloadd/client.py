@@ -24,6 +24,8 @@ from .v1 import offloadd_pb2 as pb
 from .v1 import offloadd_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from .lease import Lease
 
 DEFAULT_SOCKET = "/tmp/offloadd/offloadd.sock"
@@ -35,6 +37,8 @@ DEFAULT_LOAD_TIMEOUT = 3600.0
 # never over 3 MiB of specs (long names), well under gRPC's 4 MiB default.
 SPECS_PER_MESSAGE = 10_000
 SPEC_BYTES_PER_MESSAGE = 3 << 20
+# Bytes per WriteModel message: well under gRPC's 4 MiB, big enough that framing costs nothing.
+WRITE_BYTES = 1 << 20
 
 Progress = Callable[[pb.ModelProgress], None]
 
@@ -236,8 +240,39 @@ class Client:
             model.next_page_token = page.next_page_token
         return model
 
-    def seal_model(self, name: str) -> pb.Model:
-        return self._call("SealModel", pb.SealModelRequest(name=name), timeout=DEFAULT_LOAD_TIMEOUT)
+    def write_model(self, created: pb.Model, tensors: Iterable[tuple[str, Buffer]]) -> int:
+        """Sends a publication's bytes: each ``(tensor name, bytes)`` pair fills that tensor of
+        ``created`` (what :meth:`create_model` answered, with its offsets and publish token),
+        in messages of 1 MiB over one WriteModel stream. The daemon writes them into the pool;
+        publishers never map it writable. Returns the bytes written."""
+        offsets = {t.name: (t.offset, t.length) for t in created.tensors}
+
+        def messages() -> Iterator[pb.WriteModelRequest]:
+            first = True
+            for name, data in tensors:
+                offset, length = offsets[name]
+                view = memoryview(data).cast("B")
+                if view.nbytes != length:
+                    raise ValueError(f"{name} is {length} bytes in the table, {view.nbytes} given")
+                for at in range(0, view.nbytes, WRITE_BYTES):
+                    yield pb.WriteModelRequest(
+                        name=created.name if first else "",
+                        publish_token=created.publish_token if first else "",
+                        offset=offset + at,
+                        data=view[at : at + WRITE_BYTES].tobytes(),
+                    )
+                    first = False
+
+        reply: pb.WriteModelResponse = self._call("WriteModel", messages(), timeout=DEFAULT_LOAD_TIMEOUT)
+        return reply.bytes_written
+
+    def seal_model(self, name: str, publish_token: str) -> pb.Model:
+        """Ends a publication: checksums what :meth:`write_model` wrote and makes it READY."""
+        return self._call(
+            "SealModel",
+            pb.SealModelRequest(name=name, publish_token=publish_token),
+            timeout=DEFAULT_LOAD_TIMEOUT,
+        )
 
     def set_backend(self, model: str, backend: pb.Backend) -> pb.Model:
         return self._call("SetBackend", pb.SetBackendRequest(model=model, backend=backend))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import mmap
 import os
 import threading
@@ -30,6 +31,8 @@ from .errors import (
 )
 from .fast import FastPath, Onloaded
 from .v1 import offloadd_pb2 as pb
+
+_log = logging.getLogger("offloadd")
 
 if TYPE_CHECKING:
     import torch
@@ -230,6 +233,25 @@ class Lease:
         if self._lost is not None:
             raise LeaseLost(self._lost)
 
+    def renew(self) -> None:
+        """Renews the lease now (the background thread does so every ttl/3). Raises
+        :class:`LeaseLost` if it has ended, or if its model was taken out of service (the
+        daemon's scrubber found bytes that no longer match their checksum): the weights it maps
+        are wrong, so the lease is detached and every later use raises too."""
+        self.check()
+        try:
+            r = self.client.keep_alive(self.id)
+        except NotFound as e:
+            raise self._mark_lost(e.message) from None
+        self._renewed = time.monotonic()
+        if r.model_out_of_service:
+            lost = self._mark_lost(f"its model is out of service: {r.model_out_of_service}")
+            try:
+                self.client.detach_worker(self.id)
+            except OffloaddError:
+                pass  # gone already, or the daemon is: the lease has ended either way
+            raise lost
+
     def _mark_lost(self, why: str) -> LeaseLost:
         """Records that the lease ended and returns the error every later use raises."""
         self._lost = f"lease {self.id} on {self.model!r} is lost: {why}; attach again"
@@ -397,18 +419,19 @@ def _renew(ref: weakref.ref[Lease], stop: threading.Event) -> None:
         lease = ref()
         if lease is None:
             return
-        interval, client, lease_id = max(lease.ttl / 3, 0.01), lease.client, lease.id
+        interval = max(lease.ttl / 3, 0.01)
         del lease  # hold no reference while waiting, so an abandoned lease can be collected
         if stop.wait(interval):
             return
         lease = ref()
         if lease is None:
             return
+        if lease._closed:
+            return
         try:
-            client.keep_alive(lease_id)
-            lease._renewed = time.monotonic()
-        except NotFound as e:
-            lease._mark_lost(e.message)
+            lease.renew()
+        except LeaseLost as e:
+            _log.warning("%s", e)
             return
         except OffloaddError as e:
             if time.monotonic() - lease._renewed > lease.ttl:

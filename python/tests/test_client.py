@@ -61,7 +61,8 @@ def test_every_rpc_round_trips(client: offloadd.Client, tmp_path: Path):
     client.create_pool("q", size_bytes=1 << 16)
     created = client.create_model("pub", pool="q", tensors=[spec])
     assert created.state == offloadd.v1.offloadd_pb2.MODEL_STATE_AWAITING_SEAL
-    assert client.seal_model("pub").state == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
+    assert client.write_model(created, [("w", np.arange(4, dtype=np.float32))]) == 16
+    assert client.seal_model("pub", created.publish_token).state == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
 
 
 def test_a_mixture_of_experts_model_is_published_in_pages(client: offloadd.Client):
@@ -95,7 +96,7 @@ def test_specs_and_tables_of_long_names_are_paged_by_bytes(client: offloadd.Clie
     client.create_pool("long", size_bytes=8 << 20)
     created = client.create_model("long", pool="long", tensors=specs)
     assert [t.name for t in created.tensors] == [s.name for s in specs]
-    client.seal_model("long")
+    client.seal_model("long", created.publish_token)
     with client.attach("long") as lease:
         assert list(lease.tensors) == [s.name for s in specs]
 

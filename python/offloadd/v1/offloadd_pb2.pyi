@@ -58,7 +58,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "build", "uptime_ms", "devices", "cuda_absent_reason", "vllm_env", "config", "recovery")
+    __slots__ = ("version", "build", "uptime_ms", "devices", "cuda_absent_reason", "vllm_env", "config", "recovery", "durability", "scrub")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
     UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class GetInfoResponse(_message.Message):
     VLLM_ENV_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    DURABILITY_FIELD_NUMBER: _ClassVar[int]
+    SCRUB_FIELD_NUMBER: _ClassVar[int]
     version: str
     build: BuildInfo
     uptime_ms: int
@@ -75,7 +77,33 @@ class GetInfoResponse(_message.Message):
     vllm_env: VllmEnv
     config: ConfigSummary
     recovery: Recovery
-    def __init__(self, version: _Optional[str] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., uptime_ms: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., cuda_absent_reason: _Optional[str] = ..., vllm_env: _Optional[_Union[VllmEnv, _Mapping]] = ..., config: _Optional[_Union[ConfigSummary, _Mapping]] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ...) -> None: ...
+    durability: Durability
+    scrub: Scrub
+    def __init__(self, version: _Optional[str] = ..., build: _Optional[_Union[BuildInfo, _Mapping]] = ..., uptime_ms: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., cuda_absent_reason: _Optional[str] = ..., vllm_env: _Optional[_Union[VllmEnv, _Mapping]] = ..., config: _Optional[_Union[ConfigSummary, _Mapping]] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ..., durability: _Optional[_Union[Durability, _Mapping]] = ..., scrub: _Optional[_Union[Scrub, _Mapping]] = ...) -> None: ...
+
+class Durability(_message.Message):
+    __slots__ = ("journal_required", "journal_write_failures", "last_failure", "not_durable")
+    JOURNAL_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_WRITE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    NOT_DURABLE_FIELD_NUMBER: _ClassVar[int]
+    journal_required: bool
+    journal_write_failures: int
+    last_failure: str
+    not_durable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, journal_required: _Optional[bool] = ..., journal_write_failures: _Optional[int] = ..., last_failure: _Optional[str] = ..., not_durable: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Scrub(_message.Message):
+    __slots__ = ("bytes_per_second", "bytes_checked", "passes", "out_of_service")
+    BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    bytes_per_second: int
+    bytes_checked: int
+    passes: int
+    out_of_service: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bytes_per_second: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., passes: _Optional[int] = ..., out_of_service: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Recovery(_message.Message):
     __slots__ = ("journal", "journal_error", "pools_adopted", "models_adopted", "dropped")
@@ -206,7 +234,7 @@ class DeletePoolRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("name", "device", "size_bytes", "used_bytes", "pinned", "pin_reason", "path", "numa_node", "registered_bytes", "adopted", "previously_pinned")
+    __slots__ = ("name", "device", "size_bytes", "used_bytes", "pinned", "pin_reason", "path", "numa_node", "registered_bytes", "adopted", "previously_pinned", "durable", "not_durable_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +246,8 @@ class Pool(_message.Message):
     REGISTERED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ADOPTED_FIELD_NUMBER: _ClassVar[int]
     PREVIOUSLY_PINNED_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    NOT_DURABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     size_bytes: int
@@ -229,7 +259,9 @@ class Pool(_message.Message):
     registered_bytes: int
     adopted: bool
     previously_pinned: bool
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_reason: _Optional[str] = ..., path: _Optional[str] = ..., numa_node: _Optional[int] = ..., registered_bytes: _Optional[int] = ..., adopted: _Optional[bool] = ..., previously_pinned: _Optional[bool] = ...) -> None: ...
+    durable: bool
+    not_durable_reason: str
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_reason: _Optional[str] = ..., path: _Optional[str] = ..., numa_node: _Optional[int] = ..., registered_bytes: _Optional[int] = ..., adopted: _Optional[bool] = ..., previously_pinned: _Optional[bool] = ..., durable: _Optional[bool] = ..., not_durable_reason: _Optional[str] = ...) -> None: ...
 
 class VllmEnv(_message.Message):
     __slots__ = ("disable_pin_memory", "disable_uva")
@@ -366,10 +398,30 @@ class CreateModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ...) -> None: ...
 
 class SealModelRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "publish_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    publish_token: str
+    def __init__(self, name: _Optional[str] = ..., publish_token: _Optional[str] = ...) -> None: ...
+
+class WriteModelRequest(_message.Message):
+    __slots__ = ("name", "publish_token", "offset", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    publish_token: str
+    offset: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., publish_token: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteModelResponse(_message.Message):
+    __slots__ = ("bytes_written",)
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    bytes_written: int
+    def __init__(self, bytes_written: _Optional[int] = ...) -> None: ...
 
 class SetBackendRequest(_message.Message):
     __slots__ = ("model", "backend")
@@ -380,7 +432,7 @@ class SetBackendRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "pool", "path", "state", "bytes", "tensor_count", "loaded_bytes", "backend", "attached_workers", "error", "tensors", "adopted", "next_page_token", "load_seconds")
+    __slots__ = ("name", "pool", "path", "state", "bytes", "tensor_count", "loaded_bytes", "backend", "attached_workers", "error", "tensors", "adopted", "next_page_token", "load_seconds", "publish_token", "durable", "not_durable_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +447,9 @@ class Model(_message.Message):
     ADOPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    NOT_DURABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     path: str
@@ -409,7 +464,10 @@ class Model(_message.Message):
     adopted: bool
     next_page_token: str
     load_seconds: float
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., attached_workers: _Optional[int] = ..., error: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., adopted: _Optional[bool] = ..., next_page_token: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    publish_token: str
+    durable: bool
+    not_durable_reason: str
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., attached_workers: _Optional[int] = ..., error: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., adopted: _Optional[bool] = ..., next_page_token: _Optional[str] = ..., load_seconds: _Optional[float] = ..., publish_token: _Optional[str] = ..., durable: _Optional[bool] = ..., not_durable_reason: _Optional[str] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "strides", "offset", "length", "layer", "crc32c")
@@ -544,10 +602,12 @@ class KeepAliveRequest(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
 
 class KeepAliveResponse(_message.Message):
-    __slots__ = ("expires_in_ms",)
+    __slots__ = ("expires_in_ms", "model_out_of_service")
     EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OUT_OF_SERVICE_FIELD_NUMBER: _ClassVar[int]
     expires_in_ms: int
-    def __init__(self, expires_in_ms: _Optional[int] = ...) -> None: ...
+    model_out_of_service: str
+    def __init__(self, expires_in_ms: _Optional[int] = ..., model_out_of_service: _Optional[str] = ...) -> None: ...
 
 class DetachWorkerRequest(_message.Message):
     __slots__ = ("lease_id",)

@@ -95,6 +95,11 @@ class OffloadStub:
                 request_serializer=offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.SerializeToString,
                 response_deserializer=offloadd_dot_v1_dot_offloadd__pb2.Model.FromString,
                 _registered_method=True)
+        self.WriteModel = channel.stream_unary(
+                '/offloadd.v1.Offload/WriteModel',
+                request_serializer=offloadd_dot_v1_dot_offloadd__pb2.WriteModelRequest.SerializeToString,
+                response_deserializer=offloadd_dot_v1_dot_offloadd__pb2.WriteModelResponse.FromString,
+                _registered_method=True)
         self.SealModel = channel.unary_unary(
                 '/offloadd.v1.Offload/SealModel',
                 request_serializer=offloadd_dot_v1_dot_offloadd__pb2.SealModelRequest.SerializeToString,
@@ -219,9 +224,11 @@ class OffloadServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateModel(self, request, context):
-        """Allocates ranges for tensors an engine will write itself through the pool file (e.g. after
-        quantization repacking); answers with state AWAITING_SEAL and the first page of the tensor
-        table (offsets); GetModel with include_tensors and next_page_token gives the rest.
+        """Allocates ranges for tensors an engine will publish itself (e.g. after quantization
+        repacking); answers with state AWAITING_SEAL, the first page of the tensor table (offsets)
+        and the publication's `publish_token`, which only this answer carries; GetModel with
+        include_tensors and next_page_token gives the rest of the table. The engine then sends the
+        bytes with WriteModel and ends with SealModel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -238,8 +245,20 @@ class OffloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteModel(self, request_iterator, context):
+        """Writes a published model's bytes: each message puts `data` at a pool offset inside one of
+        the model's tensors. Only the daemon writes pool memory (workers and publishers map it
+        read-only), so a publisher reaches its own tensors only, and only until SealModel.
+        PERMISSION_DENIED for a wrong publish_token, INVALID_ARGUMENT for bytes outside the
+        model's tensors, FAILED_PRECONDITION once the model is sealed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SealModel(self, request, context):
-        """Checksums a model made by CreateModel and marks it READY.
+        """Ends a publication: no write reaches the model after this begins; the daemon checksums the
+        bytes it wrote and marks the model READY. PERMISSION_DENIED for a wrong publish_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -359,6 +378,11 @@ def add_OffloadServicer_to_server(servicer, server):
                     servicer.CreateModelStream,
                     request_deserializer=offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.FromString,
                     response_serializer=offloadd_dot_v1_dot_offloadd__pb2.Model.SerializeToString,
+            ),
+            'WriteModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteModel,
+                    request_deserializer=offloadd_dot_v1_dot_offloadd__pb2.WriteModelRequest.FromString,
+                    response_serializer=offloadd_dot_v1_dot_offloadd__pb2.WriteModelResponse.SerializeToString,
             ),
             'SealModel': grpc.unary_unary_rpc_method_handler(
                     servicer.SealModel,
@@ -721,6 +745,33 @@ class Offload:
             '/offloadd.v1.Offload/CreateModelStream',
             offloadd_dot_v1_dot_offloadd__pb2.CreateModelRequest.SerializeToString,
             offloadd_dot_v1_dot_offloadd__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/offloadd.v1.Offload/WriteModel',
+            offloadd_dot_v1_dot_offloadd__pb2.WriteModelRequest.SerializeToString,
+            offloadd_dot_v1_dot_offloadd__pb2.WriteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

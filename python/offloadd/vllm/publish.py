@@ -3,8 +3,7 @@ serve, and checking that it fits a model built later."""
 
 from __future__ import annotations
 
-import mmap
-import os
+import itertools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -37,7 +36,7 @@ def pool_bytes(params: Iterable[tuple[str, torch.Tensor]]) -> int:
 
 
 def publish(client: Client, pool: str, fp: Fingerprint, model: nn.Module, backend: pb.Backend | None) -> pb.Model:
-    """CreateModel, write every parameter through the pool file, SealModel, then
+    """CreateModel, send every parameter (WriteModel), SealModel, then
     :func:`verify`. Raises AlreadyExists when another process published the same fingerprint
     first, BindError (with the publication removed) when it could not serve."""
     params = parameters(model)
@@ -51,19 +50,15 @@ def publish(client: Client, pool: str, fp: Fingerprint, model: nn.Module, backen
     _ensure_pool(client, pool, pool_bytes(params))
     created = client.create_model(fp.model_name, pool=pool, tensors=specs, backend=backend)
     try:
-        offsets = {t.name: t.offset for t in created.tensors}
-        path = client.get_pool(pool).path
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            with mmap.mmap(fd, 0, flags=mmap.MAP_SHARED) as m:
-                dst = torch.frombuffer(m, dtype=torch.uint8)
-                _write(dst, offsets[FINGERPRINT_TENSOR], torch.frombuffer(bytearray(raw_fp), dtype=torch.uint8))
-                for name, p in params:
-                    _write(dst, offsets[name], p.detach())
-                del dst
-        finally:
-            os.close(fd)
-        sealed = client.seal_model(fp.model_name)
+        # The daemon writes the pool; this process only sends the bytes (WriteModel).
+        # A generator: a GPU tensor's host copy lives only while it is being sent.
+        client.write_model(
+            created,
+            itertools.chain(
+                [(FINGERPRINT_TENSOR, raw_fp)], ((name, _raw(p.detach()).numpy().data) for name, p in params)
+            ),
+        )
+        sealed = client.seal_model(fp.model_name, created.publish_token)
         verify(client, fp, model)
         return sealed
     except BaseException:
@@ -111,11 +106,6 @@ def verify(client: Client, fp: Fingerprint, model: nn.Module) -> None:
         for pname, p in parameters(model):
             if not torch.equal(_raw(lease.torch(pname)), _raw(p.detach())):
                 raise BindError(f"the publication's {pname} differs from the weight this engine loaded")
-
-
-def _write(dst: torch.Tensor, offset: int, t: torch.Tensor) -> None:
-    flat = _raw(t)
-    dst[offset : offset + flat.numel()].copy_(flat)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
