@@ -73,9 +73,17 @@ rows_of() {
   echo "$total"
 }
 g @ offloadd.v1.Offload/CreateModelStream <"$work/specs.json" >"$work/page.json"
+# Only this answer carries the publication's token; WriteModel and SealModel need it.
+read -r token first < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["publishToken"], m["tensors"][0].get("offset", "0"))' "$work/page.json")
 rows=$(rows_of name moe '"include_tensors":true,' offloadd.v1.Offload/GetModel)
 [ "$rows" -eq "$n_tensors" ] || { echo "grpcurl read $rows of $n_tensors rows" >&2; exit 1; }
-g '{"name":"moe"}' offloadd.v1.Offload/SealModel | grep -q MODEL_STATE_READY
+# The first tensor's 4 bytes (base64 in grpcurl's JSON), then the seal; without the token, refused.
+g "{\"name\":\"moe\",\"publish_token\":\"$token\",\"offset\":\"$first\",\"data\":\"AQIDBA==\"}" offloadd.v1.Offload/WriteModel | grep -q '"bytesWritten": "4"'
+if g '{"name":"moe"}' offloadd.v1.Offload/SealModel 2>"$work/seal.err"; then
+  echo "SealModel without the publish token was accepted" >&2; exit 1
+fi
+grep -q PermissionDenied "$work/seal.err" || { cat "$work/seal.err" >&2; exit 1; }
+g "{\"name\":\"moe\",\"publish_token\":\"$token\"}" offloadd.v1.Offload/SealModel | grep -q MODEL_STATE_READY
 # A lease on it: AttachWorker answers the first page, GetLeaseTensors the rest.
 g '{"model":"moe","worker_name":"grpcurl","ttl_ms":300000}' offloadd.v1.Offload/AttachWorker >"$work/page.json"
 lease=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["leaseId"])' "$work/page.json")

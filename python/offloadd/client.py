@@ -246,14 +246,21 @@ class Client:
         in messages of 1 MiB over one WriteModel stream. The daemon writes them into the pool;
         publishers never map it writable. Returns the bytes written."""
         offsets = {t.name: (t.offset, t.length) for t in created.tensors}
+        # The tensors are read lazily (a GPU tensor's host copy lives only while it is sent), so
+        # a bad pair is found mid-stream: the stream ends there and the error is raised after.
+        bad: list[OffloaddError] = []
 
         def messages() -> Iterator[pb.WriteModelRequest]:
             first = True
             for name, data in tensors:
+                if name not in offsets:
+                    bad.append(InvalidArgument(f"{created.name} has no tensor {name!r}"))
+                    return
                 offset, length = offsets[name]
                 view = memoryview(data).cast("B")
                 if view.nbytes != length:
-                    raise ValueError(f"{name} is {length} bytes in the table, {view.nbytes} given")
+                    bad.append(InvalidArgument(f"{name} is {length} bytes in the table, {view.nbytes} given"))
+                    return
                 for at in range(0, view.nbytes, WRITE_BYTES):
                     yield pb.WriteModelRequest(
                         name=created.name if first else "",
@@ -264,6 +271,8 @@ class Client:
                     first = False
 
         reply: pb.WriteModelResponse = self._call("WriteModel", messages(), timeout=DEFAULT_LOAD_TIMEOUT)
+        if bad:
+            raise bad[0]
         return reply.bytes_written
 
     def seal_model(self, name: str, publish_token: str) -> pb.Model:

@@ -61,6 +61,11 @@ def test_every_rpc_round_trips(client: offloadd.Client, tmp_path: Path):
     client.create_pool("q", size_bytes=1 << 16)
     created = client.create_model("pub", pool="q", tensors=[spec])
     assert created.state == offloadd.v1.offloadd_pb2.MODEL_STATE_AWAITING_SEAL
+    # A pair that does not fit the table is refused by name before anything more is sent.
+    with pytest.raises(offloadd.InvalidArgument, match="has no tensor 'v'"):
+        client.write_model(created, [("v", np.arange(4, dtype=np.float32))])
+    with pytest.raises(offloadd.InvalidArgument, match="16 bytes in the table, 12 given"):
+        client.write_model(created, [("w", np.arange(3, dtype=np.float32))])
     assert client.write_model(created, [("w", np.arange(4, dtype=np.float32))]) == 16
     assert client.seal_model("pub", created.publish_token).state == offloadd.v1.offloadd_pb2.MODEL_STATE_READY
 

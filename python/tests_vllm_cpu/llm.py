@@ -16,6 +16,7 @@ stdout and stderr.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -35,17 +36,17 @@ def main() -> None:
     if spec.get("corrupt_publication"):
         # Simulates a publication that cannot serve: one weight's bytes never reach the pool.
         # Needs the engine core and its worker in this process, where the patch applies.
-        import offloadd.vllm.publish as publish
+        from offloadd.client import Client
 
-        write, skipped = publish._write, []
+        send = Client.write_model
 
-        def lossy(dst, offset, t):
-            if not skipped and t.is_floating_point():
-                skipped.append(offset)
-                return
-            write(dst, offset, t)
+        def lossy(self, created, tensors):  # type: ignore[no-untyped-def]
+            it = iter(tensors)
+            fingerprint = next(it)
+            next(it)  # the first weight's bytes are never sent
+            return send(self, created, itertools.chain([fingerprint], it))
 
-        publish._write = lossy
+        Client.write_model = lossy  # type: ignore[method-assign]
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
