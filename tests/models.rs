@@ -300,6 +300,57 @@ async fn unregister_during_a_load_cancels_it_and_frees_its_ranges() {
     assert!(d.terminate().await.success());
 }
 
+/// The scrubber re-reads READY models in the background; it must never be what keeps an
+/// unregistered model's ranges from returning to the pool (it once held every model it meant to
+/// read for its whole pass).
+#[tokio::test]
+async fn unregister_frees_ranges_while_the_scrubber_is_mid_pass() {
+    let s = Scratch::new();
+    let root = s.models();
+    ckpt::write_file(&root.join("m.safetensors"), &ckpt::llama(2, 256, 512));
+    // 64 KiB/s: a pass over these models takes tens of seconds.
+    let d = DaemonBuilder::new(&s)
+        .roots(&[&root])
+        .set("models.scrub_bytes_per_second=65536")
+        .start()
+        .await
+        .unwrap();
+    let mut c = d.client().await;
+    common::cpu_pool(&mut c, "p", 16 * MIB).await;
+    let path = root.join("m.safetensors");
+    for name in ["a", "b"] {
+        c.register_model(common::registration(name, "p", &path, true))
+            .await
+            .unwrap();
+    }
+    let started = std::time::Instant::now();
+    while c
+        .get_info(GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .scrub
+        .is_none_or(|s| s.bytes_checked == 0 || s.passes > 0)
+    {
+        assert!(
+            started.elapsed() < common::DEADLINE,
+            "the scrubber never started"
+        );
+        tokio::task::yield_now().await;
+    }
+    for name in ["a", "b"] {
+        c.unregister_model(UnregisterModelRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        used(&mut c, "p").await,
+        0,
+        "ranges freed when UnregisterModel returns"
+    );
+    assert!(d.terminate().await.success());
+}
+
 #[tokio::test]
 async fn deleting_a_pool_with_a_model_is_refused() {
     let s = Scratch::new();

@@ -62,7 +62,9 @@ pub fn start(core: &Arc<Core>) -> std::io::Result<()> {
 fn run(core: &Weak<Core>) {
     let mut pace = Pace::new();
     loop {
-        let Some(models) = core.upgrade().map(|c| c.models.list()) else {
+        // Weak from the start: a strong list held for the whole pass would keep an
+        // unregistered model's ranges from returning to its pool until the pass ended.
+        let Some(models) = core.upgrade().map(|c| weak(&c.models.list())) else {
             return;
         };
         if models.is_empty() {
@@ -75,7 +77,6 @@ fn run(core: &Weak<Core>) {
             }
             continue;
         }
-        let models: Vec<Weak<Model>> = models.iter().map(Arc::downgrade).collect();
         for model in models {
             if scrub_model(core, &model, &mut pace).is_none() {
                 return;
@@ -137,6 +138,10 @@ fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Optio
         }
     }
     Some(())
+}
+
+fn weak(models: &[Arc<Model>]) -> Vec<Weak<Model>> {
+    models.iter().map(Arc::downgrade).collect()
 }
 
 fn servable(m: &Model) -> bool {
