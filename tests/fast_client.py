@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The onload fast path from Python, standard library only: what a vLLM worker needs to onload a
-layer without gRPC on its hot path. The frames are in README.md ("Onload fast path").
+layer without gRPC on its hot path. The frames are in docs/design.md ("Onload fast path").
 
     python3 tests/fast_client.py --uds /tmp/offloadd/offloadd.sock --lease LEASE_ID 0 1 2
 

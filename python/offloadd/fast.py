@@ -1,8 +1,8 @@
 """The onload fast path: the daemon's Unix socket, spoken without HTTP/2 on the hot loop.
 
 A connection that starts with ``OFLD`` is bound to one lease and answers one onload at a time
-with the same status codes and messages as the OnloadToStatic RPC (frames: README, "Onload fast
-path"). A round trip costs a few microseconds, against tens for gRPC.
+with the same status codes and messages as the OnloadToStatic RPC (frames: docs/design.md, "Onload
+fast path"). A round trip costs a few microseconds, against tens for gRPC.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ pub struct ModelsConfig {
     pub verify_on_adopt: VerifyOnAdopt,
     /// Rate at which the scrubber re-reads READY models in the background and compares each
     /// tensor's CRC32C with its table (0 turns it off). A mismatch takes the model out of
-    /// service. The default, 32 MiB/s, costs under 1% of a core (README, "Scrubbing").
+    /// service. The default, 32 MiB/s, costs under 1% of a core (docs/performance.md).
     pub scrub_bytes_per_second: u64,
     /// Models registered at startup.
     pub register: Vec<ModelSpec>,
@@ -260,7 +260,7 @@ pub struct ModelSpec {
     pub prefetch: Option<PrefetchSpec>,
 }
 
-/// `uva` backend settings (see the backends section of the README).
+/// `uva` backend settings (docs/design.md, "Workers, backends and leases").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UvaSpec {

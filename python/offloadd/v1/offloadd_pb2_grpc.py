@@ -310,7 +310,7 @@ class OffloadServicer:
         for a model without a prefetch backend, NOT_FOUND for an unknown lease. The synchronous form
         is also served without HTTP/2 on the same Unix socket (the onload fast path, for the
         per-layer hot loop): a connection that starts with the bytes "OFLD" speaks it; the frames are
-        described in the README ("Onload fast path") and in src/fast/mod.rs.
+        described in docs/design.md ("Onload fast path") and in src/fast/mod.rs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

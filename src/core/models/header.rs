@@ -415,7 +415,7 @@ mod tests {
     }
 
     proptest! {
-        // PROPTEST_CASES raises the count for a long run (see README, "Reliability").
+        // PROPTEST_CASES raises the count for a long run (docs/reliability.md).
         #![proptest_config(ProptestConfig::with_cases(
             std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
         ))]
