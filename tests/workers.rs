@@ -349,3 +349,54 @@ async fn a_worker_attaches_to_a_200k_tensor_model() {
     assert_eq!(e.code(), tonic::Code::NotFound, "the lease has ended");
     assert!(f.d.terminate().await.success());
 }
+
+/// Onloads of one lease arrive on several threads at once (each fast-path connection has a
+/// daemon thread of its own). Two layers that share the one static slot, onloaded at the same
+/// moment from two connections, round after round, must leave the slot holding one layer
+/// whole, never a mix of both.
+#[tokio::test]
+async fn concurrent_onloads_into_one_slot_leave_one_layer_whole() {
+    use offloadd::fast::client::FastClient;
+    use offloadd::worker::Worker;
+    const ROUNDS: usize = 50;
+    // Layers of about 30 MB, copied by more threads than this machine has CPUs, so that copies
+    // overlap and the scheduler preempts them midway.
+    let llama = common::ckpt::llama(3, 1024, 256);
+    let mut f = fixture_of(&llama, "m.safetensors", 128 << 20, |b| b).await;
+    // Every layer offloaded, one slot: layers 1 and 2 both land in slot 0.
+    register(&mut f.c, "m", &f.ckpt, prefetched(1, 1, 1)).await;
+    let w = Worker::attach(f.d.channel().await, "m", "race", 60_000)
+        .await
+        .unwrap();
+    let layer = |l: u32| -> Vec<_> { w.layer_tensors(l, Placement::Prefetch).cloned().collect() };
+    let (one, two) = (layer(1), layer(2));
+    assert!(!one.is_empty() && one.len() == two.len());
+    let whole = |ts: &[offloadd::proto::LeaseTensor]| {
+        ts.iter()
+            .all(|t| Worker::verify(t, &w.static_bytes(t).unwrap(), "slot").is_ok())
+    };
+    for round in 0..ROUNDS {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = [1u32, 2, 1, 2]
+            .into_iter()
+            .map(|l| {
+                let (uds, id, barrier) =
+                    (f.d.uds.clone(), w.lease.lease_id.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut c = FastClient::connect(&uds, &id).unwrap().unwrap();
+                    barrier.wait();
+                    assert_eq!(c.onload(l).unwrap().code, 0);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(
+            whole(&one) || whole(&two),
+            "round {round}: the slot holds parts of both layers"
+        );
+    }
+    w.detach().await.unwrap();
+    assert!(f.d.terminate().await.success());
+}

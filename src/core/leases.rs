@@ -22,7 +22,9 @@ use super::pin_policy::PinDecision;
 use super::pools::{HostReservation, PoolError, Pools};
 use super::spares::Spares;
 use super::static_budget::{DeviceStatics, StaticReservation};
-use crate::device::{AsyncCopy, CopyOp, DeviceError, DeviceKind, StaticBuffer};
+use crate::device::{
+    AsyncCopy, CopyOp, DeviceError, DeviceKind, SlotLocks, SlotWrite, StaticBuffer,
+};
 
 /// Static buffer files live beside the pools and are swept with them after a crash.
 pub const STATIC_FILE_PREFIX: &str = "offloadd-static-";
@@ -129,6 +131,8 @@ pub struct Lease {
     connections: Mutex<Option<FastConnections>>,
     /// Per offloaded layer index k, the copies that onload it.
     onload_ops: HashMap<u32, Vec<CopyOp>>,
+    /// One writer per static slot at a time, whichever thread the onload came on.
+    slot_locks: SlotLocks,
     expires: Mutex<Instant>,
 }
 
@@ -187,7 +191,8 @@ impl Lease {
     /// the slot. Blocking.
     pub fn onload(&self, layer: u32) -> Result<(u64, usize), LeaseError> {
         let (ops, statics, slot) = self.layer_ops(layer)?;
-        statics.copy_from(self.model.pool().region(), ops, self.pinned)?;
+        let write = self.slot_write(slot);
+        statics.copy_from(self.model.pool().region(), ops, self.pinned, &write)?;
         Ok((ops.iter().map(|o| o.len).sum(), slot))
     }
 
@@ -199,14 +204,22 @@ impl Lease {
         slot_free: Option<&[u8]>,
     ) -> Result<(u64, usize), LeaseError> {
         let (ops, statics, slot) = self.layer_ops(layer)?;
+        let write = self.slot_write(slot);
         statics.copy_from_async(AsyncCopy {
             src: self.model.pool().region(),
             ops,
             src_pinned: self.pinned,
-            slot,
+            slot: &write,
             slot_free,
         })?;
         Ok((ops.iter().map(|o| o.len).sum(), slot))
+    }
+
+    /// Holds `slot` for one copy; onloads of this lease on other threads wait for it.
+    fn slot_write(&self, slot: usize) -> SlotWrite<'_> {
+        self.slot_locks
+            .lock(slot)
+            .expect("layer_ops gives slots of this lease's plan")
     }
 
     /// The copies, buffers and slot for an offloaded layer.
@@ -459,6 +472,7 @@ impl Leases {
             spares: Arc::clone(&self.spares),
             connections: Mutex::new(Some(FastConnections::default())),
             onload_ops,
+            slot_locks: SlotLocks::new(plan.prefetch.as_ref().map_or(0, |pf| pf.slots.max(1))),
             expires: Mutex::new(Instant::now() + ttl),
             tensors,
             plan,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::host::HostRegion;
 use super::{
     Capabilities, CopyOp, CudaAttributes, Device, DeviceError, DeviceInfo, DeviceKind, PinGuard,
-    StaticBuffer,
+    SlotWrite, StaticBuffer,
 };
 
 pub const CPU_DEVICE_ID: &str = "cpu";
@@ -137,15 +137,19 @@ impl StaticBuffer for CpuStatic {
         src: &HostRegion,
         ops: &[CopyOp],
         _src_pinned: bool,
+        _slot: &SlotWrite<'_>,
     ) -> Result<(), DeviceError> {
         for op in ops {
-            // SAFETY: the source is a loaded model's range, which nothing writes while it is
-            // registered (a lease holds the model); the destination is this lease's static slot,
-            // written only by its own onloads, which the lease runs one at a time.
+            // SAFETY: the destination is the slot `_slot` holds (the lease's ops for a slot
+            // write only that slot), so no other thread writes it meanwhile; the source is read
+            // through raw pointers, never borrowed, so a writer outside the daemon can change
+            // only the bytes copied (which the scrubber then finds).
             unsafe {
-                self.region.write_at(
+                self.region.copy_from_region(
                     op.dst_offset as usize,
-                    src.slice(op.src_offset as usize, op.len as usize),
+                    src,
+                    op.src_offset as usize,
+                    op.len as usize,
                 );
             }
         }

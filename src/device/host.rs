@@ -285,6 +285,39 @@ impl HostRegion {
         }
     }
 
+    /// Copies `len` bytes at `src_offset` of another region into this one at `offset`, without
+    /// making a reference to either (both may be shared with other processes). Panics if either
+    /// range is out of bounds.
+    ///
+    /// # Safety
+    /// As [`HostRegion::write_at`] for the destination range. The source may be written
+    /// meanwhile by anyone: that changes the bytes copied, not the copy's soundness.
+    pub unsafe fn copy_from_region(
+        &self,
+        offset: usize,
+        src: &HostRegion,
+        src_offset: usize,
+        len: usize,
+    ) {
+        let fits = |at: usize, size: usize| at.checked_add(len).is_some_and(|end| end <= size);
+        assert!(fits(offset, self.len), "write out of bounds");
+        assert!(fits(src_offset, src.len), "read out of bounds");
+        let (to, from) = (
+            self.ptr.as_ptr() as usize + offset,
+            src.ptr.as_ptr() as usize + src_offset,
+        );
+        assert!(to + len <= from || from + len <= to, "overlapping copy");
+        // SAFETY: both ranges are in bounds of live mappings and do not overlap (checked
+        // above); the caller owns the destination range.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.ptr.as_ptr().add(src_offset),
+                self.ptr.as_ptr().add(offset),
+                len,
+            )
+        }
+    }
+
     /// Reads `len` bytes of `file` at `file_offset` straight into the region at `offset` with
     /// `pread`, looping over short reads. Hitting end-of-file early is an error. Panics if the
     /// range is out of bounds.

@@ -5,6 +5,9 @@
 pub mod cpu;
 pub mod cuda;
 pub mod host;
+mod slots;
+
+pub use slots::{SlotLocks, SlotWrite};
 
 use std::fmt;
 use std::sync::Arc;
@@ -86,7 +89,8 @@ pub struct AsyncCopy<'a> {
     pub src: &'a HostRegion,
     pub ops: &'a [CopyOp],
     pub src_pinned: bool,
-    pub slot: usize,
+    /// The slot, held for the copy.
+    pub slot: &'a SlotWrite<'a>,
     /// The worker's "slot free" event handle, if it passed one.
     pub slot_free: Option<&'a [u8]>,
 }
@@ -130,6 +134,7 @@ pub trait StaticBuffer: Send + Sync + fmt::Debug {
         src: &HostRegion,
         ops: &[CopyOp],
         src_pinned: bool,
+        slot: &SlotWrite<'_>,
     ) -> Result<(), DeviceError>;
 }
 

@@ -42,7 +42,7 @@ pub async fn moe_fixture(n: usize) -> Fixture {
 }
 
 /// A daemon with `tensors` written to `file` under its roots and an empty cpu pool `p`.
-async fn fixture_of(
+pub async fn fixture_of(
     tensors: &[ckpt::Tensor],
     file: &str,
     pool_bytes: u64,

@@ -14,7 +14,7 @@ use cudarc::driver::sys::{self, CUresult};
 use super::driver::{DriverState, DriverThread};
 use super::pacer::{PIECE, Pacer, Request};
 use crate::device::host::HostRegion;
-use crate::device::{AsyncCopy, CopyOp, DeviceError, StaticBuffer};
+use crate::device::{AsyncCopy, CopyOp, DeviceError, SlotWrite, StaticBuffer};
 
 #[derive(Debug)]
 pub struct CudaStatic {
@@ -307,6 +307,7 @@ impl StaticBuffer for CudaStatic {
         src: &HostRegion,
         ops: &[CopyOp],
         src_pinned: bool,
+        _slot: &SlotWrite<'_>,
     ) -> Result<(), DeviceError> {
         let id = self.id.clone();
         let to = self.target(src_pinned);
@@ -334,10 +335,10 @@ impl StaticBuffer for CudaStatic {
         let ops = req.ops.to_vec();
         let done = self
             .copy_done
-            .get(req.slot)
+            .get(req.slot.slot())
             .map(|(ev, _)| *ev)
             .ok_or_else(|| {
-                DeviceError::Unsupported(format!("slot {} has no copy-done event", req.slot))
+                DeviceError::Unsupported(format!("slot {} has no copy-done event", req.slot.slot()))
             })?;
         let slot_free = req.slot_free.map(<[u8]>::to_vec);
         let opened = Arc::clone(&self.opened);
