@@ -292,9 +292,9 @@ class Client:
     ) -> Lease:
         """Attaches to a READY model and returns a :class:`~offloadd.Lease` (a context manager
         that renews itself and detaches on close). ``ttl`` in seconds; 0 takes the daemon's
-        default. With ``end_with_fast_path`` the daemon also ends the lease the moment this
-        process's onload fast-path connection closes (the process died), not only after the
-        ttl."""
+        default. With ``end_with_fast_path`` (over the Unix socket) the lease connects its
+        onload fast path at once, and the daemon ends the lease the moment that connection
+        closes (the process died, whether or not it ever onloaded), not only after the ttl."""
         from .lease import Lease
 
         worker_name = worker_name or f"python-{os.getpid()}"
@@ -305,10 +305,10 @@ class Client:
                 page = self.get_lease_tensors(raw.lease_id, raw.next_page_token)
                 raw.tensors.extend(page.tensors)
                 raw.next_page_token = page.next_page_token
+            return Lease(self, raw, end_with_fast_path)
         except OffloaddError:
             self.detach_worker(raw.lease_id)
             raise
-        return Lease(self, raw)
 
     def get_lease_tensors(self, lease_id: str, page_token: str, page_size: int = 0) -> pb.LeaseTensorPage:
         """A page of a lease's tensor table after AttachWorker's first (``Lease.next_page_token``)."""

@@ -162,7 +162,7 @@ class Lease:
     :class:`~offloadd.LeaseLost` instead of reading memory the daemon may have reused.
     """
 
-    def __init__(self, client: Client, raw: pb.Lease) -> None:
+    def __init__(self, client: Client, raw: pb.Lease, end_with_fast_path: bool = False) -> None:
         self.client = client
         self.raw = raw
         self.id: str = raw.lease_id
@@ -187,6 +187,10 @@ class Lease:
         # ("uva", segment index) (cuda.py).
         self._torch_bases: dict[int | tuple[str, int], Any] = {}
         self._fast: FastPath | None = None
+        if end_with_fast_path and client.uds_path is not None:
+            # Connected now, not at the first onload: a process that never onloads (an engine
+            # that offloads nothing) still lets go of the lease the moment it dies.
+            self._fast = FastPath(client.uds_path, self.id)
         self._lock = threading.Lock()
         self._lost: str | None = None
         self._closed = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -324,6 +325,36 @@ def test_a_lease_tied_to_the_fast_path_ends_when_the_connection_closes(client: o
     with pytest.raises(offloadd.LeaseLost):
         lease._fast = None
         lease.onload(1)
+
+
+def test_a_tied_lease_ends_when_its_process_is_killed_even_if_it_never_onloaded(
+    client: offloadd.Client, daemon: Daemon, tmp_path: Path
+):
+    """A vLLM engine that offloads nothing never onloads; killed by signal (no atexit), its
+    lease must still end at once, not after the ttl, or the next start cannot change the
+    backend."""
+    register(client, tmp_path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import offloadd, sys; c = offloadd.connect(sys.argv[1]); "
+            "l = c.attach('tiny', ttl=600, end_with_fast_path=True); "
+            "print(l.id, flush=True); sys.stdin.read()"
+        ), daemon.uds],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert child.stdout is not None
+    lease_id = child.stdout.readline().strip()
+    assert client.get_model("tiny").attached_workers == 1
+    child.kill()
+    child.wait()
+    deadline = time.monotonic() + 30  # far under the 600 s ttl
+    while True:  # the daemon ends it on the connection's thread: wait for that, not the ttl
+        try:
+            client.keep_alive(lease_id)
+        except offloadd.NotFound:
+            break
+        assert time.monotonic() < deadline, "the lease outlived its process"
+    assert client.get_model("tiny").attached_workers == 0
 
 
 def test_a_lease_renews_itself_and_detaches_on_close(client: offloadd.Client, tmp_path: Path):

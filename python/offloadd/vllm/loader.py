@@ -126,7 +126,12 @@ class OffloaddModelLoader(BaseModelLoader):
                     f"other engines use this publication with other offload settings ({e.message}); "
                     "start every engine of a model with the same --offload-* settings"
                 ) from None
-        lease = client.attach(fp.model_name, worker_name=f"vllm-tp{fp.tp_rank}-pp{fp.pp_rank}")
+        # Tied to the fast path: an engine killed without running atexit (vLLM ends its engine
+        # core by signal) lets go of the lease at once, so the next start may change the
+        # backend instead of finding this one still attached for a whole ttl.
+        lease = client.attach(
+            fp.model_name, worker_name=f"vllm-tp{fp.tp_rank}-pp{fp.pp_rank}", end_with_fast_path=True
+        )
         if kind == "uva" and device.type == "cuda" and lease.uva_mode == pb.UVA_MODE_COPY_ON_USE:
             try:
                 refuse_uncapturable(vllm_config, "uva with copy-on-use (the lease's uva mode)")
