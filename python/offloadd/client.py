@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -23,10 +23,13 @@ from .errors import Internal, InvalidArgument, OffloaddError, Unavailable, from_
 from .v1 import offloadd_pb2 as pb
 from .v1 import offloadd_pb2_grpc as pb_grpc
 
+from .lease import Lease
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-    from .lease import Lease
+#: The answer type of a control call.
+R = TypeVar("R")
 
 DEFAULT_SOCKET = "/tmp/offloadd/offloadd.sock"
 #: Seconds a control call may take before it fails with DeadlineExceeded.
@@ -123,35 +126,45 @@ class Client:
         self.close()
 
     def _call(
-        self, method: str, request: object, timeout: float | None = None, wait_for_ready: bool = False
-    ) -> Any:
+        self,
+        method: str,
+        response: type[R],
+        request: object,
+        timeout: float | None = None,
+        wait_for_ready: bool = False,
+    ) -> R:
+        """Calls ``method`` and returns its answer as ``response``, the type the proto declares
+        for it (checked, so a wrong pairing fails at once instead of far from here)."""
         if self._closed:
             raise Unavailable(f"this client of {self.target} was closed; connect again")
         try:
-            return getattr(self._stub, method)(
+            reply = getattr(self._stub, method)(
                 request, timeout=timeout or self.timeout, metadata=self._metadata, wait_for_ready=wait_for_ready
             )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        if not isinstance(reply, response):
+            raise Internal(f"{method} answered {type(reply).__name__}, not {response.__name__}")
+        return reply
 
     # node
     def get_info(self) -> pb.GetInfoResponse:
-        return self._call("GetInfo", pb.GetInfoRequest())
+        return self._call("GetInfo", pb.GetInfoResponse, pb.GetInfoRequest())
 
     # pools
     def create_pool(self, name: str, size_bytes: int, device: str = "cpu") -> pb.Pool:
         return self._call(
-            "CreatePool", pb.CreatePoolRequest(name=name, device=device, size_bytes=size_bytes)
+            "CreatePool", pb.Pool, pb.CreatePoolRequest(name=name, device=device, size_bytes=size_bytes)
         )
 
     def get_pool(self, name: str) -> pb.Pool:
-        return self._call("GetPool", pb.GetPoolRequest(name=name))
+        return self._call("GetPool", pb.Pool, pb.GetPoolRequest(name=name))
 
     def list_pools(self) -> list[pb.Pool]:
-        return list(self._call("ListPools", pb.ListPoolsRequest()).pools)
+        return list(self._call("ListPools", pb.ListPoolsResponse, pb.ListPoolsRequest()).pools)
 
     def delete_pool(self, name: str) -> pb.Pool:
-        return self._call("DeletePool", pb.DeletePoolRequest(name=name))
+        return self._call("DeletePool", pb.Pool, pb.DeletePoolRequest(name=name))
 
     # models
     def register_model(
@@ -169,7 +182,7 @@ class Client:
         request = pb.RegisterModelRequest(
             name=name, pool=pool, path=path, wait=wait and progress is None, backend=backend
         )
-        model = self._call("RegisterModel", request, timeout=timeout)
+        model = self._call("RegisterModel", pb.Model, request, timeout=timeout)
         if not wait or progress is None:
             return model
         for update in self.watch_model(name, timeout=timeout):
@@ -193,16 +206,16 @@ class Client:
 
     def get_model(self, name: str, include_tensors: bool = False) -> pb.Model:
         """The model; with ``include_tensors`` its whole tensor table, read page by page."""
-        model: pb.Model = self._call(
-            "GetModel", pb.GetModelRequest(name=name, include_tensors=include_tensors)
+        model = self._call(
+            "GetModel", pb.Model, pb.GetModelRequest(name=name, include_tensors=include_tensors)
         )
         return self._rest_of_table(model)
 
     def list_models(self) -> list[pb.Model]:
-        return list(self._call("ListModels", pb.ListModelsRequest()).models)
+        return list(self._call("ListModels", pb.ListModelsResponse, pb.ListModelsRequest()).models)
 
     def unregister_model(self, name: str) -> pb.Model:
-        return self._call("UnregisterModel", pb.UnregisterModelRequest(name=name))
+        return self._call("UnregisterModel", pb.Model, pb.UnregisterModelRequest(name=name))
 
     def create_model(
         self,
@@ -224,15 +237,14 @@ class Client:
             )
             for i, page in enumerate(_pages(list(tensors)))
         ]
-        model: pb.Model = self._call("CreateModelStream", iter(requests))
+        model = self._call("CreateModelStream", pb.Model, iter(requests))
         return self._rest_of_table(model)
 
     def _rest_of_table(self, model: pb.Model) -> pb.Model:
         """Appends the pages after ``model.next_page_token`` to ``model.tensors``."""
         while model.next_page_token:
-            page: pb.Model = self._call(
-                "GetModel",
-                pb.GetModelRequest(
+            page = self._call(
+                "GetModel", pb.Model, pb.GetModelRequest(
                     name=model.name, include_tensors=True, page_token=model.next_page_token
                 ),
             )
@@ -270,7 +282,7 @@ class Client:
                     )
                     first = False
 
-        reply: pb.WriteModelResponse = self._call("WriteModel", messages(), timeout=DEFAULT_LOAD_TIMEOUT)
+        reply = self._call("WriteModel", pb.WriteModelResponse, messages(), timeout=DEFAULT_LOAD_TIMEOUT)
         if bad:
             raise bad[0]
         return reply.bytes_written
@@ -278,13 +290,12 @@ class Client:
     def seal_model(self, name: str, publish_token: str) -> pb.Model:
         """Ends a publication: checksums what :meth:`write_model` wrote and makes it READY."""
         return self._call(
-            "SealModel",
-            pb.SealModelRequest(name=name, publish_token=publish_token),
+            "SealModel", pb.Model, pb.SealModelRequest(name=name, publish_token=publish_token),
             timeout=DEFAULT_LOAD_TIMEOUT,
         )
 
     def set_backend(self, model: str, backend: pb.Backend) -> pb.Model:
-        return self._call("SetBackend", pb.SetBackendRequest(model=model, backend=backend))
+        return self._call("SetBackend", pb.Model, pb.SetBackendRequest(model=model, backend=backend))
 
     # workers
     def attach(
@@ -295,8 +306,6 @@ class Client:
         default. With ``end_with_fast_path`` (over the Unix socket) the lease connects its
         onload fast path at once, and the daemon ends the lease the moment that connection
         closes (the process died, whether or not it ever onloaded), not only after the ttl."""
-        from .lease import Lease
-
         worker_name = worker_name or f"python-{os.getpid()}"
         raw = self.attach_worker(model, worker_name, int(ttl * 1000), end_with_fast_path)
         try:
@@ -312,18 +321,15 @@ class Client:
 
     def get_lease_tensors(self, lease_id: str, page_token: str, page_size: int = 0) -> pb.LeaseTensorPage:
         """A page of a lease's tensor table after AttachWorker's first (``Lease.next_page_token``)."""
-        return self._call(
-            "GetLeaseTensors",
-            pb.GetLeaseTensorsRequest(lease_id=lease_id, page_token=page_token, page_size=page_size),
-        )
+        request = pb.GetLeaseTensorsRequest(lease_id=lease_id, page_token=page_token, page_size=page_size)
+        return self._call("GetLeaseTensors", pb.LeaseTensorPage, request)
 
     def attach_worker(
         self, model: str, worker_name: str, ttl_ms: int = 0, end_with_fast_path: bool = False
     ) -> pb.Lease:
         """The raw AttachWorker call (its table's first page); :meth:`attach` wraps its answer."""
         return self._call(
-            "AttachWorker",
-            pb.AttachWorkerRequest(
+            "AttachWorker", pb.Lease, pb.AttachWorkerRequest(
                 model=model,
                 worker_name=worker_name,
                 ttl_ms=ttl_ms,
@@ -336,17 +342,17 @@ class Client:
     ) -> pb.KeepAliveResponse:
         """Renews a lease. With ``wait_for_ready`` the call waits (up to ``timeout``) for a
         daemon that is not reachable yet, instead of failing at once."""
-        return self._call("KeepAlive", pb.KeepAliveRequest(lease_id=lease_id), timeout, wait_for_ready)
+        request = pb.KeepAliveRequest(lease_id=lease_id)
+        return self._call("KeepAlive", pb.KeepAliveResponse, request, timeout, wait_for_ready)
 
     def detach_worker(self, lease_id: str) -> pb.DetachWorkerResponse:
-        return self._call("DetachWorker", pb.DetachWorkerRequest(lease_id=lease_id))
+        return self._call("DetachWorker", pb.DetachWorkerResponse, pb.DetachWorkerRequest(lease_id=lease_id))
 
     def onload_to_static(
         self, lease_id: str, layer: int, async_copy: bool = False, slot_free_event: bytes = b""
     ) -> pb.OnloadToStaticResponse:
         return self._call(
-            "OnloadToStatic",
-            pb.OnloadToStaticRequest(
+            "OnloadToStatic", pb.OnloadToStaticResponse, pb.OnloadToStaticRequest(
                 lease_id=lease_id,
                 layer=layer,
                 async_copy=async_copy,

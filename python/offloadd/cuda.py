@@ -11,16 +11,39 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import TYPE_CHECKING, Callable
+import mmap
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 from .errors import FailedPrecondition, Unavailable
+from .tensor import Tensor, typed_view
 from .v1 import offloadd_pb2 as pb
 
-if TYPE_CHECKING:
-    from .lease import Lease, Tensor
+
+class CudaLease(Protocol):
+    """What this module needs of a :class:`offloadd.Lease`; a protocol, so that it does not
+    import the lease module, which imports it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def pinned(self) -> bool: ...
+
+    @property
+    def uva_mode(self) -> int: ...
+
+    @property
+    def copy_done_events(self) -> list[bytes]: ...
+
+    @property
+    def torch_bases(self) -> dict[int | tuple[str, int], Any]:
+        """Torch tensors over whole segments, cached per lease."""
+        ...
+
+    def segment(self, index: int) -> mmap.mmap: ...
 
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1
 _HOST_REGISTER_PORTABLE, _HOST_REGISTER_MAPPED, _HOST_REGISTER_READ_ONLY = 1, 2, 8
@@ -112,13 +135,13 @@ def open_ipc_tensor(handle: bytes, size: int, device: str) -> torch.Tensor:
     return _as_tensor(ptr.value or 0, size, dev, release=lambda: lib.cudaIpcCloseMemHandle(opened))
 
 
-def uva_view(lease: Lease, t: Tensor, device: torch.device) -> torch.Tensor:
+def uva_view(lease: CudaLease, t: Tensor, device: torch.device) -> torch.Tensor:
     """A device view of a uva tensor in the pool: through this process's own registration of
     its mapping (uva mode REGISTERED, only when the lease says ``pinned``), or directly on a
     coherent platform (PAGEABLE)."""
     seg_index = t.segment
     key = ("uva", seg_index)
-    base = lease._torch_bases.get(key)
+    base = lease.torch_bases.get(key)
     if base is None:
         m = lease.segment(seg_index)
         host = np.frombuffer(m, dtype=np.uint8)
@@ -144,10 +167,8 @@ def uva_view(lease: Lease, t: Tensor, device: torch.device) -> torch.Tensor:
         else:
             raise FailedPrecondition(f"uva mode {lease.uva_mode} has no in-place device access")
         base = _as_tensor(addr, len(m), device, release=release, owner=host)
-        lease._torch_bases[key] = base
-    from .lease import _typed
-
-    return _typed(base, t.offset, t)
+        lease.torch_bases[key] = base
+    return typed_view(base, t.offset, t)
 
 
 class SlotEvents:
@@ -157,7 +178,7 @@ class SlotEvents:
     copy into that slot the worker records "slot free" and sends its handle with the onload,
     and the daemon's copy waits on it. No call ever blocks the CPU on the GPU."""
 
-    def __init__(self, lease: Lease, device: torch.device) -> None:
+    def __init__(self, lease: CudaLease, device: torch.device) -> None:
         if not lease.copy_done_events:
             raise FailedPrecondition(
                 f"lease {lease.id} has no copy-done events: async onload needs a cuda pool"

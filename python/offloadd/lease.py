@@ -9,7 +9,6 @@ read-only), so treat them as read-only.
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import mmap
 import os
@@ -17,7 +16,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from .errors import (
     UnknownTensor,
 )
 from .fast import FastPath, Onloaded
+from .tensor import NUMPY_DTYPES, Tensor, typed_view
 from .v1 import offloadd_pb2 as pb
 
 _log = logging.getLogger("offloadd")
@@ -39,118 +39,29 @@ if TYPE_CHECKING:
     # Lease has a method named torch, which hides the module inside the class body.
     from torch import Tensor as TorchTensor
 
-    from .client import Client
-
 #: Seconds an onload that lost its connection waits to ask the daemon whether the lease lives:
 #: a restart takes well under a second, and the channel retries every second at most.
 CONFIRM_TIMEOUT = 2.0
 
-PLACEMENT_NAMES = {
-    pb.PLACEMENT_DEVICE: "device",
-    pb.PLACEMENT_UVA: "uva",
-    pb.PLACEMENT_PREFETCH: "prefetch",
-}
+class LeaseService(Protocol):
+    """What a lease needs of the client that made it; :class:`offloadd.Client` is one. A
+    protocol, so that this module does not import the client, which imports it."""
 
-_NUMPY_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}
+    uds_path: str | None
 
+    def keep_alive(
+        self, lease_id: str, wait_for_ready: bool = False, timeout: float | None = None
+    ) -> pb.KeepAliveResponse: ...
 
-@functools.cache
-def torch_dtypes() -> dict[str, torch.dtype]:
-    """safetensors dtype name -> torch dtype (built once: torch is imported only when needed)."""
-    import torch
+    def detach_worker(self, lease_id: str) -> pb.DetachWorkerResponse: ...
 
-    return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-        "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    }
+    def onload_to_static(
+        self, lease_id: str, layer: int, async_copy: bool = False, slot_free_event: bytes = b""
+    ) -> pb.OnloadToStaticResponse: ...
 
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name."""
-    try:
-        return torch_dtypes()[name]
-    except KeyError:
-        raise TypeError(f"safetensors dtype {name} has no torch equivalent") from None
-
-
-class Tensor:
-    """One row of the lease's tensor table, read-only.
-
-    It reads the row as the daemon sent it rather than copying it: a mixture-of-experts lease
-    has 100k+ rows, and a Python object with each field copied made ``attach`` take 25 times
-    as long as the calls it makes (1.3 s at 200k rows) and about 500 bytes a row.
-    """
-
-    __slots__ = ("_row",)
-
-    def __init__(self, row: pb.LeaseTensor) -> None:
-        self._row = row
-
-    @property
-    def name(self) -> str:
-        return self._row.name
-
-    @property
-    def dtype(self) -> str:
-        return self._row.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._row.shape)
-
-    @property
-    def layer(self) -> int | None:
-        """Model layer, or None outside the layer stack."""
-        return self._row.layer if self._row.HasField("layer") else None
-
-    @property
-    def placement(self) -> str:
-        """Where a worker reads it: "device" (copy once), "uva" (in place) or "prefetch" (from
-        its static slot)."""
-        return PLACEMENT_NAMES.get(self._row.placement, "device")
-
-    @property
-    def segment(self) -> int:
-        return self._row.segment
-
-    @property
-    def offset(self) -> int:
-        return self._row.offset
-
-    @property
-    def length(self) -> int:
-        return self._row.length
-
-    @property
-    def static_segment(self) -> int | None:
-        return self._row.static_segment if self._row.HasField("static_segment") else None
-
-    @property
-    def static_offset(self) -> int:
-        return self._row.static_offset
-
-    @property
-    def crc32c(self) -> int:
-        return self._row.crc32c
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Tensor) and self._row == other._row
-
-    def __hash__(self) -> int:
-        return hash((self._row.name, self._row.segment, self._row.offset))
-
-    def __repr__(self) -> str:
-        return (
-            f"Tensor(name={self.name!r}, dtype={self.dtype!r}, shape={self.shape}, layer={self.layer}, "
-            f"placement={self.placement!r}, offset={self.offset}, length={self.length})"
-        )
+    def attach(
+        self, model: str, worker_name: str = "", ttl: float = 0.0, end_with_fast_path: bool = False
+    ) -> Lease: ...
 
 
 class Lease:
@@ -162,7 +73,7 @@ class Lease:
     :class:`~offloadd.LeaseLost` instead of reading memory the daemon may have reused.
     """
 
-    def __init__(self, client: Client, raw: pb.Lease, end_with_fast_path: bool = False) -> None:
+    def __init__(self, client: LeaseService, raw: pb.Lease, end_with_fast_path: bool = False) -> None:
         self.client = client
         self.raw = raw
         self.id: str = raw.lease_id
@@ -185,7 +96,7 @@ class Lease:
         self._map_ids: dict[int, tuple[int, int]] = {}
         # Torch tensors over whole segments: static ones by segment index, uva device views by
         # ("uva", segment index) (cuda.py).
-        self._torch_bases: dict[int | tuple[str, int], Any] = {}
+        self.torch_bases: dict[int | tuple[str, int], Any] = {}
         self._fast: FastPath | None = None
         if end_with_fast_path and client.uds_path is not None:
             # Connected now, not at the first onload: a process that never onloads (an engine
@@ -327,9 +238,9 @@ class Lease:
     def numpy(self, name: str) -> np.ndarray:
         """A read-only numpy view of the tensor's host copy in the pool (no copy)."""
         t = self.tensor(name)
-        if t.dtype not in _NUMPY_DTYPES:
+        if t.dtype not in NUMPY_DTYPES:
             raise TypeError(f"{name} is {t.dtype}, which numpy lacks; use Lease.torch()")
-        dtype = np.dtype(_NUMPY_DTYPES[t.dtype])
+        dtype = np.dtype(NUMPY_DTYPES[t.dtype])
         count = t.length // dtype.itemsize
         return np.frombuffer(self.segment(t.segment), dtype, count, t.offset).reshape(t.shape)
 
@@ -350,25 +261,25 @@ class Lease:
             from . import cuda
 
             self.check()
-            base = self._torch_bases.get(t.static_segment)
+            base = self.torch_bases.get(t.static_segment)
             if base is None:
                 base = cuda.open_ipc_tensor(seg.ipc_handle, seg.size_bytes, seg.device)
-                self._torch_bases[t.static_segment] = base
-            return _typed(base, t.static_offset, t)
+                self.torch_bases[t.static_segment] = base
+            return typed_view(base, t.static_offset, t)
         return self._torch_view(t.static_segment, t.static_offset, t)
 
     def _torch_view(self, index: int, offset: int, t: Tensor) -> TorchTensor:
         import torch
 
-        base = self._torch_bases.get(index)
+        base = self.torch_bases.get(index)
         if base is None:
             m = self.segment(index)
             with warnings.catch_warnings():
                 # The mapping is read-only on purpose; the class docstring says so.
                 warnings.filterwarnings("ignore", message=".*not writable.*")
                 base = torch.frombuffer(m, dtype=torch.uint8)
-            self._torch_bases[index] = base
-        return _typed(base, offset, t)
+            self.torch_bases[index] = base
+        return typed_view(base, offset, t)
 
     # onload
     def onload(self, layer: int, async_copy: bool = False, slot_free_event: bytes = b"") -> Onloaded:
@@ -410,11 +321,6 @@ class Lease:
             raise self._mark_lost(e.message) from None
         except OffloaddError:
             pass
-
-
-def _typed(base: torch.Tensor, offset: int, t: Tensor) -> torch.Tensor:
-    dtype = torch_dtype(t.dtype)
-    return base[offset : offset + t.length].view(dtype).view(t.shape)
 
 
 def _renew(ref: weakref.ref[Lease], stop: threading.Event) -> None:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgument
-from .lease import Lease, Tensor
+from .lease import Lease
+from .tensor import Tensor
 from .v1 import offloadd_pb2 as pb
 
 _LAYER = re.compile(r"^(.*?)\.?(\d+)\.")

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..client import Client
 from ..errors import AlreadyExists, FailedPrecondition, NotFound
-from ..lease import torch_dtypes
+from ..tensor import torch_dtypes
 from ..v1 import offloadd_pb2 as pb
 from .fingerprint import FINGERPRINT_TENSOR, Fingerprint
 
