@@ -1,5 +1,7 @@
-//! Compiles the control-plane proto. `protoc` comes from `protoc-bin-vendored` so a fresh machine
-//! needs no system protobuf compiler; `PROTOC` still wins for packagers who bring their own.
+//! Compiles the daemon's side of the control-plane proto (the server trait; messages and client
+//! are the `offloadd-proto` crate's) and records build provenance. `protoc` comes from
+//! `protoc-bin-vendored` so a fresh machine needs no system protobuf compiler; `PROTOC` still
+//! wins for packagers who bring their own.
 
 use std::path::PathBuf;
 
@@ -30,33 +32,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("PROFILE")?
     );
     println!("cargo:rerun-if-env-changed=PROTOC");
-    let config = || {
-        let mut c = tonic_prost_build::Config::new();
-        c.protoc_executable(&protoc);
-        c
-    };
-    let proto = ["proto/offloadd/v1/offloadd.proto"];
-    // Messages and the client, for everyone who speaks the protocol.
-    tonic_prost_build::configure()
-        .build_server(false)
-        .file_descriptor_set_path(out_dir.join("offloadd_descriptor.bin"))
-        .compile_with_config(config(), &proto, &["proto"])?;
-    // The server trait alone, over those messages, except that the answers carrying tensor
-    // tables are bytes encoded beforehand: a 10,000-row page takes milliseconds to encode, and
-    // tonic encodes on the runtime thread that every other call waits on.
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(&protoc);
+    // The server trait alone, over the protocol crate's messages, except that the answers
+    // carrying tensor tables are bytes encoded beforehand: a 10,000-row page takes milliseconds
+    // to encode, and tonic encodes on the runtime thread that every other call waits on.
     let server_dir = out_dir.join("server");
     std::fs::create_dir_all(&server_dir)?;
     let mut server = tonic_prost_build::configure()
         .build_client(false)
         .out_dir(&server_dir)
-        .extern_path(".offloadd.v1", "crate::proto");
+        .extern_path(".offloadd.v1", "::offloadd_proto");
     for message in ["Model", "Lease", "LeaseTensorPage"] {
         server = server.extern_path(
             format!(".offloadd.v1.{message}"),
-            format!("crate::proto::Encoded<crate::proto::{message}>"),
+            format!("crate::proto::Encoded<::offloadd_proto::{message}>"),
         );
     }
-    server.compile_with_config(config(), &proto, &["proto"])?;
+    server.compile_with_config(config, &["proto/offloadd/v1/offloadd.proto"], &["proto"])?;
     Ok(())
 }
 

@@ -6,7 +6,6 @@
 // Every unsafe block says why it is sound; CI runs clippy with -D warnings.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod client;
 pub mod config;
 pub mod core;
 pub mod daemon;
@@ -17,4 +16,6 @@ pub mod metrics;
 pub mod proto;
 pub mod telemetry;
 pub mod vllm_env;
-pub mod worker;
+
+// The client side lives in its own crate, which workers link without the daemon.
+pub use offloadd_client::{client, worker};

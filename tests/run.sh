@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo test "$@"
+cargo test --workspace "$@"
 cargo build --bins
 
 # venv_for: the cached test environments (tests/venvs.sh, shared with .ci/run).

@@ -3,7 +3,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use super::{FastError, Reply, Request, write_hello, write_request};
+use offloadd_proto::fast::{FastError, Reply, Request, write_hello, write_request};
 
 #[derive(Debug)]
 pub struct FastClient {

@@ -16,13 +16,13 @@ use tonic::transport::Channel;
 pub use cuda::CudaAccess;
 pub use mapping::SegmentMap;
 
-use crate::fast::FastError;
-use crate::fast::client::FastClient;
+use crate::fast_client::FastClient;
 use crate::proto::offload_client::OffloadClient;
 use crate::proto::{
     AttachWorkerRequest, DetachWorkerRequest, GetLeaseTensorsRequest, KeepAliveRequest, Lease,
     LeaseTensor, OnloadToStaticRequest, OnloadToStaticResponse, Placement, SegmentKind,
 };
+use offloadd_proto::fast::FastError;
 
 #[derive(Debug, Error)]
 pub enum WorkerError {
@@ -362,7 +362,7 @@ impl Worker {
 
     /// Checks bytes against the checksum the daemon computed from the checkpoint.
     pub fn verify(t: &LeaseTensor, bytes: &[u8], where_: &'static str) -> Result<(), WorkerError> {
-        let got = crate::core::models::loader::crc32c(bytes);
+        let got = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32;
         if got != t.crc32c {
             return Err(WorkerError::Checksum {
                 name: t.name.clone(),

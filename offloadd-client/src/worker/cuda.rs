@@ -12,8 +12,11 @@ pub struct CudaAccess {
     ctx: Arc<CudaContext>,
 }
 
+/// The driver's name for an error (`CUDA_ERROR_…`), or its number.
 fn name(e: cudarc::driver::DriverError) -> String {
-    crate::device::cuda::error_name(e)
+    e.error_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("CUresult {}", e.0 as i32))
 }
 
 impl CudaAccess {
