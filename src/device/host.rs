@@ -416,7 +416,7 @@ impl HostRegion {
 }
 
 /// MADV_POPULATE_WRITE (Linux 5.14) faults a range in one call; older kernels get a write to each
-/// page, which on a fresh file writes zeros over zeros.
+/// page of the byte already there, so the fallback keeps whatever the file holds, fresh or not.
 fn populate(addr: usize, len: usize, page: usize) -> std::io::Result<()> {
     const MADV_POPULATE_WRITE: libc::c_int = 23;
     if len == 0 {
@@ -431,18 +431,45 @@ fn populate(addr: usize, len: usize, page: usize) -> std::io::Result<()> {
     if err.raw_os_error() != Some(libc::EINVAL) {
         return Err(err);
     }
+    touch(addr, len, page);
+    Ok(())
+}
+
+/// Writes each page's first byte back as read: faults the page in (writable, as the pool's
+/// copies need) on kernels without MADV_POPULATE_WRITE.
+fn touch(addr: usize, len: usize, page: usize) {
     let mut off = 0;
     while off < len {
-        // SAFETY: in bounds of the mapping; the file is new, so every byte is zero already.
-        unsafe { std::ptr::write_volatile((addr + off) as *mut u8, 0) };
+        let p = (addr + off) as *mut u8;
+        // SAFETY: in bounds of our live mapping; the byte read is written back unchanged, so no
+        // content is lost (regions are prefaulted while being made, before anyone else writes).
+        unsafe { std::ptr::write_volatile(p, std::ptr::read_volatile(p)) };
         off += page;
     }
-    Ok(())
 }
 
 impl Drop for HostRegion {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `map` mapped; no reference into it outlives `self`.
         let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefault_fallback_keeps_what_the_file_holds() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let page = page_size();
+        let region = HostRegion::create(&dir.path().join("r"), 3 * page as u64).unwrap();
+        let pattern: Vec<u8> = (0..region.len).map(|i| (i % 251) as u8 + 1).collect();
+        // SAFETY: this test owns the region alone.
+        unsafe { region.write_at(0, &pattern) };
+        touch(region.ptr.as_ptr() as usize, region.len, page);
+        let mut back = vec![0u8; region.len];
+        region.read_at(0, &mut back);
+        assert_eq!(back, pattern);
     }
 }
