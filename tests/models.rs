@@ -74,7 +74,7 @@ async fn verify_in_pool(c: &mut OffloadClient<Channel>, model: &str, tensors: &[
             "checksum of {}",
             got.name
         );
-        let layer = offloadd::core::models::layers::layer_of(&want.name, &[]);
+        let layer = offloadd::core::layers::layer_of(&want.name, &[]);
         assert_eq!(got.layer, layer);
     }
 }

@@ -19,15 +19,13 @@ use super::backend::plan::{self, Placement, Plan};
 use super::models::model::{Model, TensorEntry};
 use super::models::{ModelError, Models};
 use super::pin_policy::PinDecision;
-use super::pools::{HostReservation, PoolError, Pools};
+use super::pools::{HostReservation, PoolError, Pools, STATIC_FILE_PREFIX};
 use super::spares::Spares;
-use super::static_budget::{DeviceStatics, StaticReservation};
+use super::static_budget::{DeviceStatics, OverStaticBudget, StaticReservation};
 use crate::device::{
     AsyncCopy, CopyOp, DeviceError, DeviceKind, SlotLocks, SlotWrite, StaticBuffer,
 };
 
-/// Static buffer files live beside the pools and are swept with them after a crash.
-pub const STATIC_FILE_PREFIX: &str = "offloadd-static-";
 /// Fast-path connections one lease may hold at once (a worker needs one; the bound stops a
 /// client that reconnects in a loop from tying up daemon threads).
 pub const MAX_FAST_CONNECTIONS: usize = 8;
@@ -68,15 +66,8 @@ pub enum LeaseError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Pool(#[from] PoolError),
-    #[error(
-        "device {device} has {used} bytes of static buffers in live leases; this lease needs {needed} more, over leases.max_static_bytes_per_device = {max}; detach idle workers (DetachWorker), lower prefetch_step, or raise the limit"
-    )]
-    StaticBudget {
-        device: String,
-        used: u64,
-        needed: u64,
-        max: u64,
-    },
+    #[error(transparent)]
+    StaticBudget(#[from] OverStaticBudget),
     #[error(
         "the lease's tensor table is {size} bytes, over the {max} bytes an answer may carry; the lease was not kept"
     )]

@@ -4,7 +4,9 @@
 pub mod adopt;
 pub mod alloc;
 pub mod backend;
+pub mod crc;
 pub mod journal;
+pub mod layers;
 pub mod leases;
 pub mod models;
 mod node;
@@ -16,6 +18,7 @@ pub mod scrub;
 mod secret;
 pub mod spares;
 pub mod static_budget;
+pub mod table;
 
 pub use node::{Node, NodeParams};
 

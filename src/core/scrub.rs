@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::Core;
-use super::models::loader;
+use super::crc;
 use super::models::model::{Model, ModelState};
 
 /// Bytes read and checksummed between two looks at the pacing clock and the model's state.
@@ -106,8 +106,8 @@ fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Optio
                 let Some(m) = model.upgrade().filter(|m| servable(m)) else {
                     return Some(());
                 };
-                let piece = loader::checksum(m.pool().region(), t.offset + done, n);
-                crc = loader::combine(crc, piece, n);
+                let piece = crc::checksum(m.pool().region(), t.offset + done, n);
+                crc = crc::combine(crc, piece, n);
             }
             done += n;
             let c = core.upgrade()?;

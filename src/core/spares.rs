@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::leases::STATIC_FILE_PREFIX;
 use super::pools::HostReservation;
+use super::pools::STATIC_FILE_PREFIX;
 use crate::device::StaticBuffer;
 
 /// Enough for the workers of a node restarting one after another; more would only hold memory.

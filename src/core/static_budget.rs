@@ -4,7 +4,19 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::leases::LeaseError;
+use thiserror::Error;
+
+/// A lease's static buffers would pass the device's budget.
+#[derive(Debug, Error)]
+#[error(
+    "device {device} has {used} bytes of static buffers in live leases; this lease needs {needed} more, over leases.max_static_bytes_per_device = {max}; detach idle workers (DetachWorker), lower prefetch_step, or raise the limit"
+)]
+pub struct OverStaticBudget {
+    pub device: String,
+    pub used: u64,
+    pub needed: u64,
+    pub max: u64,
+}
 
 /// Static-buffer bytes of live leases per device, against leases.max_static_bytes_per_device.
 #[derive(Debug, Default)]
@@ -26,11 +38,11 @@ impl DeviceStatics {
         device: &str,
         bytes: u64,
         max: u64,
-    ) -> Result<StaticReservation, LeaseError> {
+    ) -> Result<StaticReservation, OverStaticBudget> {
         let mut used = self.used.lock().expect("device statics lock");
         let now = used.get(device).copied().unwrap_or(0);
         if now.saturating_add(bytes) > max {
-            return Err(LeaseError::StaticBudget {
+            return Err(OverStaticBudget {
                 device: device.to_string(),
                 used: now,
                 needed: bytes,

@@ -111,7 +111,7 @@ impl From<LeaseError> for Status {
         let code = match &e {
             LeaseError::NotFound(_) => Code::NotFound,
             LeaseError::TooMany { .. }
-            | LeaseError::StaticBudget { .. }
+            | LeaseError::StaticBudget(_)
             | LeaseError::ReplyTooLarge { .. } => Code::ResourceExhausted,
             LeaseError::Pool(p) => pool_code(p),
             LeaseError::Model(m) => model_code(m),

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use safetensors::Dtype;
 
 use super::config::{BackendConfig, PrefetchConfig, UvaConfig};
-use crate::core::models::layers::name_within_layer;
-use crate::core::models::model::TensorEntry;
+use crate::core::layers::name_within_layer;
+use crate::core::table::TensorEntry;
 
 /// Where a worker finds a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,7 +25,7 @@ pub use self::model::{
     AsTensorRecord, FileStamp, ModelRecord, ModelRecordOut, SourceRecord, TensorRecord,
     TensorRecordOut,
 };
-use super::models::loader::crc32c;
+use super::crc::crc32c;
 
 /// The directory inside `pools.dir`; its prefix keeps it clear of the operator's own files.
 pub const JOURNAL_DIR: &str = "offloadd-journal";

@@ -178,7 +178,7 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
             path: path.to_path_buf(),
             size: len,
             mtime_ns: mtime_ns(&meta),
-            header_crc32c: crate::core::models::loader::crc32c(&head),
+            header_crc32c: crate::core::crc::crc32c(&head),
         },
         cached_at_open,
     })
@@ -218,9 +218,7 @@ fn read_head(file: &File, path: &Path, len: u64) -> Result<Vec<u8>, ModelError> 
 /// CRC32C of a shard's header (length prefix included), read from an open file: what
 /// [`FileStamp::header_crc32c`] recorded at registration.
 pub fn header_crc(file: &File, path: &Path, size: u64) -> Result<u32, ModelError> {
-    Ok(crate::core::models::loader::crc32c(&read_head(
-        file, path, size,
-    )?))
+    Ok(crate::core::crc::crc32c(&read_head(file, path, size)?))
 }
 
 /// Why a header was refused, and the tensor at fault when one is.

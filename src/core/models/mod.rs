@@ -2,7 +2,6 @@
 
 pub mod header;
 mod header_json;
-pub mod layers;
 pub mod loader;
 pub mod model;
 mod published;

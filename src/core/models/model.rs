@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use safetensors::Dtype;
 use tokio::sync::watch;
 
 use crate::core::alloc::Range;
@@ -14,6 +13,7 @@ use crate::core::journal::{
     AsTensorRecord, FileStamp, Journal, JournalError, ModelRecordOut, SourceRecord, TensorRecordOut,
 };
 use crate::core::pool::Pool;
+pub use crate::core::table::{TensorEntry, contiguous_strides};
 
 /// Lifecycle of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,30 +43,6 @@ impl Progress {
     pub fn is_terminal(&self) -> bool {
         matches!(self.state, ModelState::Ready | ModelState::Failed)
     }
-}
-
-/// One tensor of the table.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorEntry {
-    pub name: String,
-    pub dtype: Dtype,
-    /// Row-major and contiguous, as safetensors stores it: the strides follow from it.
-    pub shape: Vec<usize>,
-    /// Offset of the bytes inside the pool file (256-byte aligned).
-    pub offset: u64,
-    pub len: u64,
-    /// Layer index parsed from the name; None outside the layer stack.
-    pub layer: Option<u32>,
-    /// CRC32C of the bytes, once loaded or sealed.
-    pub crc32c: Option<u32>,
-}
-
-pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    strides
 }
 
 /// Ranges owned in a pool; given back when the last holder drops them, so a model's bytes can

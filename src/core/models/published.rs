@@ -10,8 +10,10 @@ use tokio::sync::watch;
 
 use super::model::{Model, ModelSource, ModelState, TensorEntry};
 use super::registry::{Models, NewModel, check_name, new_model};
-use super::{ModelError, layers, loader, state_name};
+use super::{ModelError, state_name};
 use crate::core::backend::BackendConfig;
+use crate::core::crc;
+use crate::core::layers;
 use crate::core::pools::Pools;
 
 /// A tensor an engine will write itself.
@@ -174,7 +176,7 @@ impl Models {
         let region = model.pool().region();
         let mut tensors = model.tensors.lock().expect("tensors lock");
         for t in Arc::make_mut(&mut tensors).iter_mut() {
-            t.crc32c = Some(loader::checksum(region, t.offset, t.len));
+            t.crc32c = Some(crc::checksum(region, t.offset, t.len));
         }
         drop(tensors);
         if let Err(refused) = self.journal_write(&model) {

@@ -11,9 +11,10 @@ use tokio::sync::watch;
 use super::header::{header_crc, mtime_ns, open_regular};
 use super::model::{Allocation, Model, ModelSource, ModelState, TensorEntry};
 use super::registry::{Models, NewModel, check_name, new_model};
-use super::{layers, loader};
 use crate::config::VerifyOnAdopt;
+use crate::core::crc;
 use crate::core::journal::{FileStamp, ModelRecord, SourceRecord};
+use crate::core::layers;
 use crate::core::pool::Pool;
 use crate::core::recovery::Recovery;
 
@@ -227,7 +228,7 @@ impl Models {
             if model.cancel.load(Ordering::Relaxed) {
                 return Some("cancelled: the model was unregistered".to_string());
             }
-            let got = loader::checksum(region, t.offset, t.len);
+            let got = crc::checksum(region, t.offset, t.len);
             let n = verified.fetch_add(t.len, Ordering::Relaxed) + t.len;
             model.progress.send_modify(|p| p.loaded_bytes = p.loaded_bytes.max(n));
             let want = t.crc32c.expect("adopted tensors carry their checksum");

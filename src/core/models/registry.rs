@@ -11,11 +11,12 @@ use tokio::sync::watch;
 
 use super::loader::{self, Chunk, LoadError, LoadJob};
 use super::model::{Allocation, Model, ModelSource, ModelState, Progress, TensorEntry};
-use super::{ModelError, layers, source};
+use super::{ModelError, source};
 use crate::config::validate::is_valid_name;
 use crate::core::alloc::{AllocError, MIN_ALIGN};
 use crate::core::backend::BackendConfig;
 use crate::core::journal::Journal;
+use crate::core::layers;
 use crate::core::pool::Pool;
 use crate::core::pools::Pools;
 

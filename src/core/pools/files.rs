@@ -64,7 +64,7 @@ fn stale_pool_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let ours = [POOL_FILE_PREFIX, crate::core::leases::STATIC_FILE_PREFIX];
+        let ours = [POOL_FILE_PREFIX, super::STATIC_FILE_PREFIX];
         if ours.iter().any(|p| name.starts_with(p)) {
             out.push(entry.path());
         }

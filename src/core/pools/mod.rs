@@ -22,6 +22,9 @@ use crate::vllm_env::VllmEnv;
 
 /// Pool files carry this prefix; startup sweeps only files with it or the static-buffer prefix.
 pub const POOL_FILE_PREFIX: &str = "offloadd-pool-";
+/// Leases' static-buffer files (cpu) carry this prefix; they live in the pool directory, whose
+/// startup sweep removes them, so the name is the directory's to define.
+pub const STATIC_FILE_PREFIX: &str = "offloadd-static-";
 /// Names the daemon that holds the pool directory (its pid), for the message a second daemon
 /// gets. The lock itself is the directory's, so deleting this file cannot break it.
 const OWNER_FILE: &str = ".offloadd.lock";
