@@ -101,14 +101,19 @@ fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Optio
         let mut done = 0u64;
         while done < t.len {
             let n = (t.len - done).min(PIECE);
-            {
-                // Held for one piece only: an unregister meanwhile frees the ranges at once.
-                let Some(m) = model.upgrade().filter(|m| servable(m)) else {
-                    return Some(());
-                };
-                let piece = crc::checksum(m.pool().region(), t.offset + done, n);
-                crc = crc::combine(crc, piece, n);
-            }
+            // The model is not held while its bytes are read, only the pool's mapping: an
+            // UnregisterModel meanwhile frees the ranges when it returns, as it promises. Bytes
+            // read after that belong to no model of ours; the result is then dropped below.
+            let Some(region) = model
+                .upgrade()
+                .filter(|m| servable(m))
+                .map(|m| Arc::clone(m.pool().region()))
+            else {
+                return Some(());
+            };
+            let piece = crc::checksum(&region, t.offset + done, n);
+            drop(region);
+            crc = crc::combine(crc, piece, n);
             done += n;
             let c = core.upgrade()?;
             c.scrub.bytes_checked.fetch_add(n, Ordering::Relaxed);
@@ -118,7 +123,10 @@ fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Optio
             }
         }
         if crc != want {
-            let (Some(m), Some(c)) = (model.upgrade(), core.upgrade()) else {
+            // Still registered (the same registration: a Weak never upgrades to a newer one),
+            // so the ranges read were this model's throughout.
+            let (Some(m), Some(c)) = (model.upgrade().filter(|m| servable(m)), core.upgrade())
+            else {
                 return core.upgrade().map(drop);
             };
             let why = format!(
