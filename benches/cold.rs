@@ -11,7 +11,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use offloadd::device::host::HostRegion;
+use offloadd::parts::HostRegion;
 use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
 
 /// Writes back dirty pages and drops the page cache; false when not allowed (not root).

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use offloadd::config::PinConfig;
-use offloadd::core::pools::{NewPool, Pools, PoolsParams};
-use offloadd::device::cpu::{CpuDevice, meminfo_bytes};
-use offloadd::device::{Device, Devices};
+use offloadd::parts::{CpuDevice, meminfo_bytes};
+use offloadd::parts::{Device, Devices};
+use offloadd::parts::{NewPool, Pools, PoolsParams};
 use offloadd::vllm_env::VllmEnv;
 
 const ROUNDS: usize = 3;
@@ -28,7 +28,7 @@ fn main() {
     let devices: Vec<Arc<dyn Device>> = vec![Arc::new(CpuDevice::new())];
     let pools = Pools::open(PoolsParams {
         dir: dir.path().to_path_buf(),
-        journal: offloadd::core::journal::Journal::new(dir.path(), false),
+        journal: offloadd::parts::Journal::new(dir.path(), false),
         budget: u64::MAX,
         devices: Devices::new(devices),
         env: VllmEnv::default(),

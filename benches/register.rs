@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use std::time::Instant;
 
-use offloadd::device::host::HostRegion;
+use offloadd::parts::HostRegion;
 use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
 
 const ROUNDS: usize = 3;

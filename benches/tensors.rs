@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Instant;
 
-use offloadd::device::host::HostRegion;
+use offloadd::parts::HostRegion;
 use offloadd::proto::{
     CreatePoolRequest, DeletePoolRequest, DetachWorkerRequest, RegisterModelRequest,
     UnregisterModelRequest,

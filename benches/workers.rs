@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use offloadd::device::host::HostRegion;
+use offloadd::parts::HostRegion;
 use offloadd::proto::offload_client::OffloadClient;
 use offloadd::proto::{
     AttachWorkerRequest, CreatePoolRequest, DetachWorkerRequest, OnloadToStaticRequest,

@@ -384,7 +384,7 @@ async fn python_speaks_the_fast_path_with_the_standard_library() {
 
 #[tokio::test]
 async fn fast_path_connections_per_lease_are_bounded() {
-    use offloadd::core::leases::MAX_FAST_CONNECTIONS;
+    use offloadd::parts::MAX_FAST_CONNECTIONS;
     use offloadd::worker::{Worker, WorkerError};
     let f = fixture(|b| b).await;
     let mut c = f.c.clone();

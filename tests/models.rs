@@ -74,7 +74,7 @@ async fn verify_in_pool(c: &mut OffloadClient<Channel>, model: &str, tensors: &[
             "checksum of {}",
             got.name
         );
-        let layer = offloadd::core::layers::layer_of(&want.name, &[]);
+        let layer = offloadd::parts::layer_of(&want.name, &[]);
         assert_eq!(got.layer, layer);
     }
 }
@@ -526,7 +526,7 @@ async fn an_indexed_shard_of_200k_tensors_registers() {
 
 /// Bytes of a file in the page cache (`mincore` over a mapping that is never read).
 fn cached_bytes(path: &Path) -> u64 {
-    let bits = offloadd::device::host::resident_pages(&std::fs::File::open(path).unwrap()).unwrap();
+    let bits = offloadd::parts::resident_pages(&std::fs::File::open(path).unwrap()).unwrap();
     let pages: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
     pages * rustix::param::page_size() as u64
 }

@@ -65,17 +65,19 @@ PY
 rows_of() {
   local total=0 count token
   while :; do
-    read -r count token < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(len(m.get("tensors",[])), m.get("nextPageToken","-"))' "$work/page.json")
+    # Inside $(...) errexit does not hold: every failure returns, or a bad page loops forever.
+    read -r count token < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(len(m.get("tensors",[])), m.get("nextPageToken","-"))' "$work/page.json") || return 1
+    [ -n "$count" ] || return 1
     total=$((total + count))
     [ "$token" = "-" ] && break
-    g "{\"$1\":\"$2\",$3\"page_token\":\"$token\"}" "$4" >"$work/page.json"
+    g "{\"$1\":\"$2\",$3\"page_token\":\"$token\"}" "$4" >"$work/page.json" || return 1
   done
   echo "$total"
 }
 g @ offloadd.v1.Offload/CreateModelStream <"$work/specs.json" >"$work/page.json"
 # Only this answer carries the publication's token; WriteModel and SealModel need it.
 read -r token first < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["publishToken"], m["tensors"][0].get("offset", "0"))' "$work/page.json")
-rows=$(rows_of name moe '"include_tensors":true,' offloadd.v1.Offload/GetModel)
+rows=$(rows_of name moe '"include_tensors":true,' offloadd.v1.Offload/GetModel) || { echo "GetModel pages failed" >&2; exit 1; }
 [ "$rows" -eq "$n_tensors" ] || { echo "grpcurl read $rows of $n_tensors rows" >&2; exit 1; }
 # The first tensor's 4 bytes (base64 in grpcurl's JSON), then the seal; without the token, refused.
 g "{\"name\":\"moe\",\"publish_token\":\"$token\",\"offset\":\"$first\",\"data\":\"AQIDBA==\"}" offloadd.v1.Offload/WriteModel | grep -q '"bytesWritten": "4"'
@@ -87,7 +89,7 @@ g "{\"name\":\"moe\",\"publish_token\":\"$token\"}" offloadd.v1.Offload/SealMode
 # A lease on it: AttachWorker answers the first page, GetLeaseTensors the rest.
 g '{"model":"moe","worker_name":"grpcurl","ttl_ms":300000}' offloadd.v1.Offload/AttachWorker >"$work/page.json"
 lease=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["leaseId"])' "$work/page.json")
-leased=$(rows_of lease_id "$lease" '' offloadd.v1.Offload/GetLeaseTensors)
+leased=$(rows_of lease_id "$lease" '' offloadd.v1.Offload/GetLeaseTensors) || { echo "GetLeaseTensors pages failed" >&2; exit 1; }
 [ "$leased" -eq "$n_tensors" ] || { echo "grpcurl read $leased of $n_tensors lease rows" >&2; exit 1; }
 g "{\"lease_id\":\"$lease\"}" offloadd.v1.Offload/DetachWorker >/dev/null
 echo "grpcurl (default flags): published $n_tensors tensors with CreateModelStream, read all $rows rows of GetModel and $leased of a lease in pages"

@@ -15,7 +15,7 @@ const MIB: u64 = 1 << 20;
 
 fn vm_lck(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    offloadd::device::cpu::parse_kib_field(&status, "VmLck").expect("VmLck in status")
+    offloadd::parts::parse_kib_field(&status, "VmLck").expect("VmLck in status")
 }
 
 fn create(name: &str, size_bytes: u64) -> CreatePoolRequest {

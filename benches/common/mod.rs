@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use offloadd::device::host::HostRegion;
+use offloadd::parts::HostRegion;
 use offloadd::proto::GetInfoRequest;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;

@@ -308,6 +308,6 @@ fn compare_with_checkpoint(w: &Worker, path: &std::path::Path) -> Result<u64> {
 fn vm_lck() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| offloadd::device::cpu::parse_kib_field(&s, "VmLck"))
+        .and_then(|s| offloadd::parts::parse_kib_field(&s, "VmLck"))
         .unwrap_or(0)
 }

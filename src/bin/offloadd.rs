@@ -178,7 +178,7 @@ fn serve(file: Option<PathBuf>, flags: &Overrides) -> ExitCode {
         Ok(v) => v,
         Err(e) => return config_error(e),
     };
-    offloadd::telemetry::init(&config.log);
+    offloadd::init_telemetry(&config.log);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         disable_pin_memory = vllm_env.disable_pin_memory,
@@ -196,7 +196,7 @@ fn serve(file: Option<PathBuf>, flags: &Overrides) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(offloadd::daemon::run(config, vllm_env)) {
+    match runtime.block_on(offloadd::run(config, vllm_env)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "offloadd failed");

@@ -5,4 +5,4 @@
 pub use offloadd_client::fast_client as client;
 pub use offloadd_proto::fast::*;
 
-pub mod serve;
+pub(crate) mod serve;

@@ -22,8 +22,7 @@ use thiserror::Error;
 
 pub use self::durability::{Durability, free_bytes, no_space};
 pub use self::model::{
-    AsTensorRecord, FileStamp, ModelRecord, ModelRecordOut, SourceRecord, TensorRecord,
-    TensorRecordOut,
+    AsTensorRecord, FileStamp, ModelRecord, ModelRecordOut, SourceRecord, TensorRecordOut,
 };
 use super::crc::crc32c;
 
@@ -363,6 +362,7 @@ fn read_framed(path: &Path, want: u32) -> Result<Option<Vec<u8>>, JournalError> 
 
 #[cfg(test)]
 mod tests {
+    use super::model::TensorRecord;
     use super::*;
     use safetensors::Dtype;
 

@@ -33,12 +33,6 @@ pub struct PendingVerify {
     adopted_at: Instant,
 }
 
-impl PendingVerify {
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
-    }
-}
-
 impl Models {
     /// Records a READY model. A failure is logged and reported (the model's `durable`,
     /// GetInfo, metrics); the model keeps serving and is simply not adopted after a restart.

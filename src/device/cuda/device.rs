@@ -50,10 +50,6 @@ impl CudaDevice {
             staging_reason,
         })
     }
-
-    pub fn driver(&self) -> &Arc<DriverThread> {
-        &self.driver
-    }
 }
 
 /// How copies from unpinned pools reach the device: the pin policy covers this memory too. A

@@ -8,8 +8,8 @@ mod probe;
 mod statics;
 
 pub use device::{Copies, CudaDevice};
-pub use driver::{DriverThread, is_sticky};
-pub use probe::{CudaProbe, probe};
+pub use driver::is_sticky;
+pub use probe::probe;
 
 /// The driver's name for an error code, e.g. `CUDA_ERROR_OUT_OF_MEMORY`. Only called once the
 /// driver is known to be loaded.
