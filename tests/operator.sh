@@ -70,7 +70,15 @@ rows_of() {
     [ -n "$count" ] || return 1
     total=$((total + count))
     [ "$token" = "-" ] && break
-    g "{\"$1\":\"$2\",$3\"page_token\":\"$token\"}" "$4" >"$work/page.json" || return 1
+    # A page read is idempotent (tokens stay valid), so a transport reset is retried twice:
+    # grpcurl 1.8.6's grpc-go resets big answers with FLOW_CONTROL_ERROR ("unexpected EOF")
+    # now and then on a saturated machine (see the stop note of 2026-12-05); said out loud.
+    local try
+    for try in 1 2 3; do
+      g "{\"$1\":\"$2\",$3\"page_token\":\"$token\"}" "$4" >"$work/page.json" && break
+      [ "$try" -lt 3 ] || return 1
+      echo "page read failed (try $try); retrying the same page" >&2
+    done
   done
   echo "$total"
 }
