@@ -4,8 +4,9 @@ is import-linter's, in python/pyproject.toml).
 
 The unit is a crate's top-level module (`grpc`, `core`, `device`, ...) and, inside `core`, each
 of its children (`core::models`, `core::pools`, ...): the layers a change has to respect. An
-edge is any `crate::` or `super::` path outside comments and `#[cfg(test)]` code; a module's
-own submodules are one unit with it. cargo-modules builds the same graph from rust-analyzer,
+edge is any `crate::` or `super::` path outside comments and `#[cfg(test)]` code (inline, or
+a test module's file: tests and their fixtures sit above what they test); a module's own
+submodules are one unit with it. cargo-modules builds the same graph from rust-analyzer,
 but its module-to-submodule edges make every `use super::` a cycle, and it takes longer to
 build than the rest of CI's Rust.
 
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 PATH = re.compile(r"\b(crate|super)((?:::\w+)+)")
+TEST_MOD = re.compile(r"#\[cfg\(test\)\]\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;")
 # Modules whose children are units of their own.
 SPLIT = {"core"}
 
@@ -36,13 +38,27 @@ def unit(path: list[str]) -> str:
     return "::".join(path[:depth])
 
 
+def test_modules(src: Path) -> set[Path]:
+    """Files of modules declared `#[cfg(test)] mod name;`: tests and their fixtures sit above
+    everything they test, so their imports are no edges of the shipped graph."""
+    found = set()
+    for file in src.rglob("*.rs"):
+        here = file.parent if file.stem in ("mod", "lib", "main") else file.with_suffix("")
+        for name in TEST_MOD.findall(file.read_text()):
+            found |= {here / f"{name}.rs", *(here / name).rglob("*.rs")}
+    return found
+
+
 def graph(src: Path) -> dict[str, dict[str, list[str]]]:
     edges: dict[str, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    skip = test_modules(src)
     for file in sorted(src.rglob("*.rs")):
-        if "bin" in file.relative_to(src).parts[:-1]:
-            continue  # binaries are their own crates
+        if "bin" in file.relative_to(src).parts[:-1] or file in skip:
+            continue  # binaries are their own crates; tests are above the graph
         here = module_of(src, file)
-        text = file.read_text().split("#[cfg(test)]")[0]
+        # Test code inline is cut off at its attribute; a test module declared in a line is
+        # skipped as a file of its own above.
+        text = TEST_MOD.sub("", file.read_text()).split("#[cfg(test)]")[0]
         for number, line in enumerate(text.splitlines(), 1):
             line = line.split("//")[0]
             for kind, path in PATH.findall(line):

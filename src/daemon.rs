@@ -7,19 +7,16 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::config::{Config, DEFAULT_BUDGET_FRACTION};
-use crate::core::adopt::{AdoptParams, adopt};
+use crate::config::Config;
 use crate::core::backend::{BackendConfig, PrefetchConfig, UvaConfig};
-use crate::core::journal::Journal;
-use crate::core::leases::{Leases, LeasesParams};
-use crate::core::models::{Models, ModelsParams, RegisterRequest};
-use crate::core::pools::{NewPool, PoolError, Pools, PoolsParams};
-use crate::core::recovery::Recovery;
-use crate::core::{Core, Node, NodeParams};
-use crate::device::{Device, Devices, cpu, cuda};
+use crate::core::models::RegisterRequest;
+use crate::core::pools::{NewPool, PoolError};
+use crate::core::{Core, CoreParams};
+use crate::device::{Device, cpu, cuda};
 use crate::grpc::auth::AuthPolicy;
 use crate::grpc::{OffloadService, listen, server};
 use crate::metrics::Metrics;
+use crate::service::{Service, ServiceError};
 use crate::vllm_env::VllmEnv;
 
 #[derive(Debug, Error)]
@@ -35,7 +32,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("pools.create: {0}")]
-    StartupPool(PoolError),
+    StartupPool(ServiceError),
     #[error("models.register: model {name:?}: {message}")]
     StartupModel { name: String, message: String },
     #[error("server.auth_token_file {}: {reason}", path.display())]
@@ -142,78 +139,25 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         .as_ref()
         .map(|l| l.local_addr())
         .transpose()?;
-    let max_host_bytes = config.pools.max_host_bytes.unwrap_or_else(default_budget);
-
-    let journal = Journal::new(&config.pools.dir, config.journal.required);
-    let pools = Pools::open(PoolsParams {
-        dir: config.pools.dir.clone(),
-        journal: journal.clone(),
-        budget: max_host_bytes,
-        devices: Devices::new(devices),
-        env: vllm_env,
-        pin: config.pin.clone(),
-        prefault_threads: config.pools.prefault_threads,
-    })?;
     let startup_pools = config.pools.create.clone();
     let startup_models = config.models.register.clone();
-    let leases = Arc::new(Leases::new(LeasesParams {
-        default_ttl: Duration::from_millis(config.leases.default_ttl_ms),
-        max_per_model: config.leases.max_per_model,
-        max_total: config.leases.max_total,
-        max_static_bytes_per_device: config.leases.max_static_bytes_per_device,
-        static_dir: config.pools.dir.clone(),
-        disable_uva: vllm_env.disable_uva,
-    }));
-    let spares = leases.spares();
-    pools.set_reclaimer(Box::new(move || spares.clear()));
-    let models = Models::new(ModelsParams {
-        roots: config.models.roots.clone(),
-        layer_patterns: config.models.layer_patterns.clone(),
-        load_threads: config.models.load_threads,
-        chunk_bytes: config.models.chunk_bytes,
-        max_load_bytes_per_sec: config.models.max_load_bytes_per_sec,
-        evict_idle: config.pools.evict_idle,
-        journal: journal.clone(),
-    });
     let keep_on_exit = config.pools.keep_on_exit;
-    let scrub = crate::core::scrub::ScrubStats::new(config.models.scrub_bytes_per_second);
-    let verify_on_adopt = config.models.verify_on_adopt;
-    let core = Arc::new(Core {
-        node: Node::new(NodeParams {
-            config,
-            vllm_env,
-            cuda_absent_reason: probe.absent_reason,
-            tcp_bound,
-            metrics_bound,
-            max_host_bytes,
-        }),
-        pools,
-        models,
-        leases: Arc::clone(&leases),
-        recovery: Recovery::default(),
-        scrub,
-    });
-    let verifications = adopt(
-        &core,
-        &AdoptParams {
-            journal: &journal,
-            verify: verify_on_adopt,
-            config_pools: &startup_pools,
-            config_models: &startup_models,
-        },
-    );
-    for job in verifications {
-        let core = Arc::clone(&core);
-        tokio::task::spawn_blocking(move || core.models.verify(job, &core.recovery));
-    }
-    tokio::spawn(leases.run_reaper());
-    crate::core::scrub::start(&core)?;
-    create_startup_pools(&core, startup_pools).await?;
-    register_startup_models(&core, startup_models).await?;
+    let core = Core::build(CoreParams {
+        config,
+        vllm_env,
+        devices,
+        cuda_absent_reason: probe.absent_reason,
+        tcp_bound,
+        metrics_bound,
+    })?
+    .start()?;
+    let metrics = Arc::new(Metrics::new());
+    let svc = Service::new(Arc::clone(&core), Arc::clone(&metrics));
+    create_startup_pools(&svc, startup_pools).await?;
+    register_startup_models(&svc, startup_models).await?;
     tracing::info!(uds = %uds_path.display(), tcp = ?tcp_bound, "offloadd serving");
     announce_ready(&uds_path, tcp_bound, metrics_bound);
 
-    let metrics = Arc::new(Metrics::new());
     let metrics_task = metrics_listener.map(|listener| {
         tokio::spawn(crate::metrics::serve(
             listener,
@@ -222,13 +166,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
         ))
     });
     let listeners = server::Listeners { uds, tcp };
-    server::serve(
-        OffloadService::new(Arc::clone(&core), metrics),
-        listeners,
-        shutdown,
-        serve_options,
-    )
-    .await?;
+    server::serve(OffloadService::new(svc), listeners, shutdown, serve_options).await?;
     core.models.cancel_all();
     if let Some(task) = metrics_task {
         task.abort();
@@ -242,7 +180,7 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
             "offloadd stopped; pools and journal kept for the next start (pools.keep_on_exit)"
         );
     } else {
-        if let Err(e) = journal.clear() {
+        if let Err(e) = core.pools.journal().clear() {
             tracing::warn!(error = %e, "cannot remove the journal");
         }
         tracing::info!(
@@ -256,23 +194,21 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
 /// Pools declared in the config (`[[pools.create]]`); any failure stops startup, since the
 /// operator asked for exactly these pools.
 async fn create_startup_pools(
-    core: &Arc<Core>,
+    svc: &Service,
     specs: Vec<crate::config::PoolSpec>,
 ) -> Result<(), DaemonError> {
     for spec in specs {
-        if core.pools.get(&spec.name).is_ok() {
+        if svc.core().pools.get(&spec.name).is_ok() {
             // Adopted from the journal with the same device and size (a mismatch is not adopted).
             continue;
         }
-        let core = Arc::clone(core);
         let req = NewPool {
             name: spec.name,
             device: spec.device,
             size_bytes: spec.size_bytes,
         };
-        tokio::task::spawn_blocking(move || core.pools.create(&req))
+        svc.create_pool(req)
             .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
             .map_err(DaemonError::StartupPool)?;
     }
     Ok(())
@@ -282,7 +218,7 @@ async fn create_startup_pools(
 /// daemon reports ready (a bad entry stops startup); the bytes load in the background, visible
 /// through WatchModel.
 async fn register_startup_models(
-    core: &Arc<Core>,
+    svc: &Service,
     specs: Vec<crate::config::ModelSpec>,
 ) -> Result<(), DaemonError> {
     for spec in specs {
@@ -299,6 +235,7 @@ async fn register_startup_models(
             })),
             (None, None) => None,
         };
+        let core = svc.core();
         if let Ok(model) = core.models.get(&spec.name) {
             // Adopted from the journal from the same checkpoint and pool; wait for its
             // verification, which either makes it READY or drops it (then load it afresh).
@@ -325,11 +262,11 @@ async fn register_startup_models(
             path: spec.path,
             backend,
         };
-        crate::grpc::start_load(core, req)
+        svc.start_load(req)
             .await
-            .map_err(|status| DaemonError::StartupModel {
+            .map_err(|e| DaemonError::StartupModel {
                 name: spec.name,
-                message: status.message().to_string(),
+                message: e.to_string(),
             })?;
     }
     Ok(())
@@ -353,11 +290,6 @@ fn announce_ready(
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
-}
-
-fn default_budget() -> u64 {
-    let available = cpu::meminfo_bytes("MemAvailable").unwrap_or(0);
-    (available as f64 * DEFAULT_BUDGET_FRACTION) as u64
 }
 
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {

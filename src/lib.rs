@@ -1,7 +1,7 @@
 //! offloadd: a node-local daemon that keeps model weights in host pools under one shared pin
 //! policy and serves them to inference workers in other processes.
 //!
-//! Layers point one way: `grpc` → `core` → `device`; all three are private. The crate's face is
+//! Layers point one way: `grpc` → `service` → `core` → `device`; all four are private. The crate's face is
 //! what the binaries, the tests and the benchmarks use: the protocol, the client side (its own
 //! crate), the typed configuration, [`run`], and the few building blocks in [`parts`].
 
@@ -16,6 +16,7 @@ pub mod fast;
 mod grpc;
 mod metrics;
 pub mod proto;
+mod service;
 mod telemetry;
 pub mod vllm_env;
 

@@ -1,9 +1,9 @@
 //! The daemon's domain logic: what it knows about the node, its pools, models and leases.
 //! It speaks in domain types; `grpc` translates them to protobuf.
 
-pub mod adopt;
 pub mod alloc;
 pub mod backend;
+mod build;
 pub mod crc;
 pub mod journal;
 pub mod layers;
@@ -19,7 +19,10 @@ mod secret;
 pub mod spares;
 pub mod static_budget;
 pub mod table;
+#[cfg(test)]
+pub(crate) mod testing;
 
+pub use build::CoreParams;
 pub use node::{Node, NodeParams};
 
 /// Everything the service needs, shared by all connections.

@@ -8,10 +8,10 @@ use crate::core::models::model::{
     Model, ModelSource, ModelState, Progress, TensorEntry, contiguous_strides,
 };
 use crate::core::pin_policy::PinDecision;
-use crate::core::pool::Pool;
 use crate::core::recovery::{JournalOutcome, Report};
 use crate::device::Device;
 use crate::proto;
+use crate::service::PoolView;
 
 pub fn decision(d: &PinDecision) -> proto::PinDecision {
     proto::PinDecision {
@@ -60,7 +60,8 @@ pub fn device(core: &Core, d: &dyn Device) -> proto::Device {
     }
 }
 
-pub fn pool(p: &Pool) -> proto::Pool {
+pub fn pool(v: &PoolView) -> proto::Pool {
+    let p = &v.pool;
     proto::Pool {
         name: p.name.clone(),
         device: p.device.info().id.clone(),
@@ -76,7 +77,7 @@ pub fn pool(p: &Pool) -> proto::Pool {
         },
         path: p.path().display().to_string(),
         numa_node: p.numa_node,
-        registered_bytes: p.device.registered_bytes(p.region()).unwrap_or(0),
+        registered_bytes: v.registered_bytes,
         adopted: p.previously_pinned.is_some(),
         previously_pinned: p.previously_pinned,
         durable: p.not_durable().is_none(),
@@ -277,7 +278,7 @@ pub fn model(m: &Model) -> proto::Model {
 fn model_with(m: &Model, table: Option<std::ops::Range<usize>>) -> proto::Model {
     let p = m.progress();
     let not_durable = m.pool().model_not_durable(&m.name);
-    let tensors = m.tensors.lock().expect("tensors lock");
+    let tensors = m.tensors();
     proto::Model {
         name: m.name.clone(),
         pool: m.pool().name.clone(),

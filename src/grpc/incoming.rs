@@ -18,13 +18,13 @@ use super::auth::AuthPolicy;
 use super::conn::{Backoff, Conn, Peer};
 use super::gate::{Admission, Gate};
 use super::tls::TcpIo;
-use super::workers::FastSession;
+use super::workers::FastFrames;
 use crate::fast;
 use crate::metrics::Metrics;
 
 /// Binds a fast-path hello (lease id) on a connection to its lease.
 pub type FastOpen =
-    Arc<dyn Fn(&str, &StdUnixStream) -> Result<FastSession, fast::Reply> + Send + Sync>;
+    Arc<dyn Fn(&str, &StdUnixStream) -> Result<FastFrames, fast::Reply> + Send + Sync>;
 
 /// What every HTTP/2 client sends first (RFC 9113 §3.4): a connection has spoken once it has.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -2,7 +2,6 @@
 //! errors to `tonic::Status`, listeners and the server lifecycle.
 
 pub mod auth;
-mod blocking;
 mod conn;
 mod convert;
 mod gate;
@@ -18,5 +17,4 @@ pub mod tls;
 mod trace;
 mod workers;
 
-pub use models::start_load;
 pub use service::OffloadService;

@@ -1,26 +1,20 @@
-//! Model handlers: registration with its background load, progress streams, publication.
+//! Model handlers: translate requests and streams into service calls and answers back.
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use tokio_stream::Stream;
 use tonic::Status;
 
-use super::blocking::blocking;
 use super::convert;
-use crate::core::Core;
-use crate::core::models::model::{Model, ModelState};
-use crate::core::models::{
-    ModelError, NewPublished, PendingLoad, PublishedTensor, RegisterRequest,
-};
+use crate::core::models::{NewPublished, PublishedTensor, RegisterRequest};
 use crate::proto::{self, Encoded};
+use crate::service::Service;
 
 pub type ProgressStream = Pin<Box<dyn Stream<Item = Result<proto::ModelProgress, Status>> + Send>>;
 
-/// Validates and allocates on a blocking thread, then loads in the background.
 pub async fn register(
-    core: &Arc<Core>,
+    svc: &Service,
     r: proto::RegisterModelRequest,
 ) -> Result<proto::Model, Status> {
     let req = RegisterRequest {
@@ -29,65 +23,12 @@ pub async fn register(
         path: PathBuf::from(r.path),
         backend: convert::backend_config(r.backend),
     };
-    let pending = prepare(core, req).await?;
-    let model = Arc::clone(pending.model());
-    // Snapshot before the load starts, so `wait: false` always answers LOADING.
-    let snapshot = convert::model(&model);
-    spawn_load(core, pending);
-    if !r.wait {
-        return Ok(snapshot);
-    }
-    // Waited for without holding the model: its ranges go back to the pool with the last
-    // holder, and an UnregisterModel during the load must find them freed when it returns,
-    // not when this call next gets to run.
-    let (mut done, progress) = (model.load_done.clone(), model.progress.subscribe());
-    let (name, cancel) = (model.name.clone(), Arc::clone(&model.cancel));
-    let model = Arc::downgrade(&model);
-    let _ = done.wait_for(|done| *done).await;
-    let p = progress.borrow().clone();
-    if p.state == ModelState::Failed {
-        return Err(if let Some(no_space) = p.journal_refused {
-            ModelError::NotDurable {
-                why: p.error.unwrap_or_default(),
-                no_space,
-            }
-        } else if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-            ModelError::Cancelled(name)
-        } else {
-            ModelError::LoadFailed {
-                name,
-                why: p.error.unwrap_or_default(),
-            }
-        }
-        .into());
-    }
-    // READY, then unregistered before this answer: the registration did not last.
-    let model = model.upgrade().ok_or(ModelError::Cancelled(name))?;
-    Ok(convert::model(&model))
-}
-
-/// Prepares a registration and starts its load; used by startup registration.
-pub async fn start_load(core: &Arc<Core>, req: RegisterRequest) -> Result<Arc<Model>, Status> {
-    let pending = prepare(core, req).await?;
-    let model = Arc::clone(pending.model());
-    spawn_load(core, pending);
-    Ok(model)
-}
-
-async fn prepare(core: &Arc<Core>, req: RegisterRequest) -> Result<PendingLoad, Status> {
-    blocking(core, move |c| c.models.prepare(&c.pools, &req)).await
-}
-
-fn spawn_load(core: &Arc<Core>, pending: PendingLoad) {
-    let c = Arc::clone(core);
-    tokio::task::spawn_blocking(move || c.models.load(pending));
+    Ok(svc.register(req, r.wait, convert::model).await?)
 }
 
 /// Current progress, then every change, until READY or FAILED.
-pub fn watch(core: &Core, name: &str) -> Result<ProgressStream, Status> {
-    let model = core.models.get(name)?;
-    let mut rx = model.progress.subscribe();
-    drop(model);
+pub fn watch(svc: &Service, name: &str) -> Result<ProgressStream, Status> {
+    let mut rx = svc.watch(name)?;
     let (tx, out) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         loop {
@@ -105,7 +46,7 @@ pub fn watch(core: &Core, name: &str) -> Result<ProgressStream, Status> {
 }
 
 pub async fn create(
-    core: &Arc<Core>,
+    svc: &Service,
     r: proto::CreateModelRequest,
 ) -> Result<Encoded<proto::Model>, Status> {
     let backend = convert::backend_config(r.backend);
@@ -115,7 +56,7 @@ pub async fn create(
         tensors: r.tensors.into_iter().map(published).collect(),
         backend,
     };
-    create_published(core, req).await
+    create_published(svc, req).await
 }
 
 /// Most tensors one CreateModelStream may describe: far above any checkpoint's, and a bound on
@@ -124,7 +65,7 @@ const MAX_STREAMED_SPECS: usize = 4_000_000;
 
 /// Collects the stream's specs, then creates the model as [`create`] does.
 pub async fn create_streamed(
-    core: &Arc<Core>,
+    svc: &Service,
     mut stream: tonic::Streaming<proto::CreateModelRequest>,
 ) -> Result<Encoded<proto::Model>, Status> {
     let Some(first) = stream.message().await? else {
@@ -162,7 +103,7 @@ pub async fn create_streamed(
         }
         req.tensors.extend(m.tensors.into_iter().map(published));
     }
-    create_published(core, req).await
+    create_published(svc, req).await
 }
 
 fn published(t: proto::TensorSpec) -> PublishedTensor {
@@ -173,32 +114,27 @@ fn published(t: proto::TensorSpec) -> PublishedTensor {
     }
 }
 
-/// Allocates, then answers the first page of the table (a whole 100k-row table is over the
-/// 4 MiB a default client accepts; GetModel pages the rest).
+/// Answers the first page of the table (a whole 100k-row table is over the 4 MiB a default
+/// client accepts; GetModel pages the rest), with the one copy of the publish token.
 async fn create_published(
-    core: &Arc<Core>,
+    svc: &Service,
     req: NewPublished,
 ) -> Result<Encoded<proto::Model>, Status> {
-    let model = blocking(core, move |c| c.models.create_published(&c.pools, &req)).await?;
     let first = super::paging::rows(0, 0);
-    tokio::task::spawn_blocking(move || {
-        let mut reply = convert::model_page(&model, first);
-        // The one answer that carries the token: the capability to write this publication.
-        reply.publish_token = model
-            .publication
-            .as_ref()
-            .map(|p| p.token().to_string())
-            .unwrap_or_default();
-        Encoded::new(&reply)
-    })
-    .await
-    .map_err(super::status::join_error)
+    let reply = svc
+        .create_published(req, move |model, token| {
+            let mut reply = convert::model_page(model, first);
+            reply.publish_token = token.to_string();
+            Encoded::new(&reply)
+        })
+        .await?;
+    Ok(reply)
 }
 
-/// Puts each message's bytes into the publication's tensors, one message at a time on a
-/// blocking thread (a copy of up to 16 MiB), so the router never waits on a copy.
+/// Hands each message's bytes to the service, one message at a time, so a stream holds at most
+/// one message of memory.
 pub async fn write(
-    core: &Arc<Core>,
+    svc: &Service,
     mut stream: tonic::Streaming<proto::WriteModelRequest>,
 ) -> Result<proto::WriteModelResponse, Status> {
     let (mut name, mut token) = (String::new(), String::new());
@@ -219,20 +155,12 @@ pub async fn write(
                 "WriteModel: one call writes one model ({name:?}); a later message named another or another token"
             )));
         }
-        let (n, t) = (name.clone(), token.clone());
         let len = m.data.len() as u64;
-        blocking(core, move |c| {
-            c.models.write_published(&n, &t, m.offset, &m.data)
-        })
-        .await?;
+        svc.write_published(name.clone(), token.clone(), m.offset, m.data)
+            .await?;
         written += len;
     }
     Ok(proto::WriteModelResponse {
         bytes_written: written,
     })
-}
-
-pub async fn seal(core: &Arc<Core>, r: proto::SealModelRequest) -> Result<proto::Model, Status> {
-    let model = blocking(core, move |c| c.models.seal(&r.name, &r.publish_token)).await?;
-    Ok(convert::model(&model))
 }

@@ -1,49 +1,45 @@
-//! `offloadd.v1.Offload`: thin handlers that call into `core` and convert the results.
+//! `offloadd.v1.Offload`: thin handlers that translate requests into service calls and the
+//! answers back. No handler touches the core or a device itself.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::blocking::blocking;
 use super::convert;
 use super::incoming;
 use super::models::{self, ProgressStream};
 use super::paging;
 use super::tables::Tables;
 use super::workers;
-use crate::core::Core;
 use crate::core::pools::NewPool;
 use crate::device::cpu::CPU_DEVICE_ID;
 use crate::metrics::Metrics;
 use crate::proto::{self, Encoded, offload_server::Offload};
+use crate::service::Service;
 
 /// Service state shared by every connection.
 #[derive(Debug, Clone)]
 pub struct OffloadService {
-    core: Arc<Core>,
-    metrics: Arc<Metrics>,
+    svc: Service,
     tables: Arc<Tables>,
 }
 
 impl OffloadService {
-    pub fn new(core: Arc<Core>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(svc: Service) -> Self {
         Self {
-            core,
-            tables: Arc::new(Tables::new(metrics.table_cache_gauge())),
-            metrics,
+            tables: Arc::new(Tables::new(svc.metrics().table_cache_gauge())),
+            svc,
         }
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        Arc::clone(&self.metrics)
+        Arc::clone(self.svc.metrics())
     }
 
     /// Binds fast-path connections on the Unix socket to leases.
     pub(super) fn fast_opener(&self) -> incoming::FastOpen {
-        let (core, metrics) = (Arc::clone(&self.core), self.metrics());
-        Arc::new(move |lease_id, conn| {
-            workers::FastSession::open(&core, Arc::clone(&metrics), lease_id, conn)
-        })
+        let svc = self.svc.clone();
+        Arc::new(move |lease_id, conn| workers::FastFrames::open(&svc, lease_id, conn))
     }
 }
 
@@ -56,7 +52,7 @@ impl Offload for OffloadService {
         &self,
         _request: Request<proto::GetInfoRequest>,
     ) -> Reply<proto::GetInfoResponse> {
-        Ok(Response::new(convert::info(&self.core)))
+        Ok(Response::new(convert::info(self.svc.core())))
     }
 
     #[tracing::instrument(skip_all, fields(pool = %request.get_ref().name))]
@@ -71,19 +67,14 @@ impl Offload for OffloadService {
             },
             size_bytes: r.size_bytes,
         };
-        let pool = blocking(&self.core, move |core| core.pools.create(&req)).await?;
+        let pool = self.svc.create_pool(req).await?;
         Ok(Response::new(convert::pool(&pool)))
     }
 
     #[tracing::instrument(skip_all, fields(pool = %request.get_ref().name))]
     async fn get_pool(&self, request: Request<proto::GetPoolRequest>) -> Reply<proto::Pool> {
-        // convert::pool asks the driver how much of a cuda pool is registered.
-        let name = request.into_inner().name;
-        let pool = blocking(&self.core, move |c| {
-            c.pools.get(&name).map(|p| convert::pool(&p))
-        })
-        .await?;
-        Ok(Response::new(pool))
+        let pool = self.svc.pool(request.into_inner().name).await?;
+        Ok(Response::new(convert::pool(&pool)))
     }
 
     #[tracing::instrument(skip_all)]
@@ -91,24 +82,14 @@ impl Offload for OffloadService {
         &self,
         _request: Request<proto::ListPoolsRequest>,
     ) -> Reply<proto::ListPoolsResponse> {
-        let pools = blocking(&self.core, |c| {
-            Ok::<_, Status>(c.pools.list().iter().map(|p| convert::pool(p)).collect())
-        })
-        .await?;
+        let pools = self.svc.pools().await?.iter().map(convert::pool).collect();
         Ok(Response::new(proto::ListPoolsResponse { pools }))
     }
 
     #[tracing::instrument(skip_all, fields(pool = %request.get_ref().name))]
     async fn delete_pool(&self, request: Request<proto::DeletePoolRequest>) -> Reply<proto::Pool> {
         let name = request.into_inner().name;
-        // Dropping the pool unpins (possibly a driver call) and unmaps: keep it off the runtime.
-        let reply = blocking(&self.core, move |core| {
-            let pool = core.pools.delete(&name)?;
-            let reply = convert::pool(&pool);
-            drop(pool);
-            Ok::<_, Status>(reply)
-        })
-        .await?;
+        let reply = self.svc.delete_pool(name, convert::pool).await?;
         Ok(Response::new(reply))
     }
 
@@ -118,7 +99,7 @@ impl Offload for OffloadService {
         request: Request<proto::RegisterModelRequest>,
     ) -> Reply<Encoded<proto::Model>> {
         Ok(Response::new(
-            models::register(&self.core, request.into_inner())
+            models::register(&self.svc, request.into_inner())
                 .await?
                 .into(),
         ))
@@ -132,7 +113,7 @@ impl Offload for OffloadService {
         request: Request<proto::WatchModelRequest>,
     ) -> Reply<Self::WatchModelStream> {
         Ok(Response::new(models::watch(
-            &self.core,
+            &self.svc,
             &request.get_ref().name,
         )?))
     }
@@ -143,24 +124,25 @@ impl Offload for OffloadService {
         request: Request<proto::GetModelRequest>,
     ) -> Reply<Encoded<proto::Model>> {
         let r = request.into_inner();
-        let model = self.core.models.get(&r.name)?;
         if !r.include_tensors {
-            return Ok(Response::new(convert::model(&model).into()));
+            return Ok(Response::new(
+                convert::model(&*self.svc.model(&r.name)?).into(),
+            ));
         }
-        let start = match r.page_token.as_str() {
-            "" => 0,
-            t => paging::Scope::model(&model).start_of(
-                t,
-                "next_page_token of the previous answer, or none for the first page",
-            )?,
-        };
-        let rows = paging::rows(start, r.page_size);
-        // A page of many tensors takes milliseconds to build and to encode: not on the runtime's
-        // thread, where every other call waits behind it.
         let tables = Arc::clone(&self.tables);
-        let reply = tokio::task::spawn_blocking(move || tables.model_page(&model, rows))
-            .await
-            .map_err(super::status::join_error)?;
+        let reply = self
+            .svc
+            .render_model(r.name, move |model| {
+                let start = match r.page_token.as_str() {
+                    "" => 0,
+                    t => paging::Scope::model(model).start_of(
+                        t,
+                        "next_page_token of the previous answer, or none for the first page",
+                    )?,
+                };
+                Ok::<_, Status>(tables.model_page(model, paging::rows(start, r.page_size)))
+            })
+            .await?;
         Ok(Response::new(reply))
     }
 
@@ -170,9 +152,8 @@ impl Offload for OffloadService {
         _request: Request<proto::ListModelsRequest>,
     ) -> Reply<proto::ListModelsResponse> {
         let models = self
-            .core
-            .models
-            .list()
+            .svc
+            .models()
             .iter()
             .map(|m| convert::model(m))
             .collect();
@@ -184,7 +165,7 @@ impl Offload for OffloadService {
         &self,
         request: Request<proto::UnregisterModelRequest>,
     ) -> Reply<Encoded<proto::Model>> {
-        let model = self.core.models.unregister(&request.get_ref().name).await?;
+        let model = self.svc.unregister(request.into_inner().name).await?;
         self.tables.forget(&model.name);
         let reply = convert::model(&model).into();
         // The last reference frees the pool ranges; dropping it is cheap (no driver calls).
@@ -198,7 +179,7 @@ impl Offload for OffloadService {
         request: Request<proto::CreateModelRequest>,
     ) -> Reply<Encoded<proto::Model>> {
         Ok(Response::new(
-            models::create(&self.core, request.into_inner()).await?,
+            models::create(&self.svc, request.into_inner()).await?,
         ))
     }
 
@@ -208,7 +189,7 @@ impl Offload for OffloadService {
         request: Request<tonic::Streaming<proto::CreateModelRequest>>,
     ) -> Reply<Encoded<proto::Model>> {
         Ok(Response::new(
-            models::create_streamed(&self.core, request.into_inner()).await?,
+            models::create_streamed(&self.svc, request.into_inner()).await?,
         ))
     }
 
@@ -217,9 +198,9 @@ impl Offload for OffloadService {
         &self,
         request: Request<proto::SealModelRequest>,
     ) -> Reply<Encoded<proto::Model>> {
-        Ok(Response::new(
-            models::seal(&self.core, request.into_inner()).await?.into(),
-        ))
+        let r = request.into_inner();
+        let model = self.svc.seal(r.name, r.publish_token).await?;
+        Ok(Response::new(convert::model(&model).into()))
     }
 
     #[tracing::instrument(skip_all, fields(model = tracing::field::Empty))]
@@ -228,7 +209,7 @@ impl Offload for OffloadService {
         request: Request<tonic::Streaming<proto::WriteModelRequest>>,
     ) -> Reply<proto::WriteModelResponse> {
         Ok(Response::new(
-            models::write(&self.core, request.into_inner()).await?,
+            models::write(&self.svc, request.into_inner()).await?,
         ))
     }
 
@@ -243,8 +224,7 @@ impl Offload for OffloadService {
                 "SetBackend needs a backend: set backend.uva or backend.prefetch",
             )
         })?;
-        // Off the runtime: it rewrites the model's journal record, its whole tensor table.
-        let model = blocking(&self.core, move |c| c.models.set_backend(&r.model, backend)).await?;
+        let model = self.svc.set_backend(r.model, backend).await?;
         Ok(Response::new(convert::model(&model).into()))
     }
 
@@ -254,7 +234,7 @@ impl Offload for OffloadService {
         request: Request<proto::AttachWorkerRequest>,
     ) -> Reply<Encoded<proto::Lease>> {
         Ok(Response::new(
-            workers::attach(&self.core, &self.tables, request.into_inner()).await?,
+            workers::attach(&self.svc, &self.tables, request.into_inner()).await?,
         ))
     }
 
@@ -263,9 +243,7 @@ impl Offload for OffloadService {
         &self,
         request: Request<proto::GetLeaseTensorsRequest>,
     ) -> Reply<Encoded<proto::LeaseTensorPage>> {
-        let r = request.into_inner();
-        let tables = Arc::clone(&self.tables);
-        let page = blocking(&self.core, move |c| workers::lease_page(c, &tables, &r)).await?;
+        let page = workers::lease_page(&self.svc, &self.tables, request.into_inner()).await?;
         Ok(Response::new(page))
     }
 
@@ -275,7 +253,7 @@ impl Offload for OffloadService {
         request: Request<proto::KeepAliveRequest>,
     ) -> Reply<proto::KeepAliveResponse> {
         Ok(Response::new(workers::keep_alive(
-            &self.core,
+            &self.svc,
             &request.get_ref().lease_id,
         )?))
     }
@@ -285,9 +263,7 @@ impl Offload for OffloadService {
         &self,
         request: Request<proto::DetachWorkerRequest>,
     ) -> Reply<proto::DetachWorkerResponse> {
-        // Ending the lease may free cuda static buffers (a stream sync and driver calls).
-        let id = request.into_inner().lease_id;
-        blocking(&self.core, move |c| c.leases.detach(&id)).await?;
+        self.svc.detach(request.into_inner().lease_id).await?;
         Ok(Response::new(proto::DetachWorkerResponse {}))
     }
 
@@ -296,11 +272,7 @@ impl Offload for OffloadService {
         &self,
         request: Request<proto::OnloadToStaticRequest>,
     ) -> Reply<proto::OnloadToStaticResponse> {
-        let reply = workers::onload(&self.core, request.into_inner()).await?;
-        self.metrics.onload(
-            reply.bytes,
-            std::time::Duration::from_micros(reply.copy_micros),
-        );
+        let reply = workers::onload(&self.svc, request.into_inner()).await?;
         Ok(Response::new(reply))
     }
 }

@@ -9,6 +9,7 @@ use crate::core::models::ModelError;
 use crate::core::pools::PoolError;
 use crate::device::DeviceError;
 use crate::device::host::HostMemError;
+use crate::service::ServiceError;
 
 fn io_code(e: &std::io::Error) -> Code {
     match e.raw_os_error() {
@@ -141,9 +142,17 @@ fn device_code(d: &DeviceError) -> Code {
     }
 }
 
-/// A blocking task that panicked or was cancelled: the daemon stays up, the caller learns.
-pub fn join_error(e: tokio::task::JoinError) -> Status {
-    Status::internal(format!("internal task failed: {e}"))
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Pool(e) => e.into(),
+            ServiceError::Model(e) => e.into(),
+            ServiceError::Lease(e) => e.into(),
+            e @ (ServiceError::Task(_) | ServiceError::FastConnection(_)) => {
+                status(Code::Internal, e.to_string())
+            }
+        }
+    }
 }
 
 /// The most bytes of a message sent back. Messages echo what the caller sent (a name, a path),

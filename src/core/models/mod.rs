@@ -1,11 +1,11 @@
 //! Models: checkpoints (or engine-published tensors) placed in a pool, with a tensor table.
 
+mod durable;
 pub mod header;
 mod header_json;
 pub mod loader;
 pub mod model;
 mod published;
-mod recover;
 mod registry;
 pub mod source;
 
@@ -17,8 +17,10 @@ use crate::core::alloc::AllocError;
 use crate::core::backend::BackendError;
 
 pub use published::{NewPublished, Publication, PublishedTensor};
-pub use recover::PendingVerify;
-pub use registry::{Models, ModelsParams, PendingLoad, RegisterRequest, state_name, wait_loaded};
+pub use registry::{
+    LoadEnded, Models, ModelsParams, PendingLoad, RegisterRequest, state_name, wait_loaded,
+};
+pub(in crate::core) use registry::{NewModel, check_name, new_model};
 
 #[derive(Debug, Error)]
 pub enum ModelError {

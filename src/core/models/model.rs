@@ -77,26 +77,26 @@ pub struct Model {
     pub alloc: Allocation,
     /// Filled in as loading or sealing computes checksums. Shared (not copied) with every lease
     /// and reader once the model is READY: a 100k-row table takes milliseconds to copy and free.
-    pub tensors: Mutex<Arc<Vec<TensorEntry>>>,
+    pub(in crate::core) tensors: Mutex<Arc<Vec<TensorEntry>>>,
     pub bytes: u64,
-    pub progress: watch::Sender<Progress>,
+    pub(in crate::core) progress: watch::Sender<Progress>,
     /// Shared with a RegisterModel that waits for the load without holding the model.
-    pub cancel: Arc<AtomicBool>,
-    pub backend: Mutex<Option<BackendConfig>>,
-    pub attached: AtomicUsize,
-    pub last_used: Mutex<Instant>,
+    pub(in crate::core) cancel: Arc<AtomicBool>,
+    pub(in crate::core) backend: Mutex<Option<BackendConfig>>,
+    pub(in crate::core) attached: AtomicUsize,
+    pub(in crate::core) last_used: Mutex<Instant>,
     /// Becomes true once no loader thread holds the model (immediately for published models).
-    pub load_done: watch::Receiver<bool>,
+    pub(in crate::core) load_done: watch::Receiver<bool>,
     /// Came back from the journal at this start rather than being registered in this run.
     pub adopted: bool,
     /// Made by CreateModel in this run: who may write its bytes, and until when.
     pub publication: Option<super::Publication>,
     /// Set once the scrubber found bytes that no longer match their checksum: why. Nothing is
     /// served from the model after that; leases learn it at their next KeepAlive.
-    pub out_of_service: std::sync::OnceLock<String>,
+    pub(in crate::core) out_of_service: std::sync::OnceLock<String>,
     /// Serializes this model's journal writes; true once its record was removed for good, so a
     /// late write (SetBackend racing UnregisterModel) cannot bring it back at the next start.
-    pub journal_gate: Mutex<bool>,
+    pub(in crate::core) journal_gate: Mutex<bool>,
 }
 
 impl Model {
@@ -106,6 +106,21 @@ impl Model {
 
     pub fn progress(&self) -> Progress {
         self.progress.borrow().clone()
+    }
+
+    /// The progress now and every change after it (WatchModel, a waiting RegisterModel).
+    pub fn watch_progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// Becomes true once no loader or verifier thread holds the model.
+    pub fn load_ended(&self) -> watch::Receiver<bool> {
+        self.load_done.clone()
+    }
+
+    /// Whether its load was cancelled (it was unregistered), readable without the model.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.cancel)
     }
 
     pub fn state(&self) -> ModelState {

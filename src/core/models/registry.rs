@@ -43,7 +43,7 @@ pub struct RegisterRequest {
 
 #[derive(Debug)]
 pub struct Models {
-    pub(super) params: ModelsParams,
+    pub(in crate::core) params: ModelsParams,
     inner: Mutex<BTreeMap<String, Arc<Model>>>,
 }
 
@@ -168,8 +168,11 @@ impl Models {
     }
 
     /// Loads the bytes. Blocking; runs on its own thread. On failure the model is removed, so
-    /// nothing stays half-registered.
-    pub fn load(&self, job: PendingLoad) {
+    /// nothing stays half-registered. Returns the signal that the load has ended, for the
+    /// caller to send once it holds nothing of the daemon: whoever waits on it may then
+    /// expect the model's ranges and the core to be free of this load.
+    #[must_use = "send the load-ended signal, or waiters wait forever"]
+    pub fn load(&self, job: PendingLoad) -> LoadEnded {
         let PendingLoad {
             model,
             files,
@@ -260,12 +263,13 @@ impl Models {
             }
         }
         drop(model);
-        let _ = done.send(true);
+        LoadEnded(done)
     }
 
-    /// Removes a model. Refused while workers are attached. A load in progress is cancelled and
-    /// waited for, so the pool's bytes are back when this returns.
-    pub async fn unregister(&self, name: &str) -> Result<Arc<Model>, ModelError> {
+    /// Removes a model and forgets its journal record (a file removal: blocking). Refused while
+    /// workers are attached. A load in progress is cancelled; the caller waits for it with
+    /// [`wait_loaded`], after which the pool's bytes are back.
+    pub fn unregister(&self, name: &str) -> Result<Arc<Model>, ModelError> {
         let model = {
             let mut map = self.lock();
             let model = map
@@ -276,7 +280,6 @@ impl Models {
         };
         model.cancel.store(true, Ordering::Relaxed);
         self.journal_forget(&model);
-        wait_loaded(&model).await;
         tracing::info!(model = name, "model unregistered");
         Ok(model)
     }
@@ -336,14 +339,14 @@ impl Models {
         }
     }
 
-    pub(super) fn check_free(&self, name: &str) -> Result<(), ModelError> {
+    pub(in crate::core) fn check_free(&self, name: &str) -> Result<(), ModelError> {
         if self.lock().contains_key(name) {
             return Err(ModelError::AlreadyExists(name.to_string()));
         }
         Ok(())
     }
 
-    pub(super) fn insert(&self, model: &Arc<Model>) -> Result<(), ModelError> {
+    pub(in crate::core) fn insert(&self, model: &Arc<Model>) -> Result<(), ModelError> {
         let mut map = self.lock();
         if map.contains_key(&model.name) {
             // Lost a race with a concurrent registration of the same name; our allocation is
@@ -354,7 +357,7 @@ impl Models {
         Ok(())
     }
 
-    pub(super) fn remove_if_same(&self, model: &Arc<Model>) {
+    pub(in crate::core) fn remove_if_same(&self, model: &Arc<Model>) {
         let mut map = self.lock();
         if map.get(&model.name).is_some_and(|m| Arc::ptr_eq(m, model)) {
             map.remove(&model.name);
@@ -448,13 +451,23 @@ fn ensure_idle(model: &Model) -> Result<(), ModelError> {
     }
 }
 
+/// The end of a load or a verification, to be signalled once the thread that ran it holds
+/// nothing of the daemon.
+pub struct LoadEnded(pub(in crate::core) watch::Sender<bool>);
+
+impl LoadEnded {
+    pub fn signal(self) {
+        let _ = self.0.send(true);
+    }
+}
+
 /// Waits until no loader thread holds the model any more.
 pub async fn wait_loaded(model: &Model) {
     let mut rx = model.load_done.clone();
     let _ = rx.wait_for(|done| *done).await;
 }
 
-pub(super) fn check_name(name: &str) -> Result<(), ModelError> {
+pub(in crate::core) fn check_name(name: &str) -> Result<(), ModelError> {
     if is_valid_name(name) {
         Ok(())
     } else {
@@ -471,7 +484,7 @@ pub fn state_name(s: ModelState) -> &'static str {
     }
 }
 
-pub(super) struct NewModel {
+pub(in crate::core) struct NewModel {
     pub name: String,
     pub source: ModelSource,
     pub alloc: Allocation,
@@ -484,7 +497,7 @@ pub(super) struct NewModel {
     pub publication: Option<super::Publication>,
 }
 
-pub(super) fn new_model(m: NewModel) -> Model {
+pub(in crate::core) fn new_model(m: NewModel) -> Model {
     let (progress, _) = watch::channel(Progress {
         state: m.state,
         loaded_bytes: 0,

@@ -359,7 +359,7 @@ impl Pools {
         }))
     }
 
-    fn pool_path(&self, name: &str) -> PathBuf {
+    pub(in crate::core) fn pool_path(&self, name: &str) -> PathBuf {
         self.params.dir.join(format!("{POOL_FILE_PREFIX}{name}"))
     }
 
@@ -444,6 +444,27 @@ impl Pools {
         Ok(pool)
     }
 
+    /// Admits a pool an earlier run left (`core::recovery`), if its bytes fit the budget and
+    /// its name is free. Returns why not otherwise.
+    pub(in crate::core) fn admit(&self, pool: &Arc<Pool>) -> Result<(), String> {
+        let mut inner = self.inner.lock().expect("pools lock");
+        let available = self
+            .params
+            .budget
+            .saturating_sub(inner.committed() + self.staging_held());
+        if pool.size_bytes > available {
+            return Err(format!(
+                "{} bytes do not fit the {} bytes left of pools.max_host_bytes ({})",
+                pool.size_bytes, available, self.params.budget
+            ));
+        }
+        if inner.pools.contains_key(&pool.name) {
+            return Err("a pool of that name exists already".into());
+        }
+        inner.pools.insert(pool.name.clone(), Arc::clone(pool));
+        Ok(())
+    }
+
     /// Where pools and models are recorded for the next start.
     pub fn journal(&self) -> &Journal {
         &self.params.journal
@@ -476,94 +497,15 @@ impl Pools {
         }
         written
     }
-
-    /// Maps a pool file an earlier run left, if it is the one the journal describes, and applies
-    /// the pin policy as it stands now. Returns why not otherwise; the caller drops the record.
-    pub fn adopt(&self, rec: &PoolRecord) -> Result<Arc<Pool>, String> {
-        if !is_valid_name(&rec.name) || rec.size_bytes == 0 {
-            return Err("the journal's record is invalid".into());
-        }
-        let device = self
-            .params
-            .devices
-            .get(&rec.device)
-            .cloned()
-            .ok_or_else(|| format!("device {} is not on this node now", rec.device))?;
-        if let Some(cause) = device.fault() {
-            return Err(format!("device {} faulted: {cause}", rec.device));
-        }
-        let path = self.pool_path(&rec.name);
-        let region = HostRegion::open(&path).map_err(|e| e.to_string())?;
-        let ino = region.ino().map_err(|e| e.to_string())?;
-        if ino != rec.ino || region.len() as u64 != rec.size_bytes {
-            return Err(format!(
-                "{} is not the file the journal recorded (inode {ino}, {} bytes; expected inode {}, {} bytes)",
-                path.display(),
-                region.len(),
-                rec.ino,
-                rec.size_bytes
-            ));
-        }
-        let mut inner = self.inner.lock().expect("pools lock");
-        let available = self
-            .params
-            .budget
-            .saturating_sub(inner.committed() + self.staging_held());
-        if rec.size_bytes > available {
-            return Err(format!(
-                "{} bytes do not fit the {} bytes left of pools.max_host_bytes ({})",
-                rec.size_bytes, available, self.params.budget
-            ));
-        }
-        if inner.pools.contains_key(&rec.name) {
-            return Err("a pool of that name exists already".into());
-        }
-        let region = Arc::new(region);
-        let numa_node = bind_to_device_node(&rec.name, device.as_ref(), &region);
-        // Pinning re-faults and locks every page (0.1 s per GiB on the benchmark machine):
-        // it runs in the background, so the models' bytes are READY at once; AttachWorker
-        // waits for it, since a lease's copies depend on whether the pool is pinned.
-        let decision = self.decision_for(device.as_ref(), rec.size_bytes);
-        if decision.pin != rec.pinned {
-            tracing::warn!(pool = %rec.name, was_pinned = rec.pinned, pin = decision.pin, reason = %decision.reason, "the pin decision changed since the pool was created");
-        }
-        tracing::info!(pool = %rec.name, device = %rec.device, size_bytes = rec.size_bytes, pin = decision.pin, "pool adopted from the journal");
-        let pool = Arc::new(Pool::new(PoolParts {
-            durability: self.params.journal.durability_handle(),
-            name: rec.name.clone(),
-            device: Arc::clone(&device),
-            decision: decision.clone(),
-            numa_node,
-            previously_pinned: Some(rec.pinned),
-            pin: None,
-            pin_pending: decision.pin,
-            max_lease_ttl_ms: rec.max_lease_ttl_ms,
-            region: Arc::clone(&region),
-        }));
-        if decision.pin {
-            let pinning = Arc::clone(&pool);
-            std::thread::spawn(move || {
-                let started = std::time::Instant::now();
-                match device.pin(&region) {
-                    Ok(guard) => {
-                        tracing::info!(pool = %pinning.name, secs = started.elapsed().as_secs_f64(), "adopted pool pinned");
-                        pinning.settle_pin(decision, Some(guard));
-                    }
-                    Err(e) => {
-                        tracing::warn!(pool = %pinning.name, error = %e, "pinning the adopted pool failed; it stays unpinned");
-                        pinning.settle_pin(PinDecision::failed(e), None);
-                    }
-                }
-            });
-        }
-        inner.pools.insert(rec.name.clone(), Arc::clone(&pool));
-        Ok(pool)
-    }
 }
 
 /// Binds a pool's memory to its device's NUMA node, where the device has one; a failure is
 /// logged (the pool works, only farther from the device). Returns the node.
-fn bind_to_device_node(pool: &str, device: &dyn Device, region: &HostRegion) -> Option<u32> {
+pub(in crate::core) fn bind_to_device_node(
+    pool: &str,
+    device: &dyn Device,
+    region: &HostRegion,
+) -> Option<u32> {
     let node = device.info().numa_node?;
     if let Err(e) = region.bind_numa(node) {
         tracing::warn!(pool, node, error = %e, "cannot bind pool to its device's NUMA node");

@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Core;
-use super::journal::{Journal, SourceRecord};
 use super::models::PendingVerify;
-use super::models::model::Allocation;
-use super::recovery::JournalOutcome;
+use super::report::JournalOutcome;
 use crate::config::{ModelSpec, PoolSpec, VerifyOnAdopt};
+use crate::core::Core;
+use crate::core::journal::{Journal, SourceRecord};
+use crate::core::models::model::Allocation;
 
 /// What the operator's config says this start must have: a journaled pool or model that
 /// contradicts it is not adopted, so the config's version is created instead.
@@ -68,7 +68,7 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
                 continue;
             }
         }
-        match core.pools.adopt(rec) {
+        match super::pools::adopt(&core.pools, rec) {
             Ok(_) => recovery.pool_adopted(&rec.name),
             Err(reason) => recovery.dropped("pool", &rec.name, reason),
         }

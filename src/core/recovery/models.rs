@@ -1,5 +1,5 @@
-//! Models across a restart: recording READY models in the journal, and bringing them back at
-//! the next start, checked against their checkpoints and (by default) every tensor's CRC32C.
+//! Models across a restart: bringing journaled models back into their adopted pools, checked
+//! against their checkpoints and (by default) every tensor's CRC32C.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,23 +8,15 @@ use std::time::Instant;
 use rayon::prelude::*;
 use tokio::sync::watch;
 
-use super::header::{header_crc, mtime_ns, open_regular};
-use super::model::{Allocation, Model, ModelSource, ModelState, TensorEntry};
-use super::registry::{Models, NewModel, check_name, new_model};
+use super::Recovery;
 use crate::config::VerifyOnAdopt;
 use crate::core::crc;
 use crate::core::journal::{FileStamp, ModelRecord, SourceRecord};
 use crate::core::layers;
+use crate::core::models::header::{header_crc, mtime_ns, open_regular};
+use crate::core::models::model::{Allocation, Model, ModelSource, ModelState, TensorEntry};
+use crate::core::models::{LoadEnded, Models, NewModel, check_name, new_model};
 use crate::core::pool::Pool;
-use crate::core::recovery::Recovery;
-
-/// A model refused under journal.required because its record could not be written.
-#[derive(Debug)]
-pub struct Refused {
-    /// pools.dir was full (RESOURCE_EXHAUSTED rather than FAILED_PRECONDITION).
-    pub no_space: bool,
-    pub why: String,
-}
 
 /// An adopted model whose bytes are still to be checked; it is LOADING until then.
 pub struct PendingVerify {
@@ -34,58 +26,6 @@ pub struct PendingVerify {
 }
 
 impl Models {
-    /// Records a READY model. A failure is logged and reported (the model's `durable`,
-    /// GetInfo, metrics); the model keeps serving and is simply not adopted after a restart.
-    /// Under journal.required the failure is returned instead, for the caller to refuse.
-    pub(super) fn journal_write(&self, model: &Model) -> Result<(), Refused> {
-        let gate = model.journal_gate.lock().expect("journal gate");
-        if *gate {
-            return Ok(());
-        }
-        let journal = &self.params.journal;
-        let Err(e) = model.write_record(journal) else {
-            return Ok(());
-        };
-        let why = journal.describe(&e);
-        if journal.required() {
-            drop(gate);
-            self.journal_forget(model);
-            return Err(Refused {
-                no_space: crate::core::journal::no_space(&e),
-                why: format!(
-                    "journal.required: the record of model {:?} cannot be written, so it would not survive a restart: {why}; free space in pools.dir or unset journal.required",
-                    model.name
-                ),
-            });
-        }
-        tracing::error!(model = %model.name, error = %why, "cannot write the journal; this model will not survive a restart");
-        Ok(())
-    }
-
-    /// Takes a READY model whose bytes no longer match its table out of service: FAILED with
-    /// the reason (GetModel, WatchModel, metrics), no new lease or onload, and no record for
-    /// the next start to adopt. It stays listed, so operators see why, until unregistered.
-    pub fn take_out_of_service(&self, model: &Model, why: String) {
-        if model.out_of_service.set(why.clone()).is_err() {
-            return;
-        }
-        tracing::error!(model = %model.name, pool = %model.pool().name, reason = %why, "model taken out of service");
-        self.journal_forget(model);
-        model.progress.send_modify(|p| {
-            p.state = ModelState::Failed;
-            p.error = Some(format!("out of service: {why}"));
-        });
-    }
-
-    /// Removes a model's record for good: it is being unregistered, evicted or dropped.
-    pub(super) fn journal_forget(&self, model: &Model) {
-        let mut gate = model.journal_gate.lock().expect("journal gate");
-        *gate = true;
-        if let Err(e) = self.params.journal.remove_model(&model.name) {
-            tracing::error!(model = %model.name, error = %e, "cannot remove the model from the journal");
-        }
-    }
-
     /// Brings back a journaled model into its adopted pool, with exactly the ranges it had. It
     /// is READY at once with `VerifyOnAdopt::None`; otherwise LOADING until [`Models::verify`]
     /// has checked every tensor. Returns why it cannot come back otherwise.
@@ -205,8 +145,10 @@ impl Models {
 
     /// Checks every tensor's CRC32C against the journal, in parallel, then marks the model
     /// READY; a mismatch drops it (ranges freed, record removed) with the tensor named.
-    /// Blocking: runs on its own thread.
-    pub fn verify(&self, job: PendingVerify, recovery: &Recovery) {
+    /// Blocking: runs on its own thread. Returns the signal that it has ended, as
+    /// [`Models::load`] does.
+    #[must_use = "send the load-ended signal, or waiters wait forever"]
+    pub fn verify(&self, job: PendingVerify, recovery: &Recovery) -> LoadEnded {
         let PendingVerify {
             model,
             done,
@@ -255,6 +197,6 @@ impl Models {
             }
         }
         drop(model);
-        let _ = done.send(true);
+        LoadEnded(done)
     }
 }

@@ -1,0 +1,79 @@
+//! Pools across a restart: mapping the files an earlier run left, when they are the ones the
+//! journal describes, under the pin policy as it stands now.
+
+use std::sync::Arc;
+
+use crate::config::validate::is_valid_name;
+use crate::core::journal::PoolRecord;
+use crate::core::pin_policy::PinDecision;
+use crate::core::pool::{Pool, PoolParts};
+use crate::core::pools::{Pools, bind_to_device_node};
+use crate::device::host::HostRegion;
+
+/// Maps a pool file an earlier run left, if it is the one the journal describes, and applies
+/// the pin policy as it stands now. Returns why not otherwise; the caller drops the record.
+pub(super) fn adopt(pools: &Pools, rec: &PoolRecord) -> Result<Arc<Pool>, String> {
+    if !is_valid_name(&rec.name) || rec.size_bytes == 0 {
+        return Err("the journal's record is invalid".into());
+    }
+    let device = pools
+        .devices()
+        .get(&rec.device)
+        .cloned()
+        .ok_or_else(|| format!("device {} is not on this node now", rec.device))?;
+    if let Some(cause) = device.fault() {
+        return Err(format!("device {} faulted: {cause}", rec.device));
+    }
+    let path = pools.pool_path(&rec.name);
+    let region = HostRegion::open(&path).map_err(|e| e.to_string())?;
+    let ino = region.ino().map_err(|e| e.to_string())?;
+    if ino != rec.ino || region.len() as u64 != rec.size_bytes {
+        return Err(format!(
+            "{} is not the file the journal recorded (inode {ino}, {} bytes; expected inode {}, {} bytes)",
+            path.display(),
+            region.len(),
+            rec.ino,
+            rec.size_bytes
+        ));
+    }
+    let region = Arc::new(region);
+    let numa_node = bind_to_device_node(&rec.name, device.as_ref(), &region);
+    let decision = pools.decision_for(device.as_ref(), rec.size_bytes);
+    if decision.pin != rec.pinned {
+        tracing::warn!(pool = %rec.name, was_pinned = rec.pinned, pin = decision.pin, reason = %decision.reason, "the pin decision changed since the pool was created");
+    }
+    let pool = Arc::new(Pool::new(PoolParts {
+        durability: pools.journal().durability_handle(),
+        name: rec.name.clone(),
+        device: Arc::clone(&device),
+        decision: decision.clone(),
+        numa_node,
+        previously_pinned: Some(rec.pinned),
+        pin: None,
+        pin_pending: decision.pin,
+        max_lease_ttl_ms: rec.max_lease_ttl_ms,
+        region: Arc::clone(&region),
+    }));
+    pools.admit(&pool)?;
+    tracing::info!(pool = %rec.name, device = %rec.device, size_bytes = rec.size_bytes, pin = decision.pin, "pool adopted from the journal");
+    // Pinning re-faults and locks every page (0.1 s per GiB on the benchmark machine): it runs
+    // in the background, so the models' bytes are READY at once; AttachWorker waits for it,
+    // since a lease's copies depend on whether the pool is pinned.
+    if decision.pin {
+        let pinning = Arc::clone(&pool);
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            match device.pin(&region) {
+                Ok(guard) => {
+                    tracing::info!(pool = %pinning.name, secs = started.elapsed().as_secs_f64(), "adopted pool pinned");
+                    pinning.settle_pin(decision, Some(guard));
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %pinning.name, error = %e, "pinning the adopted pool failed; it stays unpinned");
+                    pinning.settle_pin(PinDecision::failed(e), None);
+                }
+            }
+        });
+    }
+    Ok(pool)
+}
