@@ -414,9 +414,16 @@ mod tests {
 
     proptest! {
         // PROPTEST_CASES raises the count for a long run (docs/reliability.md).
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
-        ))]
+        // Failures are kept beside this file (header.proptest-regressions), not in a folder
+        // at the top of the repository.
+        #![proptest_config(ProptestConfig {
+            failure_persistence: Some(Box::new(
+                proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions")
+            )),
+            ..ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+            )
+        })]
 
         #[test]
         fn valid_headers_parse_with_their_invariants(specs in specs()) {
