@@ -531,8 +531,12 @@ async fn silent_connections_of_one_uid_leave_the_socket_to_the_others() {
         tokio::task::yield_now().await;
     }
     let loaded = p99(&mut c).await;
-    // Within 2× idle; the floor keeps scheduler jitter on sub-millisecond calls out of it.
-    let bound = 2 * idle.max(Duration::from_millis(2));
+    // Within 2× idle. The floor keeps scheduler jitter out of it: the other tests of this
+    // binary run beside it on 2 cores, and a 2 ms floor failed at 4.02 ms against 4 ms. What
+    // the test guards against, a listener held by the flood, costs the handshake deadline
+    // (seconds) or a refused call, far above it. The latency itself is benchmarked by
+    // `cargo bench --bench scrub`'s GetInfo p99.
+    let bound = 2 * idle.max(Duration::from_millis(10));
     eprintln!(
         "GetInfo p99: idle {idle:?}, with {SILENT} silent connections of another uid {loaded:?}"
     );
