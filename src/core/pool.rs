@@ -188,22 +188,22 @@ impl Pool {
     }
 
     /// Allocates ranges for `lens` all at once, or none of them.
-    pub fn alloc_all(&self, lens: &[u64], align: u64) -> Result<Vec<Range>, AllocError> {
+    pub fn alloc_all(self: &Arc<Self>, lens: &[u64], align: u64) -> Result<Allocation, AllocError> {
         self.take_all(lens, |ranges, &len| ranges.alloc(len, align))
     }
 
     /// Takes the exact ranges `(offset, len)` a journal recorded, all or none.
-    pub fn claim_all(&self, spans: &[(u64, u64)]) -> Result<Vec<Range>, AllocError> {
+    pub fn claim_all(self: &Arc<Self>, spans: &[(u64, u64)]) -> Result<Allocation, AllocError> {
         self.take_all(spans, |ranges, &(offset, len)| ranges.claim(offset, len))
     }
 
     /// Takes a range for each item under one lock, giving back those taken if one fails, so a
     /// model never holds part of its ranges; refused once the pool is retired.
     fn take_all<T>(
-        &self,
+        self: &Arc<Self>,
         items: &[T],
         mut take: impl FnMut(&mut RangeAllocator, &T) -> Result<Range, AllocError>,
-    ) -> Result<Vec<Range>, AllocError> {
+    ) -> Result<Allocation, AllocError> {
         let mut st = self.state();
         if st.retired {
             return Err(AllocError::Retired);
@@ -229,14 +229,17 @@ impl Pool {
                 }
             }
         }
-        Ok(out)
+        Ok(Allocation {
+            pool: Arc::clone(self),
+            ranges: out,
+        })
     }
 
-    /// Returns ranges allocated by `alloc_all`.
-    pub fn free_all(&self, ranges: &[Range]) {
+    /// Returns an allocation's ranges: only its drop calls this.
+    fn free_all(&self, ranges: Vec<Range>) {
         let mut st = self.state();
         for r in ranges {
-            if let Err(e) = st.ranges.free(*r) {
+            if let Err(e) = st.ranges.free(r) {
                 tracing::error!(pool = %self.name, error = %e, "freeing a range twice; this is a bug");
             }
         }
@@ -257,5 +260,30 @@ impl Pool {
 
     fn state(&self) -> MutexGuard<'_, AllocState> {
         self.alloc.lock().expect("pool allocator lock")
+    }
+}
+
+/// Ranges owned in a pool, as only its allocator hands them out. Given back when the last
+/// holder drops them, so a model's bytes can never leak, whichever path removes it, and no
+/// range can be freed twice or written by someone who does not hold it.
+#[derive(Debug)]
+pub struct Allocation {
+    pool: Arc<Pool>,
+    ranges: Vec<Range>,
+}
+
+impl Allocation {
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn ranges(&self) -> &[Range] {
+        &self.ranges
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.pool.free_all(std::mem::take(&mut self.ranges));
     }
 }

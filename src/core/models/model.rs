@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::core::alloc::Range;
 use crate::core::backend::BackendConfig;
 use crate::core::journal::{
     AsTensorRecord, FileStamp, Journal, JournalError, ModelRecordOut, SourceRecord, TensorRecordOut,
 };
+use crate::core::pool::Allocation;
 use crate::core::pool::Pool;
 pub use crate::core::table::{TensorEntry, contiguous_strides};
 
@@ -42,20 +42,6 @@ pub struct Progress {
 impl Progress {
     pub fn is_terminal(&self) -> bool {
         matches!(self.state, ModelState::Ready | ModelState::Failed)
-    }
-}
-
-/// Ranges owned in a pool; given back when the last holder drops them, so a model's bytes can
-/// never leak, whichever path removes it.
-#[derive(Debug)]
-pub struct Allocation {
-    pub pool: Arc<Pool>,
-    pub ranges: Vec<Range>,
-}
-
-impl Drop for Allocation {
-    fn drop(&mut self) {
-        self.pool.free_all(&self.ranges);
     }
 }
 
@@ -101,7 +87,7 @@ pub struct Model {
 
 impl Model {
     pub fn pool(&self) -> &Arc<Pool> {
-        &self.alloc.pool
+        self.alloc.pool()
     }
 
     pub fn progress(&self) -> Progress {

@@ -103,8 +103,8 @@ impl Models {
             });
         }
         let alloc = self.allocate(&pool, &req.name, &tensors)?;
-        for (t, r) in tensors.iter_mut().zip(&alloc.ranges) {
-            t.offset = r.offset;
+        for (t, r) in tensors.iter_mut().zip(alloc.ranges()) {
+            t.offset = r.offset();
         }
         let (_, load_done) = watch::channel(true);
         let bytes = tensors.iter().map(|t| t.len).sum();

@@ -10,14 +10,14 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::loader::{self, Chunk, LoadError, LoadJob};
-use super::model::{Allocation, Model, ModelSource, ModelState, Progress, TensorEntry};
+use super::model::{Model, ModelSource, ModelState, Progress, TensorEntry};
 use super::{ModelError, source};
 use crate::config::validate::is_valid_name;
 use crate::core::alloc::{AllocError, MIN_ALIGN};
 use crate::core::backend::BackendConfig;
 use crate::core::journal::Journal;
 use crate::core::layers;
-use crate::core::pool::Pool;
+use crate::core::pool::{Allocation, Pool};
 use crate::core::pools::Pools;
 
 /// Settings from `[models]` and `[pools]`.
@@ -125,12 +125,12 @@ impl Models {
         }
         let alloc = self.allocate(&pool, &req.name, &tensors)?;
         let mut chunks = Vec::with_capacity(tensors.len());
-        for ((t, range), (file, file_offset)) in tensors.iter_mut().zip(&alloc.ranges).zip(spans) {
-            t.offset = range.offset;
+        for ((t, range), (file, file_offset)) in tensors.iter_mut().zip(alloc.ranges()).zip(spans) {
+            t.offset = range.offset();
             chunks.push(Chunk {
                 file,
                 file_offset,
-                pool_offset: range.offset,
+                pool_offset: range.offset(),
                 len: t.len,
             });
         }
@@ -375,12 +375,7 @@ impl Models {
         let lens: Vec<u64> = tensors.iter().map(|t| t.len).collect();
         loop {
             match pool.alloc_all(&lens, MIN_ALIGN) {
-                Ok(ranges) => {
-                    return Ok(Allocation {
-                        pool: Arc::clone(pool),
-                        ranges,
-                    });
-                }
+                Ok(alloc) => return Ok(alloc),
                 Err(AllocError::Exhausted { free, largest, .. }) => {
                     if self.params.evict_idle
                         && let Some(victim) = self.evict_one(pool)

@@ -2,7 +2,6 @@
 //! and remove everything else an earlier run left in `pools.dir`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::models::PendingVerify;
@@ -10,7 +9,6 @@ use super::report::JournalOutcome;
 use crate::config::{ModelSpec, PoolSpec, VerifyOnAdopt};
 use crate::core::Core;
 use crate::core::journal::{Journal, SourceRecord};
-use crate::core::models::model::Allocation;
 
 /// What the operator's config says this start must have: a journaled pool or model that
 /// contradicts it is not adopted, so the config's version is created instead.
@@ -122,11 +120,7 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
                 // Workers of the old daemon may still read its ranges in place until they
                 // learn their lease ended: nothing new goes there before the longest ttl.
                 if let Ok(pool) = core.pools.get(&pool_name) {
-                    if let Ok(ranges) = pool.claim_all(&spans) {
-                        let held = Allocation {
-                            pool: Arc::clone(&pool),
-                            ranges,
-                        };
+                    if let Ok(held) = pool.claim_all(&spans) {
                         pool.quarantine(held, started);
                     }
                 }

@@ -14,7 +14,7 @@ use crate::core::crc;
 use crate::core::journal::{FileStamp, ModelRecord, SourceRecord};
 use crate::core::layers;
 use crate::core::models::header::{header_crc, mtime_ns, open_regular};
-use crate::core::models::model::{Allocation, Model, ModelSource, ModelState, TensorEntry};
+use crate::core::models::model::{Model, ModelSource, ModelState, TensorEntry};
 use crate::core::models::{LoadEnded, Models, NewModel, check_name, new_model};
 use crate::core::pool::Pool;
 
@@ -71,16 +71,12 @@ impl Models {
             });
         }
         let spans: Vec<(u64, u64)> = tensors.iter().map(|t| (t.offset, t.len)).collect();
-        let ranges = pool.claim_all(&spans).map_err(|e| {
+        let alloc = pool.claim_all(&spans).map_err(|e| {
             format!(
                 "the journal places its tensors where pool {:?} cannot hold them: {e}",
                 pool.name
             )
         })?;
-        let alloc = Allocation {
-            pool: Arc::clone(pool),
-            ranges,
-        };
         let bytes = tensors.iter().map(|t| t.len).sum();
         let state = match verify {
             VerifyOnAdopt::Crc => ModelState::Loading,
