@@ -142,15 +142,20 @@ pub async fn run(config: Config, vllm_env: VllmEnv) -> Result<(), DaemonError> {
     let startup_pools = config.pools.create.clone();
     let startup_models = config.models.register.clone();
     let keep_on_exit = config.pools.keep_on_exit;
-    let core = Core::build(CoreParams {
+    let params = CoreParams {
         config,
         vllm_env,
         devices,
         cuda_absent_reason: probe.absent_reason,
         tcp_bound,
         metrics_bound,
-    })?
-    .start()?;
+    };
+    // Adopting maps and faults every pool file and reads the journal: off the runtime, like
+    // every other blocking step.
+    let core = tokio::task::spawn_blocking(move || Core::build(params))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?
+        .start()?;
     let metrics = Arc::new(Metrics::new());
     let svc = Service::new(Arc::clone(&core), Arc::clone(&metrics));
     create_startup_pools(&svc, startup_pools).await?;
