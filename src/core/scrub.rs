@@ -191,3 +191,74 @@ impl Pace {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::core::models::RegisterRequest;
+    use crate::core::models::model::ModelState;
+    use crate::core::pools::NewPool;
+    use crate::core::testing::Fixture;
+    use crate::metrics::Metrics;
+    use crate::service::Service;
+
+    /// A byte changed under a READY model is found by the scrubber's next pass; the model goes
+    /// out of service naming the tensor, and a model beside it keeps serving.
+    #[tokio::test]
+    async fn a_changed_byte_takes_only_its_model_out_of_service() {
+        let f = Fixture::new();
+        let mut config = f.config();
+        config.models.scrub_bytes_per_second = 256 << 20;
+        let svc = Service::new(f.build(config).start().unwrap(), Arc::new(Metrics::new()));
+        let pool = svc
+            .create_pool(NewPool {
+                name: "p".into(),
+                device: "cpu".into(),
+                size_bytes: 4 << 20,
+            })
+            .await
+            .unwrap();
+        for name in ["hit", "spared"] {
+            let (path, _) = f.checkpoint(name, 2, 4096);
+            let req = RegisterRequest {
+                name: name.into(),
+                pool: "p".into(),
+                path,
+                backend: None,
+            };
+            svc.register(req, true, |_| ()).await.unwrap();
+        }
+        let hit = svc.model("hit").unwrap();
+        let target = hit.tensors()[1].clone();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(pool.pool.path())
+            .unwrap();
+        let mut byte = [0u8];
+        file.seek(SeekFrom::Start(target.offset + 7)).unwrap();
+        std::io::Read::read_exact(&mut file, &mut byte).unwrap();
+        file.seek(SeekFrom::Start(target.offset + 7)).unwrap();
+        file.write_all(&[!byte[0]]).unwrap();
+        drop(file);
+
+        let mut progress = hit.watch_progress();
+        let failed = tokio::time::timeout(
+            Duration::from_secs(60),
+            progress.wait_for(|p| p.state == ModelState::Failed),
+        )
+        .await
+        .expect("the scrubber finds the change within a minute")
+        .unwrap()
+        .clone();
+        let why = hit.out_of_service().expect("out of service");
+        assert!(why.contains(&target.name), "{why}");
+        assert!(failed.error.unwrap().contains(&target.name));
+        let spared = svc.model("spared").unwrap();
+        assert_eq!(spared.state(), ModelState::Ready);
+        assert!(spared.out_of_service().is_none());
+    }
+}
