@@ -2,6 +2,7 @@
 //! at startup instead of silently falling back to a default.
 
 mod load;
+pub mod remotes;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -239,6 +240,40 @@ pub struct ModelsConfig {
     pub scrub_bytes_per_second: u64,
     /// Models registered at startup.
     pub register: Vec<ModelSpec>,
+    /// Object stores that checkpoints may be streamed from (`s3://`, `gs://`, `az://`,
+    /// `https://`); a URL under none of them is refused, as a path outside `roots` is.
+    pub remotes: Vec<RemoteSpec>,
+    /// Ranged GETs in flight per remote load.
+    pub fetch_concurrency: usize,
+    /// Bytes per ranged GET. A load holds at most about `fetch_concurrency` parts' worth of
+    /// network buffers: each part is written into the pool as it arrives.
+    pub fetch_part_bytes: u64,
+    /// Retries of one request (throttling, 5xx, timeouts, a connection dropped mid-body), with
+    /// exponential back-off; a retry resumes where the part stopped.
+    pub fetch_retries: usize,
+    /// Seconds one request may take, from sending it to its last byte, before it is retried.
+    pub fetch_timeout_secs: u64,
+}
+
+/// One allowed object-store location (`[[models.remotes]]`).
+///
+/// Credentials never go here (validation refuses them): they come from the standard chains
+/// (`AWS_*` environment variables, web identity as with IRSA, instance metadata; the GCP and
+/// Azure equivalents) or from `credentials_file`, typically a mounted Kubernetes Secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteSpec {
+    /// A bucket or a prefix in it (`s3://bucket/models/`), or an HTTPS URL prefix. Only URLs
+    /// that start with it may be registered.
+    pub url: String,
+    /// The object_store client's settings for this remote, by their documented names: e.g.
+    /// `aws_endpoint`, `aws_region`, `aws_virtual_hosted_style_request`, `allow_http`.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    /// A TOML file of more settings, credentials among them (`aws_access_key_id = "..."`),
+    /// read at each registration so a rotated Secret is picked up.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -291,6 +326,11 @@ impl Default for ModelsConfig {
             verify_on_adopt: VerifyOnAdopt::Crc,
             scrub_bytes_per_second: 32 << 20,
             register: Vec::new(),
+            remotes: Vec::new(),
+            fetch_concurrency: 16,
+            fetch_part_bytes: 8 << 20,
+            fetch_retries: 10,
+            fetch_timeout_secs: 60,
         }
     }
 }

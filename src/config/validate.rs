@@ -141,7 +141,24 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
                 m.name
             ));
         }
-        require_absolute("models.register.path", &m.path)?;
+        // A checkpoint is a local path or a URL under models.remotes (checked at registration).
+        match m.path.to_str().filter(|p| p.contains("://")) {
+            Some(url) => {
+                super::remotes::check_url(url)
+                    .map_err(|e| ConfigError::Invalid(format!("models.register.path: {e}")))?;
+            }
+            None => require_absolute("models.register.path", &m.path)?,
+        }
+    }
+    for r in &c.models.remotes {
+        super::remotes::check(r).map_err(ConfigError::Invalid)?;
+    }
+    let m = &c.models;
+    if m.fetch_concurrency == 0 || m.fetch_part_bytes < 64 << 10 || m.fetch_timeout_secs == 0 {
+        return invalid(format!(
+            "models.fetch_concurrency = {}, models.fetch_part_bytes = {} and models.fetch_timeout_secs = {} must be at least 1, 65536 and 1 (defaults 16, 8388608, 60)",
+            m.fetch_concurrency, m.fetch_part_bytes, m.fetch_timeout_secs
+        ));
     }
     if c.leases.max_per_model == 0 || c.leases.max_total == 0 {
         return invalid(format!(

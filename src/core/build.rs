@@ -70,6 +70,15 @@ impl Core {
             load_threads: config.models.load_threads,
             chunk_bytes: config.models.chunk_bytes,
             max_load_bytes_per_sec: config.models.max_load_bytes_per_sec,
+            remotes: std::sync::Arc::new(crate::core::remote::Remotes::new(
+                config.models.remotes.clone(),
+                crate::core::remote::FetchParams {
+                    concurrency: config.models.fetch_concurrency,
+                    part_bytes: config.models.fetch_part_bytes,
+                    retries: config.models.fetch_retries,
+                    timeout: std::time::Duration::from_secs(config.models.fetch_timeout_secs),
+                },
+            )),
             evict_idle: config.pools.evict_idle,
             journal: journal.clone(),
         });

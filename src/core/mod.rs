@@ -14,6 +14,7 @@ pub mod pin_policy;
 pub mod pool;
 pub mod pools;
 pub mod recovery;
+pub mod remote;
 pub mod scrub;
 mod secret;
 pub mod spares;

@@ -285,6 +285,19 @@ fn model_with(m: &Model, table: Option<std::ops::Range<usize>>) -> proto::Model 
         path: match &m.source {
             ModelSource::Checkpoint { path, .. } => path.display().to_string(),
             ModelSource::Published => String::new(),
+            ModelSource::Remote { url, .. } => url.clone(),
+        },
+        source_objects: match &m.source {
+            ModelSource::Remote { objects, .. } => objects
+                .iter()
+                .map(|o| proto::SourceObject {
+                    url: o.url.clone(),
+                    size: o.size,
+                    etag: o.etag.clone(),
+                    last_modified_unix_ms: o.last_modified_ms,
+                })
+                .collect(),
+            _ => Vec::new(),
         },
         state: model_state(p.state) as i32,
         bytes: m.bytes,

@@ -7,6 +7,7 @@ use crate::core::alloc::AllocError;
 use crate::core::leases::LeaseError;
 use crate::core::models::ModelError;
 use crate::core::pools::PoolError;
+use crate::core::remote::RemoteKind;
 use crate::device::DeviceError;
 use crate::device::host::HostMemError;
 use crate::service::ServiceError;
@@ -101,9 +102,25 @@ fn model_code(e: &ModelError) -> Code {
             std::io::ErrorKind::NotFound => Code::NotFound,
             _ => io_code(source),
         },
-        E::LoadFailed { .. } => Code::Internal,
+        E::LoadFailed { remote: None, .. } => Code::Internal,
+        E::LoadFailed {
+            remote: Some(kind), ..
+        } => remote_code(*kind),
         E::Cancelled(_) => Code::Aborted,
         E::Alloc(a) => alloc_code(a),
+        E::Remote(r) => remote_code(r.kind()),
+    }
+}
+
+fn remote_code(kind: RemoteKind) -> Code {
+    match kind {
+        RemoteKind::NotAllowed | RemoteKind::Denied => Code::PermissionDenied,
+        RemoteKind::BadUrl | RemoteKind::Short => Code::InvalidArgument,
+        RemoteKind::NotFound => Code::NotFound,
+        // A version that changed under the load: retry once the upload is complete.
+        RemoteKind::Changed | RemoteKind::Cancelled => Code::Aborted,
+        RemoteKind::Unavailable => Code::Unavailable,
+        RemoteKind::CredentialsFile => Code::FailedPrecondition,
     }
 }
 

@@ -180,6 +180,7 @@ async fn wait_ready(model: Arc<Model>) -> Result<Arc<Model>, ServiceError> {
             ModelError::LoadFailed {
                 name,
                 why: p.error.unwrap_or_default(),
+                remote: p.remote_failure,
             }
         }
         .into());

@@ -432,7 +432,7 @@ class SetBackendRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "pool", "path", "state", "bytes", "tensor_count", "loaded_bytes", "backend", "attached_workers", "error", "tensors", "adopted", "next_page_token", "load_seconds", "publish_token", "durable", "not_durable_reason")
+    __slots__ = ("name", "pool", "path", "state", "bytes", "tensor_count", "loaded_bytes", "backend", "attached_workers", "error", "tensors", "adopted", "next_page_token", "load_seconds", "publish_token", "durable", "not_durable_reason", "source_objects")
     NAME_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -450,6 +450,7 @@ class Model(_message.Message):
     PUBLISH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     NOT_DURABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     pool: str
     path: str
@@ -467,7 +468,20 @@ class Model(_message.Message):
     publish_token: str
     durable: bool
     not_durable_reason: str
-    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., attached_workers: _Optional[int] = ..., error: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., adopted: _Optional[bool] = ..., next_page_token: _Optional[str] = ..., load_seconds: _Optional[float] = ..., publish_token: _Optional[str] = ..., durable: _Optional[bool] = ..., not_durable_reason: _Optional[str] = ...) -> None: ...
+    source_objects: _containers.RepeatedCompositeFieldContainer[SourceObject]
+    def __init__(self, name: _Optional[str] = ..., pool: _Optional[str] = ..., path: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., bytes: _Optional[int] = ..., tensor_count: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., backend: _Optional[_Union[Backend, _Mapping]] = ..., attached_workers: _Optional[int] = ..., error: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., adopted: _Optional[bool] = ..., next_page_token: _Optional[str] = ..., load_seconds: _Optional[float] = ..., publish_token: _Optional[str] = ..., durable: _Optional[bool] = ..., not_durable_reason: _Optional[str] = ..., source_objects: _Optional[_Iterable[_Union[SourceObject, _Mapping]]] = ...) -> None: ...
+
+class SourceObject(_message.Message):
+    __slots__ = ("url", "size", "etag", "last_modified_unix_ms")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    LAST_MODIFIED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    size: int
+    etag: str
+    last_modified_unix_ms: int
+    def __init__(self, url: _Optional[str] = ..., size: _Optional[int] = ..., etag: _Optional[str] = ..., last_modified_unix_ms: _Optional[int] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "strides", "offset", "length", "layer", "crc32c")

@@ -37,6 +37,11 @@ pub enum SourceRecord {
         files: Vec<FileStamp>,
     },
     Published,
+    /// Streamed from object storage: the URL and each object's version.
+    Remote {
+        url: String,
+        objects: Vec<crate::core::remote::ObjectStamp>,
+    },
 }
 
 /// A row of the table. The layer is not kept: the next start derives it from the name, as its

@@ -42,7 +42,7 @@ pub struct Shard {
 }
 
 /// The most header bytes the safetensors format allows (the crate's own limit).
-const MAX_HEADER: u64 = 100_000_000;
+pub(super) const MAX_HEADER: u64 = 100_000_000;
 
 /// Opens a regular file for reading without blocking; FIFOs, devices, sockets and directories
 /// are refused with what they are. `path` was confined to one of `roots` by name; the open

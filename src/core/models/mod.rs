@@ -7,6 +7,7 @@ pub mod loader;
 pub mod model;
 mod published;
 mod registry;
+pub mod remote_source;
 pub mod source;
 
 use std::path::{Path, PathBuf};
@@ -129,13 +130,20 @@ pub enum ModelError {
     #[error("{why}")]
     NotDurable { why: String, no_space: bool },
     #[error("loading model {name:?} failed: {why}")]
-    LoadFailed { name: String, why: String },
+    LoadFailed {
+        name: String,
+        why: String,
+        /// Set when the load read from object storage and that failed: what the store said.
+        remote: Option<crate::core::remote::RemoteKind>,
+    },
     #[error("loading model {0:?} was cancelled because it was unregistered")]
     Cancelled(String),
     #[error("backend: {0}")]
     Backend(#[from] BackendError),
     #[error("pool: {0}")]
     Alloc(AllocError),
+    #[error(transparent)]
+    Remote(#[from] crate::core::remote::RemoteError),
 }
 
 impl ModelError {

@@ -37,6 +37,8 @@ pub struct Progress {
     /// FAILED because journal.required and its record could not be written: Some(true) when
     /// `pools.dir` was full, Some(false) for any other failure.
     pub journal_refused: Option<bool>,
+    /// FAILED reading from object storage: what kind of failure, for the status code.
+    pub remote_failure: Option<crate::core::remote::RemoteKind>,
 }
 
 impl Progress {
@@ -54,6 +56,11 @@ pub enum ModelSource {
         files: Vec<FileStamp>,
     },
     Published,
+    /// The URL the operator named, and each object as it was when read.
+    Remote {
+        url: String,
+        objects: Vec<crate::core::remote::ObjectStamp>,
+    },
 }
 
 #[derive(Debug)]
@@ -151,6 +158,10 @@ impl Model {
                 files: files.clone(),
             },
             ModelSource::Published => SourceRecord::Published,
+            ModelSource::Remote { url, objects } => SourceRecord::Remote {
+                url: url.clone(),
+                objects: objects.clone(),
+            },
         };
         let backend = self.backend();
         journal.write_model(&ModelRecordOut {

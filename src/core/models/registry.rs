@@ -9,8 +9,10 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use super::header::ShardTensor;
 use super::loader::{self, Chunk, LoadError, LoadJob};
 use super::model::{Model, ModelSource, ModelState, Progress, TensorEntry};
+use super::remote_source::{self, RemoteCheckpoint};
 use super::{ModelError, source};
 use crate::config::validate::is_valid_name;
 use crate::core::alloc::{AllocError, MIN_ALIGN};
@@ -19,6 +21,7 @@ use crate::core::journal::Journal;
 use crate::core::layers;
 use crate::core::pool::{Allocation, Pool};
 use crate::core::pools::Pools;
+use crate::core::remote::{FetchJob, Object, ObjectStamp, RemoteError, Remotes, Span, fetch};
 
 /// Settings from `[models]` and `[pools]`.
 #[derive(Debug, Clone)]
@@ -31,6 +34,8 @@ pub struct ModelsParams {
     pub evict_idle: bool,
     /// Where READY models are recorded for the next start.
     pub journal: Journal,
+    /// The object stores checkpoints may be streamed from.
+    pub remotes: Arc<Remotes>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,12 +55,47 @@ pub struct Models {
 /// Work handed to a blocking thread after registration was accepted.
 pub struct PendingLoad {
     model: Arc<Model>,
-    files: Vec<std::fs::File>,
-    cached_at_open: Vec<Option<Vec<u64>>>,
-    /// The shard path of each file, to name the one that fails.
-    paths: Vec<std::path::PathBuf>,
-    chunks: Vec<Chunk>,
+    input: Input,
     done: watch::Sender<bool>,
+}
+
+/// Where a load reads its bytes.
+enum Input {
+    Files {
+        files: Vec<std::fs::File>,
+        cached_at_open: Vec<Option<Vec<u64>>>,
+        /// The shard path of each file, to name the one that fails.
+        paths: Vec<std::path::PathBuf>,
+        chunks: Vec<Chunk>,
+    },
+    Remote {
+        objects: Vec<(Object, ObjectStamp)>,
+        spans: Vec<Span>,
+    },
+}
+
+/// A checkpoint whose headers were read: shards on disk or objects in a store.
+enum Opened {
+    Files(source::Checkpoint),
+    Remote(RemoteCheckpoint),
+}
+
+impl Opened {
+    /// Each shard's tensors, taken out (the table takes their names and shapes).
+    fn take_tensors(&mut self) -> Vec<Vec<ShardTensor>> {
+        match self {
+            Opened::Files(c) => c
+                .shards
+                .iter_mut()
+                .map(|s| std::mem::take(&mut s.tensors))
+                .collect(),
+            Opened::Remote(c) => c
+                .shards
+                .iter_mut()
+                .map(|s| std::mem::take(&mut s.tensors))
+                .collect(),
+        }
+    }
 }
 
 impl PendingLoad {
@@ -104,13 +144,17 @@ impl Models {
         let pool = pools
             .get(&req.pool)
             .map_err(|_| ModelError::PoolNotFound(req.pool.clone()))?;
-        let mut ckpt = source::open(&req.path, &self.params.roots)?;
-        let total = ckpt.shards.iter().map(|s| s.tensors.len()).sum();
+        let mut opened = match req.path.to_str().filter(|p| Remotes::is_remote(p)) {
+            Some(url) => Opened::Remote(remote_source::open(&self.params.remotes, url)?),
+            None => Opened::Files(source::open(&req.path, &self.params.roots)?),
+        };
+        let shards = opened.take_tensors();
+        let total = shards.iter().map(Vec::len).sum();
         let mut tensors = Vec::with_capacity(total);
         let mut spans = Vec::with_capacity(total);
         // The table takes the shards' names and shapes: copying 100k of them cost milliseconds.
-        for (fi, shard) in ckpt.shards.iter_mut().enumerate() {
-            for t in std::mem::take(&mut shard.tensors) {
+        for (fi, shard) in shards.into_iter().enumerate() {
+            for t in shard {
                 spans.push((fi, t.file_offset));
                 tensors.push(TensorEntry {
                     layer: layers::layer_of(&t.name, &self.params.layer_patterns),
@@ -124,10 +168,10 @@ impl Models {
             }
         }
         let alloc = self.allocate(&pool, &req.name, &tensors)?;
-        let mut chunks = Vec::with_capacity(tensors.len());
+        let mut placed = Vec::with_capacity(tensors.len());
         for ((t, range), (file, file_offset)) in tensors.iter_mut().zip(alloc.ranges()).zip(spans) {
             t.offset = range.offset();
-            chunks.push(Chunk {
+            placed.push(Chunk {
                 file,
                 file_offset,
                 pool_offset: range.offset(),
@@ -135,13 +179,56 @@ impl Models {
             });
         }
         let bytes = tensors.iter().map(|t| t.len).sum();
+        let (source, input, shown) = match opened {
+            Opened::Files(ckpt) => (
+                ModelSource::Checkpoint {
+                    path: ckpt.path.clone(),
+                    files: ckpt.shards.iter().map(|s| s.stamp.clone()).collect(),
+                },
+                Input::Files {
+                    paths: ckpt.shards.iter().map(|s| s.path.clone()).collect(),
+                    cached_at_open: ckpt
+                        .shards
+                        .iter()
+                        .map(|s| s.cached_at_open.clone())
+                        .collect(),
+                    files: ckpt.shards.into_iter().map(|s| s.file).collect(),
+                    chunks: placed,
+                },
+                ckpt.path.display().to_string(),
+            ),
+            Opened::Remote(ckpt) => (
+                ModelSource::Remote {
+                    url: ckpt.url.clone(),
+                    objects: ckpt.shards.iter().map(|s| s.stamp.clone()).collect(),
+                },
+                Input::Remote {
+                    spans: placed
+                        .iter()
+                        .map(|c| Span {
+                            object: c.file,
+                            offset: c.file_offset,
+                            pool_offset: c.pool_offset,
+                            len: c.len,
+                        })
+                        .collect(),
+                    objects: ckpt
+                        .shards
+                        .into_iter()
+                        .map(|s| (s.object, s.stamp))
+                        .collect(),
+                },
+                ckpt.url,
+            ),
+        };
+        let shard_count = match &input {
+            Input::Files { files, .. } => files.len(),
+            Input::Remote { objects, .. } => objects.len(),
+        };
         let (done, load_done) = watch::channel(false);
         let model = Arc::new(new_model(NewModel {
             name: req.name.clone(),
-            source: ModelSource::Checkpoint {
-                path: ckpt.path.clone(),
-                files: ckpt.shards.iter().map(|s| s.stamp.clone()).collect(),
-            },
+            source,
             alloc,
             tensors,
             bytes,
@@ -152,19 +239,8 @@ impl Models {
             publication: None,
         }));
         self.insert(&model)?;
-        tracing::info!(model = %req.name, pool = %req.pool, path = %ckpt.path.display(), bytes, shards = ckpt.shards.len(), "registering model");
-        Ok(PendingLoad {
-            model,
-            paths: ckpt.shards.iter().map(|s| s.path.clone()).collect(),
-            cached_at_open: ckpt
-                .shards
-                .iter_mut()
-                .map(|s| s.cached_at_open.take())
-                .collect(),
-            files: ckpt.shards.into_iter().map(|s| s.file).collect(),
-            chunks,
-            done,
-        })
+        tracing::info!(model = %req.name, pool = %req.pool, path = %shown, bytes, shards = shard_count, "registering model");
+        Ok(PendingLoad { model, input, done })
     }
 
     /// Loads the bytes. Blocking; runs on its own thread. On failure the model is removed, so
@@ -173,18 +249,7 @@ impl Models {
     /// expect the model's ranges and the core to be free of this load.
     #[must_use = "send the load-ended signal, or waiters wait forever"]
     pub fn load(&self, job: PendingLoad) -> LoadEnded {
-        let PendingLoad {
-            model,
-            files,
-            cached_at_open,
-            paths,
-            chunks,
-            done,
-        } = job;
-        let threads = match self.params.load_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let PendingLoad { model, input, done } = job;
         let start = Instant::now();
         // A log line at every tenth of the way, besides WatchModel's stream.
         let logged_tenths = AtomicUsize::new(0);
@@ -198,17 +263,33 @@ impl Models {
                 tracing::info!(model = %model.name, percent = tenths * 10, secs = start.elapsed().as_secs_f64(), "loading");
             }
         };
-        let result = loader::run(&LoadJob {
-            files: &files,
-            cached_at_open: &cached_at_open,
-            region: model.pool().region(),
-            tensors: chunks,
-            chunk_bytes: self.params.chunk_bytes,
-            threads,
-            cancel: &model.cancel,
-            on_progress: &progress,
-            max_bytes_per_sec: self.params.max_load_bytes_per_sec,
-        });
+        let result = match input {
+            Input::Files {
+                files,
+                cached_at_open,
+                paths,
+                chunks,
+            } => self
+                .read_files(&model, &files, &cached_at_open, chunks, &progress)
+                .map_err(|e| (describe_load_error(&e, &paths), None)),
+            Input::Remote { objects, spans } => self
+                .params
+                .remotes
+                .block_on(fetch(&FetchJob {
+                    objects: &objects,
+                    region: model.pool().region(),
+                    tensors: &spans,
+                    part_bytes: self.params.remotes.params.part_bytes,
+                    concurrency: self.params.remotes.params.concurrency,
+                    cancel: &model.cancel,
+                    on_progress: &progress,
+                    max_bytes_per_sec: self.params.max_load_bytes_per_sec,
+                }))
+                .map_err(|e| match e {
+                    RemoteError::Cancelled => (CANCELLED.to_string(), None),
+                    e => (e.to_string(), Some(e.kind())),
+                }),
+        };
         match result {
             Ok(crcs) => {
                 let mut tensors = model.tensors.lock().expect("tensors lock");
@@ -238,32 +319,44 @@ impl Models {
                     }),
                 }
             }
-            Err(e) => {
-                let why = match &e {
-                    LoadError::Cancelled => "cancelled: the model was unregistered".to_string(),
-                    LoadError::Io { file, source, .. } => {
-                        let path = paths
-                            .get(*file)
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default();
-                        let hint = if source.kind() == std::io::ErrorKind::UnexpectedEof {
-                            "; the checkpoint changed while it was loaded: register it again once it is complete"
-                        } else {
-                            ""
-                        };
-                        format!("{path}: {e}{hint}")
-                    }
-                };
+            Err((why, remote)) => {
                 tracing::warn!(model = %model.name, error = %why, "model load failed; removing it");
                 self.remove_if_same(&model);
                 model.progress.send_modify(|p| {
                     p.state = ModelState::Failed;
                     p.error = Some(why);
+                    p.remote_failure = remote;
                 });
             }
         }
         drop(model);
         LoadEnded(done)
+    }
+
+    /// Reads a checkpoint's files into the model's ranges with the parallel `pread` loader.
+    fn read_files(
+        &self,
+        model: &Model,
+        files: &[std::fs::File],
+        cached_at_open: &[Option<Vec<u64>>],
+        chunks: Vec<Chunk>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Vec<u32>, LoadError> {
+        let threads = match self.params.load_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        loader::run(&LoadJob {
+            files,
+            cached_at_open,
+            region: model.pool().region(),
+            tensors: chunks,
+            chunk_bytes: self.params.chunk_bytes,
+            threads,
+            cancel: &model.cancel,
+            on_progress: progress,
+            max_bytes_per_sec: self.params.max_load_bytes_per_sec,
+        })
     }
 
     /// Removes a model and forgets its journal record (a file removal: blocking). Refused while
@@ -435,6 +528,27 @@ impl Models {
     }
 }
 
+const CANCELLED: &str = "cancelled: the model was unregistered";
+
+/// Why a load from files failed, naming the shard.
+fn describe_load_error(e: &LoadError, paths: &[std::path::PathBuf]) -> String {
+    match e {
+        LoadError::Cancelled => CANCELLED.to_string(),
+        LoadError::Io { file, source, .. } => {
+            let path = paths
+                .get(*file)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let hint = if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                "; the checkpoint changed while it was loaded: register it again once it is complete"
+            } else {
+                ""
+            };
+            format!("{path}: {e}{hint}")
+        }
+    }
+}
+
 /// Unregistering and re-planning need a model no worker holds.
 fn ensure_idle(model: &Model) -> Result<(), ModelError> {
     match model.attached_workers() {
@@ -500,6 +614,7 @@ pub(in crate::core) fn new_model(m: NewModel) -> Model {
         error: None,
         load_time: None,
         journal_refused: None,
+        remote_failure: None,
     });
     Model {
         name: m.name,

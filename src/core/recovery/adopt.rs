@@ -87,12 +87,13 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
         let spans: Vec<(u64, u64)> = rec.tensors.iter().map(|t| (t.offset, t.len)).collect();
         let outcome = (|| {
             if let Some(spec) = config_models.get(name.as_str()) {
-                let path = match &rec.source {
-                    SourceRecord::Checkpoint { path, .. } => Some(path),
-                    SourceRecord::Published => None,
+                let same_path = match &rec.source {
+                    SourceRecord::Checkpoint { path, .. } => {
+                        spec.path.canonicalize().ok().as_ref() == Some(path)
+                    }
+                    SourceRecord::Remote { url, .. } => spec.path.to_str() == Some(url.as_str()),
+                    SourceRecord::Published => false,
                 };
-                let same_path =
-                    path.is_some_and(|p| spec.path.canonicalize().ok().as_ref() == Some(p));
                 if spec.pool != rec.pool || !same_path {
                     return Err(format!(
                         "models.register now declares it from {} in pool {:?}",

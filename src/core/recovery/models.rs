@@ -48,6 +48,9 @@ impl Models {
                 ModelSource::Checkpoint { path, files }
             }
             SourceRecord::Published => ModelSource::Published,
+            // The store is not asked: the pool holds the version the journal names, checked
+            // byte by byte under verify_on_adopt = crc, and a start must not wait on the network.
+            SourceRecord::Remote { url, objects } => ModelSource::Remote { url, objects },
         };
         let mut tensors = Vec::with_capacity(rec.tensors.len());
         for t in rec.tensors {
