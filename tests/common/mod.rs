@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 pub mod ckpt;
 pub mod pages;
 pub mod restart;
+pub mod s3;
 pub mod workers;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_offloadd");
