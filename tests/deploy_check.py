@@ -97,6 +97,17 @@ def checks(scratch):
     policies = [d for p, d in resources() if d["kind"] == "NetworkPolicy"]
     check("a NetworkPolicy admits only the metrics port",
           len(policies) == 1 and [p["port"] for r in policies[0]["spec"]["ingress"] for p in r["ports"]] == [9400])
+    egress = sorted({p["port"] for r in policies[0]["spec"].get("egress", []) for p in r["ports"]})
+    check("the NetworkPolicy lets out DNS and HTTPS to object storage, nothing else",
+          "Egress" in policies[0]["spec"]["policyTypes"] and egress == [53, 443], json.dumps(egress))
+    for path, doc in resources():
+        if doc["kind"] in ("Deployment", "DaemonSet"):
+            spec = doc["spec"]["template"]["spec"]
+            off = next(c for c in containers(doc) if c["name"] == "offloadd")
+            refs = [e["secretRef"] for e in off.get("envFrom", []) if "secretRef" in e]
+            check(f"{os.path.relpath(path, ROOT)}: object-store credentials from a Secret or the ServiceAccount",
+                  spec.get("serviceAccountName") == "offloadd"
+                  and refs == [{"name": "offloadd-object-store", "optional": True}], json.dumps(refs))
 
     # Render the GH200 overlay: base Deployment + JSON6902 replace ops.
     base = next(d for p, d in resources() if d["kind"] == "Deployment" and "/base/" in p)
