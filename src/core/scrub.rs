@@ -67,8 +67,17 @@ fn run(core: &Weak<Core>) {
         let Some(models) = core.upgrade().map(|c| weak(&c.models.list())) else {
             return;
         };
-        if models.is_empty() {
-            // Nothing to read: look again in a second (in naps, to notice shutdown).
+        let mut read = 0;
+        for model in models {
+            let Some(n) = scrub_model(core, &model, &mut pace) else {
+                return;
+            };
+            read += n;
+        }
+        if read == 0 {
+            // Nothing servable to read (no model, or only ones loading, publishing or out of
+            // service): look again in a second, in naps to notice shutdown. Going round at
+            // once would spin a core for as long as a load lasts.
             for _ in 0..10 {
                 std::thread::sleep(NAP);
                 if core.strong_count() == 0 {
@@ -77,24 +86,20 @@ fn run(core: &Weak<Core>) {
             }
             continue;
         }
-        for model in models {
-            if scrub_model(core, &model, &mut pace).is_none() {
-                return;
-            }
-        }
         let Some(c) = core.upgrade() else { return };
         c.scrub.passes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Checks every tensor of one READY model; None once the daemon is gone.
-fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Option<()> {
+/// Checks every tensor of one READY model; the bytes it read, or None once the daemon is gone.
+fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Option<u64> {
     let Some(tensors) = model
         .upgrade()
         .and_then(|m| servable(&m).then(|| m.tensors()))
     else {
-        return Some(());
+        return Some(0);
     };
+    let mut read = 0;
     for t in tensors.iter() {
         let Some(want) = t.crc32c else { continue };
         let mut crc = 0u32;
@@ -109,12 +114,13 @@ fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Optio
                 .filter(|m| servable(m))
                 .map(|m| Arc::clone(m.pool().region()))
             else {
-                return Some(());
+                return Some(read);
             };
             let piece = crc::checksum(&region, t.offset + done, n);
             drop(region);
             crc = crc::combine(crc, piece, n);
             done += n;
+            read += n;
             let c = core.upgrade()?;
             c.scrub.bytes_checked.fetch_add(n, Ordering::Relaxed);
             drop(c);
@@ -127,7 +133,7 @@ fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Optio
             // so the ranges read were this model's throughout.
             let (Some(m), Some(c)) = (model.upgrade().filter(|m| servable(m)), core.upgrade())
             else {
-                return core.upgrade().map(drop);
+                return core.upgrade().map(|_| read);
             };
             let why = format!(
                 "the scrubber found tensor {:?} changed in pool {:?} (crc32c {crc:08x}, table says {want:08x}, {} bytes at offset {}): something outside offloadd wrote the pool file",
@@ -142,10 +148,10 @@ fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Optio
                 .lock()
                 .expect("scrub lock")
                 .push(m.name.clone());
-            return Some(());
+            return Some(read);
         }
     }
-    Some(())
+    Some(read)
 }
 
 fn weak(models: &[Arc<Model>]) -> Vec<Weak<Model>> {
@@ -198,8 +204,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use crate::core::models::RegisterRequest;
     use crate::core::models::model::ModelState;
+    use crate::core::models::{NewPublished, PublishedTensor, RegisterRequest};
     use crate::core::pools::NewPool;
     use crate::core::testing::Fixture;
     use crate::metrics::Metrics;
@@ -260,5 +266,39 @@ mod tests {
         let spared = svc.model("spared").unwrap();
         assert_eq!(spared.state(), ModelState::Ready);
         assert!(spared.out_of_service().is_none());
+    }
+
+    /// While nothing is servable (here an unsealed publication) the scrubber rests: it reads
+    /// nothing and counts no pass. It used to go round at once, spinning a core for as long as
+    /// a load or a publication lasted, and forever beside a model out of service. The 300 ms
+    /// are a window to measure over, not a wait for something to happen: the old loop counted
+    /// millions of passes in it.
+    #[tokio::test]
+    async fn with_nothing_servable_the_scrubber_rests() {
+        let f = Fixture::new();
+        let mut config = f.config();
+        config.models.scrub_bytes_per_second = 256 << 20;
+        let svc = Service::new(f.build(config).start().unwrap(), Arc::new(Metrics::new()));
+        svc.create_pool(NewPool {
+            name: "p".into(),
+            device: "cpu".into(),
+            size_bytes: 4 << 20,
+        })
+        .await
+        .unwrap();
+        let req = NewPublished {
+            name: "unsealed".into(),
+            pool: "p".into(),
+            tensors: vec![PublishedTensor {
+                name: "w".into(),
+                dtype: "F32".into(),
+                shape: vec![1024],
+            }],
+            backend: None,
+        };
+        svc.create_published(req, |_, _| ()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let scrub = &svc.core().scrub;
+        assert_eq!((scrub.passes(), scrub.bytes_checked()), (0, 0));
     }
 }
