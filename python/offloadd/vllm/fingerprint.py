@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..v1 import offloadd_pb2 as pb
+
 #: Bumped when the publication format changes, so old publications are never bound.
 FORMAT = 1
 #: The tensor that carries the fingerprint inside a publication (for diagnosing mismatches).
@@ -61,9 +63,14 @@ def _short(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def checkpoint_hash(model_path: str) -> str:
-    """config.json and the index by content; weight files by name, size and mtime (stat only)."""
+def checkpoint_hash(model_path: str, source: pb.Model | None = None) -> str:
+    """config.json and the index by content; weight files by name, size and mtime (stat only);
+    a source model (a ``Model`` message) by its path and each object's URL, size and ETag."""
     h = hashlib.sha256()
+    if source is not None:
+        h.update(f"source:{source.path}\n".encode())
+        for o in source.source_objects:
+            h.update(f"{o.url}:{o.size}:{o.etag}\n".encode())
     root = Path(model_path)
     for meta in ("config.json", "model.safetensors.index.json"):
         if (root / meta).is_file():
@@ -75,15 +82,16 @@ def checkpoint_hash(model_path: str) -> str:
     return h.hexdigest()
 
 
-def of(vllm_config: object, model_config: object) -> Fingerprint:
-    """The fingerprint of this vLLM process's rank."""
+def of(vllm_config: object, model_config: object, source: pb.Model | None = None) -> Fingerprint:
+    """The fingerprint of this vLLM process's rank; ``source`` is the daemon's model the
+    checkpoint's tensors come from, if they do not come from the model directory."""
     import vllm
 
     par = vllm_config.parallel_config  # type: ignore[attr-defined]
     path = os.path.realpath(model_config.model)  # type: ignore[attr-defined]
     return Fingerprint(
         model_path=path,
-        checkpoint=checkpoint_hash(path),
+        checkpoint=checkpoint_hash(path, source),
         dtype=str(model_config.dtype),  # type: ignore[attr-defined]
         quantization=str(model_config.quantization),  # type: ignore[attr-defined]
         tp_size=par.tensor_parallel_size,

@@ -11,6 +11,12 @@ linear weight becomes a oneDNN handle and its parameter ``torch.empty(0)``; on G
 kernels repack). The publication is then read back and compared with the parameters, so one that
 could not serve is reported and removed at this start, not found out at the next.
 
+With the ``weights`` option, the first start reads the checkpoint's tensors from a model the
+daemon already holds (for example one registered from ``s3://``) instead of the model directory,
+which then needs only the config and tokenizer: the node's one copy of the checkpoint, fetched
+once, feeds every engine's first start. That model's identity (its URL and each object's ETag)
+is part of the fingerprint, so a new version of the checkpoint is a new publication.
+
 Later starts with the same fingerprint build the model, bind every parameter to the daemon's
 pool without opening a checkpoint file (with offloadd's offloader in place of vLLM's when an
 offload backend is configured), and run the post-processing again, as a disk load would. A
@@ -22,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import cast
 
 import torch
@@ -44,7 +50,7 @@ from .publish import BindError, check_fits, publish, published_fingerprint, rank
 
 # Under vLLM's logger, so its handler prints our lines with vLLM's own (INFO and up).
 log = logging.getLogger("vllm.offloadd")
-OPTIONS = {"socket", "pool", "fallback"}
+OPTIONS = {"socket", "pool", "fallback", "weights"}
 
 
 class OffloaddLoadError(RuntimeError):
@@ -56,9 +62,23 @@ class _Publishing(DefaultModelLoader):
     """vLLM's DefaultModelLoader, publishing the rank's weights between loading them and the
     platform's post-processing (see the module doc)."""
 
-    def __init__(self, load_config: LoadConfig, after_load: Callable[[nn.Module], None]) -> None:
+    def __init__(self, load_config: LoadConfig, after_load: Callable[[nn.Module], None],
+                 source: offloadd.Lease | None = None) -> None:
         super().__init__(load_config)
         self.after_load = after_load
+        self.source = source
+
+    def get_all_weights(
+        self, model_config: ModelConfig, model: nn.Module
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
+        """The checkpoint's tensors: from the source lease's pool when there is one (views, which
+        vLLM's weight loaders copy from), else vLLM's own files."""
+        if self.source is None:
+            yield from super().get_all_weights(model_config, model)
+            return
+        self.counter_before_loading_weights = time.perf_counter()
+        for name in self.source.tensors:
+            yield name, self.source.torch(name)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         super().load_weights(model, model_config)
@@ -78,6 +98,8 @@ class OffloaddModelLoader(BaseModelLoader):
         self.socket: str | None = extra.get("socket")
         self.pool: str = extra.get("pool", "vllm")
         self.fallback: bool = bool(extra.get("fallback", True))
+        #: A daemon model holding the checkpoint's tensors, read by the first start (module doc).
+        self.weights: str | None = extra.get("weights")
         disk_config = copy.copy(load_config)
         disk_config.load_format = "auto"
         disk_config.model_loader_extra_config = {}
@@ -87,19 +109,21 @@ class OffloaddModelLoader(BaseModelLoader):
         self.reason = ""
 
     def download_model(self, model_config: ModelConfig) -> None:
-        self.disk.download_model(model_config)
+        if self.weights is None:  # otherwise the directory holds no weights to download
+            self.disk.download_model(model_config)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         self.disk.load_weights(model, model_config)
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         refuse_uncapturable(vllm_config)
-        fp = fingerprint.of(vllm_config, model_config)
         try:
             client = offloadd.connect(self.socket)
             client.get_info()
         except OffloaddError as e:
             return self._disk(vllm_config, model_config, prefix, f"offloadd is unreachable ({e})")
+        source = self._source(client) if self.weights is not None else None
+        fp = fingerprint.of(vllm_config, model_config, source)
         try:
             _wait_until_sealed(client, fp.model_name)
         except NotFound:
@@ -180,10 +204,31 @@ class OffloaddModelLoader(BaseModelLoader):
             self.outcome, self.reason = "published", f"published {fp.model_name} to pool {pool!r}"
             log.info("offloadd: %s; later starts attach to it", self.reason)
 
-        loader = _Publishing(self.disk.load_config, after_load)
-        return loader.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        if self.weights is None:
+            loader = _Publishing(self.disk.load_config, after_load)
+            return loader.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        with client.attach(self.weights, worker_name=f"vllm-tp{fp.tp_rank}-pp{fp.pp_rank}-source") as source:
+            loader = _Publishing(self.disk.load_config, after_load, source)
+            model = loader.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+        log.info("offloadd: read the checkpoint from the daemon's model %s", self.weights)
+        return model
+
+    def _source(self, client: offloadd.Client) -> pb.Model:
+        """The ``weights`` model, once READY (a load in progress is waited for)."""
+        assert self.weights is not None
+        try:
+            _wait_until_sealed(client, self.weights)
+            return client.get_model(self.weights)
+        except OffloaddError as e:
+            raise OffloaddLoadError(
+                f"offloadd option weights={self.weights!r}: {e}; register the checkpoint first "
+                "(RegisterModel with its s3:// URL or directory) under that name"
+            ) from None
 
     def _disk(self, vllm_config, model_config, prefix, why) -> nn.Module:
+        if self.weights is not None:
+            raise OffloaddLoadError(f"offloadd load format: {why}; the weights are the daemon's model "
+                                    f"{self.weights!r}, so there is no disk to fall back to")
         if not self.fallback:
             raise OffloaddLoadError(f"offloadd load format: {why}; fallback is false, so not loading from disk")
         log.warning("offloadd: %s; loading from disk", why)
