@@ -15,22 +15,6 @@ use std::time::{Duration, Instant};
 
 use offloadd::proto::{CreatePoolRequest, GetInfoRequest, GetModelRequest, RegisterModelRequest};
 
-/// CPU time `pid` has used, all its threads together, from the kernel's per-process clock.
-fn cpu_time(pid: u32) -> Duration {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: `clock` is a valid out-pointer for the duration of the call.
-    let rc = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) };
-    assert_eq!(rc, 0, "clock_getcpuclockid: {rc}");
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; `clock` came from clock_getcpuclockid.
-    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 /// One window's figures for one daemon.
 struct Window {
     cpu_share: f64,
@@ -81,11 +65,11 @@ async fn measure(mib: u64, seconds: u64, scrub: Option<&str>) -> Window {
     let before = checked(c.get_info(GetInfoRequest {}).await.unwrap().into_inner());
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let cpu_before = cpu_time(pid);
+    let cpu_before = common::cpu_time(pid);
     let prober = common::prober(uds.clone(), stop.clone(), None);
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
-    let cpu = cpu_time(pid) - cpu_before;
+    let cpu = common::cpu_time(pid) - cpu_before;
     let wall = started.elapsed();
     let lat = prober.join().unwrap();
     let after = checked(c.get_info(GetInfoRequest {}).await.unwrap().into_inner());

@@ -75,6 +75,29 @@ pub async fn start_daemon_with(
     (child, channel, ready)
 }
 
+/// CPU time `pid` has used, all its threads together, from the kernel's per-process clock.
+pub fn cpu_time(pid: u32) -> Duration {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid out-pointer for the duration of the call.
+    let rc = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) };
+    assert_eq!(rc, 0, "clock_getcpuclockid: {rc}");
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; `clock` came from clock_getcpuclockid.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Min, median and max of a benchmark's per-round figures.
+pub fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
 /// The `p` quantile of sorted latencies.
 pub fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
