@@ -29,35 +29,42 @@ fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> HostMemEr
 }
 
 /// Which pages of a file are in the page cache now, one bit per page (`mincore` over a mapping
-/// that is never read, so a concurrent truncation cannot fault this process). A loader takes
-/// this before it reads, to drop from the cache afterwards exactly the pages it brought in.
+/// that is never read, so a concurrent truncation cannot fault this process).
 pub fn resident_pages(file: &File) -> std::io::Result<Vec<u64>> {
-    let len = file.metadata()?.len() as usize;
-    let page = page_size();
-    let pages = len.div_ceil(page);
+    resident_pages_in(file, 0, file.metadata()?.len())
+}
+
+/// As [`resident_pages`], for the pages that hold `[offset, offset + len)`: bit `i` is the
+/// page `offset / page_size() + i`.
+pub fn resident_pages_in(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<u64>> {
+    let page = page_size() as u64;
+    let first = offset / page;
+    let pages = (offset + len).div_ceil(page).saturating_sub(first) as usize;
     let mut bits = vec![0u64; pages.div_ceil(64)];
-    if len == 0 {
+    if pages == 0 {
         return Ok(bits);
     }
-    // SAFETY: a read-only shared mapping of the whole file, never dereferenced: only handed to
-    // mincore below, and unmapped before returning.
+    let map_len = pages * page as usize;
+    // SAFETY: a read-only shared mapping of the range's pages, never dereferenced: only handed
+    // to mincore below, and unmapped before returning. Pages past the end of the file are
+    // never touched, so mapping them is harmless.
     let map = unsafe {
         rustix::mm::mmap(
             std::ptr::null_mut(),
-            len,
+            map_len,
             ProtFlags::READ,
             MapFlags::SHARED,
             file,
-            0,
+            first * page,
         )
     }?;
     // A window of 1 GiB of pages at a time keeps the byte-per-page vector small.
     const WINDOW: usize = 1 << 30;
-    let mut vec = vec![0u8; WINDOW / page];
+    let mut vec = vec![0u8; WINDOW.min(map_len) / page as usize];
     let mut result = Ok(());
-    for start in (0..len).step_by(WINDOW) {
-        let n = WINDOW.min(len - start);
-        let np = n.div_ceil(page);
+    for start in (0..map_len).step_by(WINDOW) {
+        let n = WINDOW.min(map_len - start);
+        let np = n / page as usize;
         // SAFETY: `[start, start + n)` lies in the mapping; `vec` holds a byte for each of its
         // pages, as mincore requires.
         if unsafe { libc::mincore(map.cast::<u8>().add(start).cast(), n, vec.as_mut_ptr()) } != 0 {
@@ -66,14 +73,56 @@ pub fn resident_pages(file: &File) -> std::io::Result<Vec<u64>> {
         }
         for (i, &b) in vec[..np].iter().enumerate() {
             if b & 1 == 1 {
-                let p = start / page + i;
+                let p = start / page as usize + i;
                 bits[p / 64] |= 1 << (p % 64);
             }
         }
     }
     // SAFETY: the mapping made above, not used after this.
-    let _ = unsafe { rustix::mm::munmap(map, len) };
+    let _ = unsafe { rustix::mm::munmap(map, map_len) };
     result.map(|()| bits)
+}
+
+/// How many pages of `[offset, offset + len)` are in the page cache now, counted by the kernel
+/// with `cachestat(2)` (Linux 6.5 and later): no mapping and no byte per page, so a load can
+/// ask it of every chunk. None where the kernel lacks the call or the file system refuses it;
+/// [`resident_pages_in`] then answers.
+pub fn cached_pages(file: &File, offset: u64, len: u64) -> Option<u64> {
+    /// The call's number, the same on every architecture (the unified syscall table); the libc
+    /// crate does not name it for x86_64 glibc yet.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    if len == 0 {
+        return Some(0); // the call reads a length of 0 as "to the end of the file"
+    }
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    use std::os::fd::AsRawFd;
+    // SAFETY: the pointers are to live, properly laid-out structs for the call's duration, and
+    // the descriptor is open (borrowed from `file`); flags must be 0.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    (rc == 0).then_some(stat.nr_cache)
 }
 
 /// Page size used to pre-fault and to describe locked memory.

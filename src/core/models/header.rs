@@ -36,9 +36,6 @@ pub struct Shard {
     pub tensors: Vec<ShardTensor>,
     /// Size, modification time and header checksum, for the journal.
     pub stamp: FileStamp,
-    /// The file's pages in the page cache before anything was read (one bit each), so the
-    /// load can drop exactly what this registration brought in; None if it could not be told.
-    pub cached_at_open: Option<Vec<u64>>,
 }
 
 /// The most header bytes the safetensors format allows (the crate's own limit).
@@ -161,14 +158,13 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
     let file = open_regular(path, roots)?;
     let meta = file.metadata().map_err(|e| ModelError::io(path, e))?;
     let len = meta.len();
-    let cached_at_open = crate::device::host::resident_pages(&file).ok();
     if len == 0 {
         return Err(bad(
             "the file is empty; it is not a safetensors checkpoint".into(),
             None,
         ));
     }
-    let head = read_head(&file, path, len)?;
+    let head = read_head_uncached(&file, path, len)?;
     let tensors = parse_header(&head, len - head.len() as u64).map_err(|e| bad(e.why, e.tensor))?;
     Ok(Shard {
         path: path.to_path_buf(),
@@ -180,8 +176,30 @@ pub fn read_shard(path: &Path, roots: &[PathBuf]) -> Result<Shard, ModelError> {
             mtime_ns: mtime_ns(&meta),
             header_crc32c: crate::core::crc::crc32c(&head),
         },
-        cached_at_open,
     })
+}
+
+/// [`read_head`] for a registration, which leaves in the page cache nothing it brought in (see
+/// `cache`): without readahead, which would bring in the first tensors before the load probes
+/// them (8 MiB of them on some virtual disks), and dropping the header's pages if they were
+/// not cached. Readahead is restored for the load.
+fn read_head_uncached(file: &File, path: &Path, len: u64) -> Result<Vec<u8>, ModelError> {
+    use rustix::fs::{Advice, fadvise};
+    let _ = fadvise(file, 0, None, Advice::Random);
+    // The length prefix's page, then the rest once the length is known: probed before read.
+    let prefix = super::cache::probe(file, 0, 8.min(len));
+    let mut n = [0u8; 8];
+    let rest = read_at(file, path, &mut n, 0).map(|()| {
+        let n = u64::from_le_bytes(n).min(len - 8.min(len));
+        (n, super::cache::probe(file, 8, n))
+    });
+    let head = read_head(file, path, len);
+    let _ = fadvise(file, 0, None, Advice::Normal);
+    if let Ok((n, rest)) = rest {
+        rest.drop_behind(file, 8, n);
+    }
+    prefix.drop_behind(file, 0, 8.min(len));
+    head
 }
 
 /// Modification time in nanoseconds since the epoch, as the journal records it.

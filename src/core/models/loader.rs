@@ -9,6 +9,7 @@ use crate::core::crc::{combine, crc32c};
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
+use super::cache::{Lookahead, Range};
 use crate::device::host::HostRegion;
 
 /// Bytes of one file and the pool range they go to: a whole tensor, or a piece of one.
@@ -22,10 +23,9 @@ pub struct Chunk {
 
 /// A load: files, and where each tensor's bytes are and go.
 pub struct LoadJob<'a> {
+    /// The shards; what a load reads of them that was not cached leaves the page cache behind
+    /// it (see `cache`).
     pub files: &'a [File],
-    /// Per file, its pages that were cached before the registration read anything (one bit
-    /// each): the load drops the others from the page cache behind itself.
-    pub cached_at_open: &'a [Option<Vec<u64>>],
     pub region: &'a HostRegion,
     /// `tensors[i]` is tensor i, whole.
     pub tensors: Vec<Chunk>,
@@ -143,7 +143,14 @@ fn plan(tensors: &[Chunk], chunk: u64) -> Plan {
 /// Runs the load; returns each tensor's CRC32C.
 pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
     let Plan { work, first } = plan(&job.tensors, job.chunk_bytes);
-    let cache = job.cached_at_open;
+    let ranges: Vec<Range> = work
+        .iter()
+        .map(|w| match w {
+            Work::Piece(_, c) => (c.file, c.file_offset, c.len),
+            Work::Batch(b) => (b.file, b.file_offset, b.len),
+        })
+        .collect();
+    let ahead = Lookahead::new(job.files, &ranges);
     let crcs: Vec<AtomicU32> = (0..*first.last().expect("one more than the tensors"))
         .map(|_| AtomicU32::new(0))
         .collect();
@@ -168,15 +175,14 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
                         let Some(w) = work.get(i) else {
                             return Ok(());
                         };
-                        let (file, file_offset, len) = match w {
-                            Work::Piece(_, c) => (c.file, c.file_offset, c.len),
-                            Work::Batch(b) => (b.file, b.file_offset, b.len),
-                        };
+                        let (file, file_offset, len) = ranges[i];
+                        ahead.before_reading(i);
                         let done = match w {
-                            Work::Piece(slot, c) => read_chunk(job, *c, cache)
+                            Work::Piece(slot, c) => read_chunk(job, *c)
                                 .map(|crc| crcs[*slot].store(crc, Ordering::Relaxed)),
-                            Work::Batch(b) => read_batch(job, b, &mut bounce, &crcs, cache),
+                            Work::Batch(b) => read_batch(job, b, &mut bounce, &crcs),
                         };
+                        ahead.after_reading(i);
                         if let Err(source) = done {
                             failed.store(true, Ordering::Relaxed);
                             return Err(LoadError::Io {
@@ -205,12 +211,7 @@ pub fn run(job: &LoadJob<'_>) -> Result<Vec<u32>, LoadError> {
         }
         outcome
     });
-    // Readahead of one thread can land in a chunk another thread finished and dropped already:
-    // one last pass over each whole file drops what is left of the pages this load brought in.
-    for (file, bits) in job.files.iter().zip(cache) {
-        let len = file.metadata().map_or(0, |m| m.len());
-        drop_behind(file, bits.as_deref(), 0, len);
-    }
+    ahead.finish();
     result?;
     Ok(job
         .tensors
@@ -235,7 +236,6 @@ fn read_batch(
     b: &Batch,
     bounce: &mut Vec<u8>,
     crcs: &[AtomicU32],
-    cache: &[Option<Vec<u64>>],
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let file = &job.files[b.file];
@@ -277,12 +277,10 @@ fn read_batch(
             }
             rest = &rest[run..];
         }
-        drop_behind(file, cache[b.file].as_deref(), b.file_offset, b.len);
         return Ok(());
     }
     bounce.resize(b.len as usize, 0);
     file.read_exact_at(bounce, b.file_offset)?;
-    drop_behind(file, cache[b.file].as_deref(), b.file_offset, b.len);
     for &(slot, c) in &b.members {
         let at = (c.file_offset - b.file_offset) as usize;
         let bytes = &bounce[at..at + c.len as usize];
@@ -300,7 +298,7 @@ fn read_batch(
 const CRC_PIECE: u64 = 1 << 18;
 
 /// Reads one chunk into the pool and returns its CRC32C.
-fn read_chunk(job: &LoadJob<'_>, c: Chunk, cache: &[Option<Vec<u64>>]) -> std::io::Result<u32> {
+fn read_chunk(job: &LoadJob<'_>, c: Chunk) -> std::io::Result<u32> {
     let file = &job.files[c.file];
     let mut digest = Digest::new(Crc32Iscsi);
     let mut done = 0;
@@ -316,38 +314,7 @@ fn read_chunk(job: &LoadJob<'_>, c: Chunk, cache: &[Option<Vec<u64>>]) -> std::i
         }
         done += n;
     }
-    drop_behind(file, cache[c.file].as_deref(), c.file_offset, c.len);
     Ok(digest.finalize() as u32)
-}
-
-/// Drops from the page cache the pages of `[offset, offset + len)` that were not cached when
-/// the load began: a cold load must not leave a second copy of the checkpoint in host memory
-/// beside the pool, while pages someone else cached (a warm cache) stay. Readahead pages are
-/// dropped by the chunk they belong to. Without a residency snapshot nothing is dropped.
-fn drop_behind(file: &File, resident_at_start: Option<&[u64]>, offset: u64, len: u64) {
-    let Some(bits) = resident_at_start else {
-        return;
-    };
-    let page = crate::device::host::page_size() as u64;
-    let (first, last) = (offset / page, (offset + len).div_ceil(page));
-    let was_cached = |p: u64| {
-        bits.get((p / 64) as usize)
-            .is_some_and(|w| w >> (p % 64) & 1 == 1)
-    };
-    let mut p = first;
-    while p < last {
-        if was_cached(p) {
-            p += 1;
-            continue;
-        }
-        let run = p;
-        while p < last && !was_cached(p) {
-            p += 1;
-        }
-        let n = std::num::NonZeroU64::new((p - run) * page).expect("a run has pages");
-        // Advice only: a failure leaves the pages cached, which costs memory, not correctness.
-        let _ = rustix::fs::fadvise(file, run * page, Some(n), rustix::fs::Advice::DontNeed);
-    }
 }
 
 /// Sleeps while the load is ahead of its allowed rate, in short naps so a cancellation is seen

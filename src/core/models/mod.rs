@@ -1,5 +1,6 @@
 //! Models: checkpoints (or engine-published tensors) placed in a pool, with a tensor table.
 
+mod cache;
 mod durable;
 pub mod header;
 mod header_json;

@@ -63,7 +63,6 @@ pub struct PendingLoad {
 enum Input {
     Files {
         files: Vec<std::fs::File>,
-        cached_at_open: Vec<Option<Vec<u64>>>,
         /// The shard path of each file, to name the one that fails.
         paths: Vec<std::path::PathBuf>,
         chunks: Vec<Chunk>,
@@ -187,11 +186,6 @@ impl Models {
                 },
                 Input::Files {
                     paths: ckpt.shards.iter().map(|s| s.path.clone()).collect(),
-                    cached_at_open: ckpt
-                        .shards
-                        .iter()
-                        .map(|s| s.cached_at_open.clone())
-                        .collect(),
                     files: ckpt.shards.into_iter().map(|s| s.file).collect(),
                     chunks: placed,
                 },
@@ -266,11 +260,10 @@ impl Models {
         let result = match input {
             Input::Files {
                 files,
-                cached_at_open,
                 paths,
                 chunks,
             } => self
-                .read_files(&model, &files, &cached_at_open, chunks, &progress)
+                .read_files(&model, &files, chunks, &progress)
                 .map_err(|e| (describe_load_error(&e, &paths), None)),
             Input::Remote { objects, spans } => self
                 .params
@@ -338,7 +331,6 @@ impl Models {
         &self,
         model: &Model,
         files: &[std::fs::File],
-        cached_at_open: &[Option<Vec<u64>>],
         chunks: Vec<Chunk>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Vec<u32>, LoadError> {
@@ -348,7 +340,6 @@ impl Models {
         };
         loader::run(&LoadJob {
             files,
-            cached_at_open,
             region: model.pool().region(),
             tensors: chunks,
             chunk_bytes: self.params.chunk_bytes,
