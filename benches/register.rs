@@ -1,6 +1,8 @@
 //! RegisterModel throughput from the page cache, through the real daemon over its Unix socket,
 //! against the bound measured in the same run: parallel chunked `pread` of the same shards into
-//! pre-faulted shared memory with the same number of threads. The two alternate round by round,
+//! pre-faulted shared memory with the same number of threads, and the same with each piece
+//! checksummed (CRC32C) as it lands, the least a load that verifies its bytes can spend. They
+//! alternate round by round,
 //! so drift on a shared host hits both alike; each round prints the ratio and the CPU seconds
 //! each side spent (the bench process's own clock for the bound, the daemon's for the load), and
 //! the fixed cost of a register: its wall time less the load the daemon timed (`load_seconds`).
@@ -18,6 +20,17 @@ use std::time::Instant;
 
 use offloadd::parts::HostRegion;
 use offloadd::proto::{CreatePoolRequest, RegisterModelRequest, UnregisterModelRequest};
+
+/// One round's figures.
+struct Round {
+    bound: f64,
+    secs: f64,
+    /// Daemon CPU seconds over the bound's.
+    cpu: f64,
+    rest_ms: f64,
+    crc_ratio: f64,
+    crc_cpu: f64,
+}
 
 fn python_load(files: &[PathBuf]) -> Option<f64> {
     let script = "import sys,time\nfrom safetensors.numpy import load_file\nt=time.perf_counter()\nfor f in sys.argv[1:]: load_file(f)\nprint(time.perf_counter()-t)";
@@ -93,6 +106,9 @@ fn main() {
             let cpu0 = common::cpu_time(me);
             let bound = common::pread_bound(&files, &region, threads);
             let bound_cpu = (common::cpu_time(me) - cpu0).as_secs_f64();
+            let cpu0 = common::cpu_time(me);
+            let crc_bound = common::pread_bound_with(&files, &region, threads, true);
+            let crc_cpu = (common::cpu_time(me) - cpu0).as_secs_f64();
 
             let cpu0 = common::cpu_time(pid);
             let t = Instant::now();
@@ -116,15 +132,26 @@ fn main() {
             .unwrap();
             let rest_ms = (secs - model.load_seconds) * 1e3;
             println!(
-                "round {round}: bound {:5.2} GB/s ({bound_cpu:.2} CPU-s), RegisterModel {:5.2} GB/s \
-                 ({cpu:.2} CPU-s; load {:.3} s, the rest {rest_ms:.1} ms): ratio {:.2}, CPU {:.2}x",
+                "round {round}: bound {:5.2} GB/s ({bound_cpu:.2} CPU-s), with CRC32C {:5.2} GB/s \
+                 ({crc_cpu:.2} CPU-s), RegisterModel {:5.2} GB/s ({cpu:.2} CPU-s; load {:.3} s, \
+                 the rest {rest_ms:.1} ms): ratio {:.2} / {:.2} with CRC, CPU {:.2}x / {:.2}x",
                 gbps(bound),
+                gbps(crc_bound),
                 gbps(secs),
                 model.load_seconds,
                 bound / secs,
-                cpu / bound_cpu
+                crc_bound / secs,
+                cpu / bound_cpu,
+                cpu / crc_cpu
             );
-            out.push((bound, secs, cpu / bound_cpu, rest_ms));
+            out.push(Round {
+                bound,
+                secs,
+                cpu: cpu / bound_cpu,
+                rest_ms,
+                crc_ratio: crc_bound / secs,
+                crc_cpu: cpu / crc_cpu,
+            });
         }
         child.kill().await.unwrap();
         out
@@ -132,19 +159,33 @@ fn main() {
     drop(region);
     let python = python_load(&files);
 
-    let column = |f: fn(&(f64, f64, f64, f64)) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
-    let (lo, mid, hi) = common::spread(&column(|r| r.0 / r.1));
-    println!(
-        "ratio RegisterModel/bound, min/median/max: {lo:.2} / {mid:.2} / {hi:.2} (target >= 0.9)"
+    let column = |f: fn(&Round) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
+    let report = |what: &str, values: Vec<f64>| {
+        let (lo, mid, hi) = common::spread(&values);
+        println!("{what}, min/median/max: {lo:.2} / {mid:.2} / {hi:.2}");
+    };
+    report(
+        "ratio RegisterModel/bound (target >= 0.9)",
+        column(|r| r.bound / r.secs),
     );
-    let (lo, mid, hi) = common::spread(&column(|r| r.2));
-    println!(
-        "CPU seconds daemon/bound, min/median/max: {lo:.2} / {mid:.2} / {hi:.2} (target <= 1.1)"
+    report(
+        "ratio RegisterModel/bound with CRC32C",
+        column(|r| r.crc_ratio),
     );
-    let (lo, mid, hi) = common::spread(&column(|r| r.3));
-    println!("fixed cost (RegisterModel less its load), ms: {lo:.1} / {mid:.1} / {hi:.1}");
-    let bound = column(|r| r.0).into_iter().fold(f64::MAX, f64::min);
-    let daemon_secs = column(|r| r.1).into_iter().fold(f64::MAX, f64::min);
+    report(
+        "CPU seconds daemon/bound (target <= 1.1)",
+        column(|r| r.cpu),
+    );
+    report(
+        "CPU seconds daemon/bound with CRC32C",
+        column(|r| r.crc_cpu),
+    );
+    report(
+        "fixed cost (RegisterModel less its load), ms",
+        column(|r| r.rest_ms),
+    );
+    let bound = column(|r| r.bound).into_iter().fold(f64::MAX, f64::min);
+    let daemon_secs = column(|r| r.secs).into_iter().fold(f64::MAX, f64::min);
     match python {
         Some(p) => {
             println!(
