@@ -60,6 +60,14 @@ impl Probe {
     /// cached when it was probed. Advice only: a failure leaves pages cached, which costs
     /// memory, not correctness.
     pub fn drop_behind(&self, file: &File, offset: u64, len: u64) {
+        for (first, pages) in self.uncached_runs(offset, len) {
+            drop_pages(file, first, pages);
+        }
+    }
+
+    /// Runs of pages of `[offset, offset + len)` that were not cached when probed: (first
+    /// page, pages).
+    fn uncached_runs(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
         let page = page_size() as u64;
         let (first, last) = (offset / page, (offset + len).div_ceil(page));
         let was_cached = |p: u64| match &self.before {
@@ -71,6 +79,7 @@ impl Probe {
                     .is_none_or(|w| w >> (i % 64) & 1 == 1)
             }
         };
+        let mut runs = Vec::new();
         let mut p = first;
         while p < last {
             if was_cached(p) {
@@ -81,9 +90,16 @@ impl Probe {
             while p < last && !was_cached(p) {
                 p += 1;
             }
-            let n = NonZeroU64::new((p - run) * page).expect("a run has pages");
-            let _ = rustix::fs::fadvise(file, run * page, Some(n), rustix::fs::Advice::DontNeed);
+            runs.push((run, p - run));
         }
+        runs
+    }
+}
+
+fn drop_pages(file: &File, first: u64, pages: u64) {
+    let page = page_size() as u64;
+    if let Some(n) = NonZeroU64::new(pages * page) {
+        let _ = rustix::fs::fadvise(file, first * page, Some(n), rustix::fs::Advice::DontNeed);
     }
 }
 
@@ -132,11 +148,35 @@ impl<'a> Lookahead<'a> {
         }
     }
 
-    /// Drops again what every range brought in: the readahead of one reader can land in a range
-    /// another reader has finished and dropped already.
+    /// Drops again what every range brought in, in runs that cross the ranges' boundaries:
+    /// the readahead of one reader can land in a range another reader has finished and dropped
+    /// already, and the kernel drops a large folio (2 MiB on this VM's ext4) only when the
+    /// advice covers all of it, which no range does where it straddles two.
     pub fn finish(&self) {
-        for i in 0..self.ranges.len() {
-            self.after_reading(i);
+        let mut runs: Vec<(usize, u64, u64)> = Vec::new();
+        for (i, &(file, offset, len)) in self.ranges.iter().enumerate() {
+            if let Some(p) = self.probes[i].get() {
+                runs.extend(
+                    p.uncached_runs(offset, len)
+                        .into_iter()
+                        .map(|(first, n)| (file, first, first + n)),
+                );
+            }
+        }
+        runs.sort_unstable();
+        let mut merged: Option<(usize, u64, u64)> = None;
+        for (file, start, end) in runs {
+            match &mut merged {
+                Some((f, _, e)) if *f == file && start <= *e => *e = (*e).max(end),
+                _ => {
+                    if let Some((f, s, e)) = merged.replace((file, start, end)) {
+                        drop_pages(&self.files[f], s, e - s);
+                    }
+                }
+            }
+        }
+        if let Some((f, s, e)) = merged {
+            drop_pages(&self.files[f], s, e - s);
         }
     }
 }
