@@ -394,3 +394,60 @@ async fn sigkill_mid_load_then_restart_adopts_what_was_ready_without_a_get() {
     );
     drop(d);
 }
+
+/// The same URL registered again after its object changed is a new version: its own ETag and
+/// bytes, while the model registered before keeps serving the version it read.
+#[tokio::test]
+async fn a_changed_object_registers_as_a_new_version_beside_the_old_one() {
+    let env = Env::new().await;
+    let url = "s3://models/ver/model.safetensors";
+    let (old, new) = (ckpt::llama(2, 128, 512), ckpt::llama(3, 128, 512));
+    for (name, tensors) in [("old", &old), ("new", &new)] {
+        let file = env.scratch.models().join(format!("{name}.safetensors"));
+        ckpt::write_file(&file, tensors);
+    }
+    env.s3
+        .put_file(
+            "ver/model.safetensors",
+            &env.scratch.models().join("old.safetensors"),
+        )
+        .await;
+    let (d, mut c) = env.start().await;
+    cpu_pool(&mut c, "p", POOL_BYTES).await;
+    let v1 = c
+        .register_model(register("v1", url, true))
+        .await
+        .unwrap()
+        .into_inner();
+    env.s3
+        .put_file(
+            "ver/model.safetensors",
+            &env.scratch.models().join("new.safetensors"),
+        )
+        .await;
+    let v2 = c
+        .register_model(register("v2", url, true))
+        .await
+        .unwrap()
+        .into_inner();
+    let etag = |m: &offloadd::proto::Model| m.source_objects[0].etag.clone();
+    assert_ne!(etag(&v1), etag(&v2), "a changed object has a new ETag");
+    assert_byte_equal(&mut c, "v1", &old).await;
+    assert_byte_equal(&mut c, "v2", &new).await;
+    let again = c
+        .get_model(GetModelRequest {
+            name: "v1".into(),
+            include_tensors: false,
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        etag(&again),
+        etag(&v1),
+        "v1 still names the version it read"
+    );
+    assert!(d.terminate().await.success());
+}
