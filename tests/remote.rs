@@ -33,6 +33,11 @@ struct Env {
 
 impl Env {
     async fn new() -> Self {
+        Self::with_timeout(10).await
+    }
+
+    /// With `models.fetch_timeout_secs` = `secs`.
+    async fn with_timeout(secs: u64) -> Self {
         let s3 = S3Server::start().await;
         let proxy = Proxy::start(s3.addr).await;
         let scratch = Scratch::new();
@@ -42,7 +47,7 @@ impl Env {
         std::fs::write(
             &config,
             format!(
-                "[models]\nfetch_part_bytes = 262144\nfetch_retries = 4\nfetch_timeout_secs = 10\n\n{}",
+                "[models]\nfetch_part_bytes = 262144\nfetch_retries = 4\nfetch_timeout_secs = {secs}\n\n{}",
                 s3::remote_config(proxy.addr, "", &creds)
             ),
         )
@@ -226,8 +231,9 @@ async fn refusals_name_the_object_and_never_the_secret() {
 }
 
 #[tokio::test]
-async fn dropped_connections_and_503_bursts_are_retried_to_a_correct_model() {
-    let env = Env::new().await;
+async fn dropped_connections_stalls_and_503_bursts_are_retried_to_a_correct_model() {
+    // A stalled answer ends only by the fetch timeout: 2 s keeps the test short.
+    let env = Env::with_timeout(2).await;
     let tensors = ckpt::llama(2, 256, 1024);
     let file = env.scratch.models().join("m.safetensors");
     ckpt::write_file(&file, &tensors);
@@ -254,6 +260,18 @@ async fn dropped_connections_and_503_bursts_are_retried_to_a_correct_model() {
         .await
         .unwrap();
     assert_byte_equal(&mut c, "throttled", &tensors).await;
+
+    // Answers that stop 100 KB in and stay open: timed out, then fetched again.
+    env.proxy
+        .set(Fault::StallAfter {
+            after: 100_000,
+            connections: 2,
+        })
+        .await;
+    c.register_model(register("stalled", "s3://models/m.safetensors", true))
+        .await
+        .unwrap();
+    assert_byte_equal(&mut c, "stalled", &tensors).await;
 }
 
 #[tokio::test]

@@ -188,6 +188,9 @@ pub enum Fault {
     ServiceUnavailable { requests: usize },
     /// Holds every answer after `after` bytes of the proxy's total until released.
     HoldAfter { after: u64 },
+    /// Stops forwarding each of the next `connections` connections after it has sent `after`
+    /// bytes of the server's answer, and keeps it open: a stall only a timeout ends.
+    StallAfter { after: u64, connections: usize },
 }
 
 /// A TCP proxy in front of the server, counting the bytes the server sends.
@@ -236,7 +239,8 @@ impl Proxy {
                     let mut f = fault.lock().await;
                     let this = f.clone();
                     match &mut *f {
-                        Fault::DropAfter { connections, .. } => {
+                        Fault::DropAfter { connections, .. }
+                        | Fault::StallAfter { connections, .. } => {
                             *connections -= 1;
                             if *connections == 0 {
                                 *f = Fault::None;
@@ -329,6 +333,18 @@ async fn serve(
             let _ = cw.write_all(&buf[..n]).await;
             down.fetch_add(n as u64, Ordering::Relaxed);
             break;
+        }
+        if let Fault::StallAfter { after, .. } = fault
+            && sent + n as u64 > after
+        {
+            let n = (after - sent) as usize;
+            let _ = cw.write_all(&buf[..n]).await;
+            down.fetch_add(n as u64, Ordering::Relaxed);
+            // Open and silent until the client gives up on it and closes its side, which ends
+            // the upstream copy.
+            let _ = up.await;
+            drop(cw);
+            return;
         }
         if let Fault::HoldAfter { after } = fault
             && down.load(Ordering::Relaxed) + n as u64 > after
