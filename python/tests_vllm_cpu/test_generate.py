@@ -71,7 +71,8 @@ def test_offloading_through_offloadd_on_the_cpu_runner(ckpt, disk, daemon):
     bits (OFFLOADED_TOLERANCE). So each is also compared, within 1e-5, with vLLM's own disk load
     running the same layers on the same path; both in one process (vLLM's "uni" executor), since
     F.linear's sums also depend on the worker's thread set-up."""
-    run_llm(offloadd_spec(ckpt, daemon.uds))  # publish
+    publisher = run_llm(offloadd_spec(ckpt, daemon.uds))
+    assert "offloadd: published" in publisher["log"], publisher["log"][-4000:]
     for offload in (PREFETCH, UVA):
         r = run_llm(offloadd_spec(ckpt, daemon.uds, offload=offload))
         assert "offloadd: attached" in r["log"], r["log"][-3000:]
@@ -115,7 +116,8 @@ def free_port() -> int:
 
 
 def test_the_openai_server_serves_what_the_offline_engine_generates(ckpt, disk, daemon):
-    run_llm(offloadd_spec(ckpt, daemon.uds))  # publish
+    publisher = run_llm(offloadd_spec(ckpt, daemon.uds))
+    assert "offloadd: published" in publisher["log"], publisher["log"][-4000:]
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
            "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
