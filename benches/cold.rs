@@ -25,22 +25,14 @@ fn drop_caches() -> bool {
     std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
-/// Bytes of `files` in the page cache.
+/// Bytes of `files` in the page cache (the daemon's own `mincore` helper).
 fn resident(files: &[PathBuf]) -> u64 {
     let page = rustix::param::page_size() as u64;
     files
         .iter()
         .map(|f| {
-            let file = std::fs::File::open(f).unwrap();
-            // SAFETY: a read-only mapping that is never read: mincore only asks the kernel
-            // about residency, so a concurrent truncation cannot fault here.
-            let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-            let pages = (map.len() as u64).div_ceil(page) as usize;
-            let mut vec = vec![0u8; pages];
-            // SAFETY: `vec` has one byte per page of the mapping, as mincore requires.
-            let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, map.len(), vec.as_mut_ptr()) };
-            assert_eq!(rc, 0, "mincore");
-            vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * page
+            let bits = offloadd::parts::resident_pages(&std::fs::File::open(f).unwrap()).unwrap();
+            bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * page
         })
         .sum()
 }
