@@ -241,37 +241,32 @@ async fn dropped_connections_stalls_and_503_bursts_are_retried_to_a_correct_mode
     let (_d, mut c) = env.start().await;
     cpu_pool(&mut c, "p", POOL_BYTES).await;
 
-    // Connections cut 100 KB into an answer: each 256 KiB part breaks off mid-body.
-    env.proxy
-        .set(Fault::DropAfter {
-            after: 100_000,
-            connections: 6,
-        })
-        .await;
-    c.register_model(register("dropped", "s3://models/m.safetensors", true))
-        .await
-        .unwrap();
-    assert_byte_equal(&mut c, "dropped", &tensors).await;
-
-    env.proxy
-        .set(Fault::ServiceUnavailable { requests: 3 })
-        .await;
-    c.register_model(register("throttled", "s3://models/m.safetensors", true))
-        .await
-        .unwrap();
-    assert_byte_equal(&mut c, "throttled", &tensors).await;
-
-    // Answers that stop 100 KB in and stay open: timed out, then fetched again.
-    env.proxy
-        .set(Fault::StallAfter {
-            after: 100_000,
-            connections: 2,
-        })
-        .await;
-    c.register_model(register("stalled", "s3://models/m.safetensors", true))
-        .await
-        .unwrap();
-    assert_byte_equal(&mut c, "stalled", &tensors).await;
+    let faults = [
+        // Connections cut 100 KB into an answer: each 256 KiB part breaks off mid-body.
+        (
+            "dropped",
+            Fault::DropAfter {
+                after: 100_000,
+                connections: 6,
+            },
+        ),
+        ("throttled", Fault::ServiceUnavailable { requests: 3 }),
+        // Answers that stop 100 KB in and stay open: timed out, then fetched again.
+        (
+            "stalled",
+            Fault::StallAfter {
+                after: 100_000,
+                connections: 2,
+            },
+        ),
+    ];
+    for (name, fault) in faults {
+        env.proxy.set(fault).await;
+        c.register_model(register(name, "s3://models/m.safetensors", true))
+            .await
+            .unwrap();
+        assert_byte_equal(&mut c, name, &tensors).await;
+    }
 }
 
 #[tokio::test]
