@@ -10,7 +10,7 @@ use super::journal::Journal;
 use super::leases::{Leases, LeasesParams};
 use super::models::{Models, ModelsParams};
 use super::pools::{PoolError, Pools, PoolsParams};
-use super::recovery::{AdoptParams, PendingVerify, Recovery, adopt};
+use super::recovery::{AdoptParams, Adopted, Recovery, adopt};
 use super::scrub::ScrubStats;
 use super::{Core, Node, NodeParams};
 use crate::config::{Config, DEFAULT_BUDGET_FRACTION};
@@ -31,10 +31,11 @@ pub struct CoreParams {
 }
 
 /// A core that has adopted what the journal still matched. Its background work (the adopted
-/// models' verifications, the lease reaper, the scrubber) starts with [`Built::start`].
+/// models' verifications, the adopted pools' pins, the lease reaper, the scrubber) starts
+/// with [`Built::start`].
 pub struct Built {
     core: Arc<Core>,
-    verifications: Vec<PendingVerify>,
+    adopted: Adopted,
 }
 
 impl Core {
@@ -98,7 +99,7 @@ impl Core {
             recovery: Recovery::default(),
         });
         let c = &core.node.params.config;
-        let verifications = adopt(
+        let adopted = adopt(
             &core,
             &AdoptParams {
                 journal: &journal,
@@ -107,10 +108,7 @@ impl Core {
                 config_models: &c.models.register,
             },
         );
-        Ok(Built {
-            core,
-            verifications,
-        })
+        Ok(Built { core, adopted })
     }
 }
 
@@ -121,10 +119,37 @@ impl Built {
         &self.core
     }
 
-    /// Starts the adopted models' verifications (a blocking thread each), the lease reaper and
-    /// the scrubber. Call from within the tokio runtime.
+    /// Starts the adopted models' verifications and the adopted pools' pins (a blocking thread
+    /// each), the lease reaper and the scrubber. Call from within the tokio runtime.
+    ///
+    /// A pool's pin waits for the verifications of its models: READY does not need the pin,
+    /// the pin and a verification both fault in the same pages, and side by side on the
+    /// 2-core benchmark machine they took a verification of 400 MiB from 31 ms to 50 ms.
     pub fn start(self) -> std::io::Result<Arc<Core>> {
-        for job in self.verifications {
+        let Adopted {
+            mut verifications,
+            pins,
+        } = self.adopted;
+        for pin in pins {
+            let (jobs, rest) = verifications
+                .into_iter()
+                .partition(|job| Arc::ptr_eq(job.pool(), pin.pool()));
+            verifications = rest;
+            // Weak: each verification's end is signalled once nothing of the core is held.
+            let core = Arc::downgrade(&self.core);
+            std::thread::Builder::new()
+                .name("offloadd-pin".into())
+                .spawn(move || {
+                    for job in jobs {
+                        let Some(core) = core.upgrade() else { return };
+                        let ended = core.models.verify(job, &core.recovery);
+                        drop(core);
+                        ended.signal();
+                    }
+                    pin.run();
+                })?;
+        }
+        for job in verifications {
             let core = Arc::clone(&self.core);
             tokio::task::spawn_blocking(move || {
                 let ended = core.models.verify(job, &core.recovery);

@@ -362,8 +362,8 @@ fn read_framed(path: &Path, want: u32) -> Result<Option<Vec<u8>>, JournalError> 
 
 #[cfg(test)]
 mod tests {
-    use super::model::TensorRecord;
     use super::*;
+    use crate::core::table::TensorEntry;
     use safetensors::Dtype;
 
     fn model(name: &str) -> ModelRecord {
@@ -372,13 +372,14 @@ mod tests {
             pool: "p".into(),
             source: SourceRecord::Published,
             backend: None,
-            tensors: vec![TensorRecord {
+            tensors: vec![TensorEntry {
                 name: "w".into(),
                 dtype: Dtype::BF16,
                 shape: vec![2, 3],
                 offset: 256,
                 len: 12,
-                crc32c: 7,
+                layer: None,
+                crc32c: Some(7),
             }],
         }
     }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::JournalError;
 use crate::core::backend::BackendConfig;
+use crate::core::table::TensorEntry;
 
 /// What a checkpoint shard looked like when it was loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,10 +45,10 @@ pub enum SourceRecord {
     },
 }
 
-/// A row of the table. The layer is not kept: the next start derives it from the name, as its
-/// own config says.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct TensorRecord {
+/// A row of the table, as read. The layer is not kept: the next start derives it from the name,
+/// as its own config says.
+#[derive(Deserialize)]
+struct Row {
     pub name: String,
     #[serde(deserialize_with = "dtype_from_name")]
     pub dtype: Dtype,
@@ -57,14 +58,17 @@ pub struct TensorRecord {
     pub crc32c: u32,
 }
 
-/// A READY model: where its bytes are and what they must checksum to.
+/// A READY model: where its bytes are and what they must checksum to. Its table is read
+/// straight into the daemon's own rows, each with its checksum and without a layer (the start
+/// that reads it derives that from the name): at 100k tensors a second copy of the table cost
+/// a restart more, in page faults on it, than decoding did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelRecord {
     pub name: String,
     pub pool: String,
     pub source: SourceRecord,
     pub backend: Option<BackendConfig>,
-    pub tensors: Vec<TensorRecord>,
+    pub tensors: Vec<TensorEntry>,
 }
 
 /// What [`super::Journal::write_model`] writes: a [`ModelRecord`] that borrows its parts, so
@@ -126,25 +130,10 @@ struct HeadIn {
     pieces: Vec<usize>,
 }
 
-/// Only the tests write records they read back: the daemon writes from its own table.
-#[cfg(test)]
-impl AsTensorRecord for TensorRecord {
-    fn record(&self) -> TensorRecordOut<'_> {
-        TensorRecordOut {
-            name: &self.name,
-            dtype: self.dtype,
-            shape: &self.shape,
-            offset: self.offset,
-            len: self.len,
-            crc32c: self.crc32c,
-        }
-    }
-}
-
 #[cfg(test)]
 impl ModelRecord {
     /// This record, to write.
-    pub fn out(&self) -> ModelRecordOut<'_, TensorRecord> {
+    pub fn out(&self) -> ModelRecordOut<'_, TensorEntry> {
         ModelRecordOut {
             name: &self.name,
             pool: &self.pool,
@@ -235,11 +224,19 @@ pub(super) fn decode(path: &Path, body: &[u8]) -> Result<ModelRecord, JournalErr
 }
 
 /// Exactly `rows` rows, and nothing after them, onto `out`.
-fn decode_piece(mut bytes: &[u8], rows: usize, out: &mut Vec<TensorRecord>) -> Result<(), String> {
+fn decode_piece(mut bytes: &[u8], rows: usize, out: &mut Vec<TensorEntry>) -> Result<(), String> {
     for i in 0..rows {
-        let (t, rest) = postcard::take_from_bytes::<TensorRecord>(bytes)
+        let (t, rest) = postcard::take_from_bytes::<Row>(bytes)
             .map_err(|e| format!("row {i} of {rows}: {e}"))?;
-        out.push(t);
+        out.push(TensorEntry {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            offset: t.offset,
+            len: t.len,
+            layer: None,
+            crc32c: Some(t.crc32c),
+        });
         bytes = rest;
     }
     if !bytes.is_empty() {
@@ -291,13 +288,14 @@ mod tests {
                 params: vec!["lm_head".into()],
             })),
             tensors: (0..n)
-                .map(|i| TensorRecord {
+                .map(|i| TensorEntry {
                     name: format!("model.layers.{i}.\"w\"\n"),
                     dtype: dtypes[i % dtypes.len()],
                     shape: vec![i; i % 4],
                     offset: 256 * i as u64,
                     len: u64::MAX - i as u64,
-                    crc32c: i as u32,
+                    layer: None,
+                    crc32c: Some(i as u32),
                 })
                 .collect(),
         }

@@ -211,6 +211,14 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 /// The 8-byte length and the JSON header of a shard of `len` bytes, checked against the
 /// format's limits before anything large is read.
 fn read_head(file: &File, path: &Path, len: u64) -> Result<Vec<u8>, ModelError> {
+    let mut head = vec![0u8; head_len(file, path, len)? as usize];
+    read_at(file, path, &mut head, 0)?;
+    Ok(head)
+}
+
+/// The bytes of a shard's length prefix and header together, checked against the format's
+/// limits.
+fn head_len(file: &File, path: &Path, len: u64) -> Result<u64, ModelError> {
     let bad = |e: SafeTensorError| ModelError::BadFile {
         path: path.to_path_buf(),
         tensor: None,
@@ -228,15 +236,26 @@ fn read_head(file: &File, path: &Path, len: u64) -> Result<Vec<u8>, ModelError> 
     if 8 + n > len {
         return Err(bad(SafeTensorError::InvalidHeaderLength));
     }
-    let mut head = vec![0u8; 8 + n as usize];
-    read_at(file, path, &mut head, 0)?;
-    Ok(head)
+    Ok(8 + n)
 }
 
 /// CRC32C of a shard's header (length prefix included), read from an open file: what
-/// [`FileStamp::header_crc32c`] recorded at registration.
+/// [`FileStamp::header_crc32c`] recorded at registration. Streamed through a small buffer: a
+/// restart checks every shard's, and at 100k tensors a header is megabytes that a fresh
+/// buffer would fault in page by page.
 pub fn header_crc(file: &File, path: &Path, size: u64) -> Result<u32, ModelError> {
-    Ok(crate::core::crc::crc32c(&read_head(file, path, size)?))
+    const PIECE: u64 = 64 << 10;
+    let len = head_len(file, path, size)?;
+    let mut buf = vec![0u8; PIECE.min(len) as usize];
+    let (mut crc, mut at) = (crate::core::crc::crc32c(&[]), 0);
+    while at < len {
+        let n = (len - at).min(PIECE);
+        let piece = &mut buf[..n as usize];
+        read_at(file, path, piece, at)?;
+        crc = crate::core::crc::combine(crc, crate::core::crc::crc32c(piece), n);
+        at += n;
+    }
+    Ok(crc)
 }
 
 /// Why a header was refused, and the tensor at fault when one is.
@@ -407,6 +426,23 @@ mod tests {
         let mut head = (text.len() as u64).to_le_bytes().to_vec();
         head.extend_from_slice(&text);
         (head, at as u64)
+    }
+
+    #[test]
+    fn the_streamed_header_checksum_is_the_checksum_of_the_header() {
+        // Larger than one streamed piece, with data after it that must not count.
+        let specs: Vec<_> = (0..3000).map(|_| ("U8", vec![3])).collect();
+        let (head, data) = valid(&specs);
+        assert!(head.len() > 64 << 10);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let mut bytes = head.clone();
+        bytes.resize(head.len() + data as usize, 7);
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        let crc = header_crc(&file, &path, bytes.len() as u64).unwrap();
+        assert_eq!(crc, crate::core::crc::crc32c(&head));
+        assert_ne!(crc, crate::core::crc::crc32c(&bytes));
     }
 
     fn check_invariants(tensors: &[ShardTensor], head_len: u64, data_len: u64) {

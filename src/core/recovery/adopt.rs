@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::models::PendingVerify;
+use super::pools::PendingPin;
 use super::report::JournalOutcome;
 use crate::config::{ModelSpec, PoolSpec, VerifyOnAdopt};
 use crate::core::Core;
@@ -19,15 +20,23 @@ pub struct AdoptParams<'a> {
     pub config_models: &'a [ModelSpec],
 }
 
-/// Adopts what matches and sweeps the rest. Returns the verifications still to run (one thread
-/// each); their models are LOADING until then. Never fails: at worst everything is rebuilt.
-pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
+/// The background work an adoption leaves: the adopted models' verifications (their models are
+/// LOADING until then) and the adopted pools' pins (AttachWorker on them waits until then).
+#[derive(Default)]
+pub struct Adopted {
+    pub verifications: Vec<PendingVerify>,
+    pub pins: Vec<PendingPin>,
+}
+
+/// Adopts what matches and sweeps the rest, and returns the work still to run. Never fails: at
+/// worst everything is rebuilt.
+pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Adopted {
     let recovery = &core.recovery;
     let contents = match p.journal.read() {
         Ok(Some(c)) => c,
         Ok(None) => {
             core.pools.sweep();
-            return Vec::new();
+            return Adopted::default();
         }
         Err(e) => {
             tracing::warn!(reason = %e, "the journal is unusable; starting clean");
@@ -36,7 +45,7 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
                 tracing::warn!(error = %e, "cannot remove the unusable journal");
             }
             core.pools.sweep();
-            return Vec::new();
+            return Adopted::default();
         }
     };
     recovery.set_journal(JournalOutcome::Applied);
@@ -52,6 +61,7 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
         .iter()
         .map(|s| (s.name.as_str(), s))
         .collect();
+    let mut pins = Vec::new();
     for rec in &contents.pools {
         if let Some(spec) = config_pools.get(rec.name.as_str()) {
             if spec.device != rec.device || spec.size_bytes != rec.size_bytes {
@@ -67,7 +77,10 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
             }
         }
         match super::pools::adopt(&core.pools, rec) {
-            Ok(_) => recovery.pool_adopted(&rec.name),
+            Ok((_, pin)) => {
+                recovery.pool_adopted(&rec.name);
+                pins.extend(pin);
+            }
             Err(reason) => recovery.dropped("pool", &rec.name, reason),
         }
     }
@@ -128,5 +141,8 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Vec<PendingVerify> {
             }
         }
     }
-    pending
+    Adopted {
+        verifications: pending,
+        pins,
+    }
 }

@@ -11,8 +11,7 @@ mod models;
 mod pools;
 mod report;
 
-pub use adopt::{AdoptParams, adopt};
-pub use models::PendingVerify;
+pub use adopt::{AdoptParams, Adopted, adopt};
 pub use report::{JournalOutcome, Recovery, Report};
 
 #[cfg(test)]

@@ -18,11 +18,40 @@ use crate::core::models::model::{Model, ModelSource, ModelState, TensorEntry};
 use crate::core::models::{LoadEnded, Models, NewModel, check_name, new_model};
 use crate::core::pool::Pool;
 
+/// Tensors are checked and reported in batches of about this many bytes: a progress update per
+/// tensor wakes every watcher, and at 100k tensors of 4 KiB that cost more than the checksums.
+const VERIFY_BATCH_BYTES: u64 = 8 << 20;
+
+/// `tensors` cut into runs of at least `bytes` (the last one may be shorter); a tensor larger
+/// than that is a run of its own.
+fn batches(tensors: &[TensorEntry], bytes: u64) -> Vec<&[TensorEntry]> {
+    let mut out = Vec::new();
+    let (mut start, mut sum) = (0, 0);
+    for (i, t) in tensors.iter().enumerate() {
+        sum += t.len;
+        if sum >= bytes {
+            out.push(&tensors[start..=i]);
+            (start, sum) = (i + 1, 0);
+        }
+    }
+    if start < tensors.len() {
+        out.push(&tensors[start..]);
+    }
+    out
+}
+
 /// An adopted model whose bytes are still to be checked; it is LOADING until then.
 pub struct PendingVerify {
     model: Arc<Model>,
     done: watch::Sender<bool>,
     adopted_at: Instant,
+}
+
+impl PendingVerify {
+    /// The pool the model is in.
+    pub fn pool(&self) -> &Arc<Pool> {
+        self.model.pool()
+    }
 }
 
 impl Models {
@@ -52,8 +81,8 @@ impl Models {
             // byte by byte under verify_on_adopt = crc, and a start must not wait on the network.
             SourceRecord::Remote { url, objects } => ModelSource::Remote { url, objects },
         };
-        let mut tensors = Vec::with_capacity(rec.tensors.len());
-        for t in rec.tensors {
+        let mut tensors = rec.tensors;
+        for t in &mut tensors {
             let elems = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
             let bits = elems.and_then(|n| n.checked_mul(t.dtype.bitsize()));
             if bits != Some(t.len as usize * 8) {
@@ -62,16 +91,8 @@ impl Models {
                     t.name, t.len
                 ));
             }
-            tensors.push(TensorEntry {
-                // The names decide layers as this start's config says, not as the last one did.
-                layer: layers::layer_of(&t.name, &self.params.layer_patterns),
-                name: t.name,
-                dtype: t.dtype,
-                shape: t.shape,
-                offset: t.offset,
-                len: t.len,
-                crc32c: Some(t.crc32c),
-            });
+            // The names decide layers as this start's config says, not as the last one did.
+            t.layer = layers::layer_of(&t.name, &self.params.layer_patterns);
         }
         let spans: Vec<(u64, u64)> = tensors.iter().map(|t| (t.offset, t.len)).collect();
         let alloc = pool.claim_all(&spans).map_err(|e| {
@@ -159,21 +180,27 @@ impl Models {
         let region = model.pool().region();
         let tensors = model.tensors();
         let verified = AtomicU64::new(0);
-        let bad = tensors.par_iter().find_map_any(|t| {
-            if model.cancel.load(Ordering::Relaxed) {
-                return Some("cancelled: the model was unregistered".to_string());
-            }
-            let got = crc::checksum(region, t.offset, t.len);
-            let n = verified.fetch_add(t.len, Ordering::Relaxed) + t.len;
-            model.progress.send_modify(|p| p.loaded_bytes = p.loaded_bytes.max(n));
-            let want = t.crc32c.expect("adopted tensors carry their checksum");
-            (got != want).then(|| {
-                format!(
-                    "tensor {:?} at pool offset {}: crc32c {got:08x}, the journal says {want:08x}; the pool changed while offloadd was down, register the model again",
-                    t.name, t.offset
-                )
-            })
-        });
+        let bad = batches(&tensors, VERIFY_BATCH_BYTES)
+            .par_iter()
+            .find_map_any(|batch| {
+                if model.cancel.load(Ordering::Relaxed) {
+                    return Some("cancelled: the model was unregistered".to_string());
+                }
+                let bad = batch.iter().find_map(|t| {
+                    let got = crc::checksum(region, t.offset, t.len);
+                    let want = t.crc32c.expect("adopted tensors carry their checksum");
+                    (got != want).then(|| {
+                        format!(
+                            "tensor {:?} at pool offset {}: crc32c {got:08x}, the journal says {want:08x}; the pool changed while offloadd was down, register the model again",
+                            t.name, t.offset
+                        )
+                    })
+                });
+                let len: u64 = batch.iter().map(|t| t.len).sum();
+                let n = verified.fetch_add(len, Ordering::Relaxed) + len;
+                model.progress.send_modify(|p| p.loaded_bytes = p.loaded_bytes.max(n));
+                bad
+            });
         match bad {
             None => {
                 let secs = start.elapsed().as_secs_f64();

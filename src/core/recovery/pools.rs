@@ -8,11 +8,16 @@ use crate::core::journal::PoolRecord;
 use crate::core::pin_policy::PinDecision;
 use crate::core::pool::{Pool, PoolParts};
 use crate::core::pools::{Pools, bind_to_device_node};
+use crate::device::Device;
 use crate::device::host::HostRegion;
 
-/// Maps a pool file an earlier run left, if it is the one the journal describes, and applies
-/// the pin policy as it stands now. Returns why not otherwise; the caller drops the record.
-pub(super) fn adopt(pools: &Pools, rec: &PoolRecord) -> Result<Arc<Pool>, String> {
+/// Maps a pool file an earlier run left, if it is the one the journal describes, and decides
+/// its pin as the policy stands now; the pin itself is returned, to run once the journal is
+/// applied. Returns why not otherwise; the caller drops the record.
+pub(super) fn adopt(
+    pools: &Pools,
+    rec: &PoolRecord,
+) -> Result<(Arc<Pool>, Option<PendingPin>), String> {
     if !is_valid_name(&rec.name) || rec.size_bytes == 0 {
         return Err("the journal's record is invalid".into());
     }
@@ -56,24 +61,57 @@ pub(super) fn adopt(pools: &Pools, rec: &PoolRecord) -> Result<Arc<Pool>, String
     }));
     pools.admit(&pool)?;
     tracing::info!(pool = %rec.name, device = %rec.device, size_bytes = rec.size_bytes, pin = decision.pin, "pool adopted from the journal");
-    // Pinning re-faults and locks every page (0.1 s per GiB on the benchmark machine): it runs
-    // in the background, so the models' bytes are READY at once; AttachWorker waits for it,
-    // since a lease's copies depend on whether the pool is pinned.
-    if decision.pin {
-        let pinning = Arc::clone(&pool);
-        std::thread::spawn(move || {
-            let started = std::time::Instant::now();
-            match device.pin(&region) {
-                Ok(guard) => {
-                    tracing::info!(pool = %pinning.name, secs = started.elapsed().as_secs_f64(), "adopted pool pinned");
-                    pinning.settle_pin(decision, Some(guard));
-                }
-                Err(e) => {
-                    tracing::warn!(pool = %pinning.name, error = %e, "pinning the adopted pool failed; it stays unpinned");
-                    pinning.settle_pin(PinDecision::failed(e), None);
-                }
-            }
-        });
+    let pin = decision.pin.then(|| PendingPin {
+        pool: Arc::clone(&pool),
+        device,
+        region,
+        decision,
+    });
+    Ok((pool, pin))
+}
+
+/// An adopted pool's pin, still to run. Pinning re-faults and locks every page (0.1 s per GiB
+/// on the benchmark machine), and while it does it holds the process's memory map, so every
+/// large allocation of the start waits for it: it runs in the background once the journal is
+/// applied, so the models' bytes are READY first. AttachWorker waits for it, since a lease's
+/// copies depend on whether the pool is pinned.
+pub struct PendingPin {
+    pool: Arc<Pool>,
+    device: Arc<dyn Device>,
+    region: Arc<HostRegion>,
+    decision: PinDecision,
+}
+
+impl PendingPin {
+    /// The pool to pin.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
-    Ok(pool)
+
+    /// Pins the pool and settles its pin decision. Blocking; runs on a thread of its own, which
+    /// it lowers to nice 10 first: READY does not wait for the pin, so on a small node it
+    /// yields to the verifications and the RPCs that do.
+    pub fn run(self) {
+        // On Linux a nice value belongs to the calling thread alone.
+        if let Err(e) = rustix::process::setpriority_process(None, 10) {
+            tracing::debug!(error = %e, "cannot lower the pin thread's priority");
+        }
+        let PendingPin {
+            pool,
+            device,
+            region,
+            decision,
+        } = self;
+        let started = std::time::Instant::now();
+        match device.pin(&region) {
+            Ok(guard) => {
+                tracing::info!(pool = %pool.name, secs = started.elapsed().as_secs_f64(), "adopted pool pinned");
+                pool.settle_pin(decision, Some(guard));
+            }
+            Err(e) => {
+                tracing::warn!(pool = %pool.name, error = %e, "pinning the adopted pool failed; it stays unpinned");
+                pool.settle_pin(PinDecision::failed(e), None);
+            }
+        }
+    }
 }

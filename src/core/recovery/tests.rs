@@ -81,6 +81,36 @@ async fn a_restart_adopts_pools_and_models_and_verifies_every_tensor() {
 }
 
 #[tokio::test]
+async fn an_adopted_pool_is_pinned_once_its_models_are_verified() {
+    let f = Fixture::new();
+    let (written, _) = first_run(&f, f.config()).await;
+    let built = f.build(f.config());
+    let core = Arc::clone(built.core());
+    let pool = core.pools.get("p").unwrap();
+    if !pool.decision().pin {
+        eprintln!(
+            "skipped: this process may not pin ({})",
+            pool.decision().reason
+        );
+        return;
+    }
+    assert!(
+        pool.pin_pending() && !pool.pinned(),
+        "nothing runs before start"
+    );
+    let model = core.models.get("m").unwrap();
+    built.start().unwrap();
+    let settling = Arc::clone(&pool);
+    tokio::task::spawn_blocking(move || settling.wait_pin_settled())
+        .await
+        .unwrap();
+    // The pin comes after the verification: both fault in the same pages.
+    assert_eq!(model.state(), ModelState::Ready);
+    assert!(pool.pinned());
+    assert_bytes(&core, &written);
+}
+
+#[tokio::test]
 async fn without_verification_an_adopted_model_is_ready_at_once() {
     let f = Fixture::new();
     let (written, _) = first_run(&f, f.config()).await;
