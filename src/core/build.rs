@@ -121,33 +121,15 @@ impl Built {
 
     /// Starts the adopted models' verifications and the adopted pools' pins (a blocking thread
     /// each), the lease reaper and the scrubber. Call from within the tokio runtime.
-    ///
-    /// A pool's pin waits for the verifications of its models: READY does not need the pin,
-    /// the pin and a verification both fault in the same pages, and side by side on the
-    /// 2-core benchmark machine they took a verification of 400 MiB from 31 ms to 50 ms.
     pub fn start(self) -> std::io::Result<Arc<Core>> {
         let Adopted {
-            mut verifications,
+            verifications,
             pins,
         } = self.adopted;
         for pin in pins {
-            let (jobs, rest) = verifications
-                .into_iter()
-                .partition(|job| Arc::ptr_eq(job.pool(), pin.pool()));
-            verifications = rest;
-            // Weak: each verification's end is signalled once nothing of the core is held.
-            let core = Arc::downgrade(&self.core);
             std::thread::Builder::new()
                 .name("offloadd-pin".into())
-                .spawn(move || {
-                    for job in jobs {
-                        let Some(core) = core.upgrade() else { return };
-                        let ended = core.models.verify(job, &core.recovery);
-                        drop(core);
-                        ended.signal();
-                    }
-                    pin.run();
-                })?;
+                .spawn(move || pin.run())?;
         }
         for job in verifications {
             let core = Arc::clone(&self.core);

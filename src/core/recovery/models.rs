@@ -47,13 +47,6 @@ pub struct PendingVerify {
     adopted_at: Instant,
 }
 
-impl PendingVerify {
-    /// The pool the model is in.
-    pub fn pool(&self) -> &Arc<Pool> {
-        self.model.pool()
-    }
-}
-
 impl Models {
     /// Brings back a journaled model into its adopted pool, with exactly the ranges it had. It
     /// is READY at once with `VerifyOnAdopt::None`; otherwise LOADING until [`Models::verify`]

@@ -81,7 +81,7 @@ async fn a_restart_adopts_pools_and_models_and_verifies_every_tensor() {
 }
 
 #[tokio::test]
-async fn an_adopted_pool_is_pinned_once_its_models_are_verified() {
+async fn an_adopted_pool_is_pinned_once_started_not_while_the_journal_is_applied() {
     let f = Fixture::new();
     let (written, _) = first_run(&f, f.config()).await;
     let built = f.build(f.config());
@@ -96,7 +96,7 @@ async fn an_adopted_pool_is_pinned_once_its_models_are_verified() {
     }
     assert!(
         pool.pin_pending() && !pool.pinned(),
-        "nothing runs before start"
+        "nothing is pinned before start"
     );
     let model = core.models.get("m").unwrap();
     built.start().unwrap();
@@ -104,9 +104,9 @@ async fn an_adopted_pool_is_pinned_once_its_models_are_verified() {
     tokio::task::spawn_blocking(move || settling.wait_pin_settled())
         .await
         .unwrap();
-    // The pin comes after the verification: both fault in the same pages.
-    assert_eq!(model.state(), ModelState::Ready);
     assert!(pool.pinned());
+    wait_loaded(&model).await;
+    assert_eq!(model.state(), ModelState::Ready);
     assert_bytes(&core, &written);
 }
 
