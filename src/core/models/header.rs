@@ -11,6 +11,7 @@ use std::io::Read;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crc_fast::{CrcAlgorithm::Crc32Iscsi, Digest};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
@@ -247,15 +248,15 @@ pub fn header_crc(file: &File, path: &Path, size: u64) -> Result<u32, ModelError
     const PIECE: u64 = 64 << 10;
     let len = head_len(file, path, size)?;
     let mut buf = vec![0u8; PIECE.min(len) as usize];
-    let (mut crc, mut at) = (crate::core::crc::crc32c(&[]), 0);
+    let mut digest = Digest::new(Crc32Iscsi);
+    let mut at = 0;
     while at < len {
-        let n = (len - at).min(PIECE);
-        let piece = &mut buf[..n as usize];
+        let piece = &mut buf[..(len - at).min(PIECE) as usize];
         read_at(file, path, piece, at)?;
-        crc = crate::core::crc::combine(crc, crate::core::crc::crc32c(piece), n);
-        at += n;
+        digest.update(piece);
+        at += piece.len() as u64;
     }
-    Ok(crc)
+    Ok(digest.finalize() as u32)
 }
 
 /// Why a header was refused, and the tensor at fault when one is.

@@ -8,7 +8,6 @@ use crate::core::journal::PoolRecord;
 use crate::core::pin_policy::PinDecision;
 use crate::core::pool::{Pool, PoolParts};
 use crate::core::pools::{Pools, bind_to_device_node};
-use crate::device::Device;
 use crate::device::host::HostRegion;
 
 /// Maps a pool file an earlier run left, if it is the one the journal describes, and decides
@@ -50,23 +49,18 @@ pub(super) fn adopt(
     let pool = Arc::new(Pool::new(PoolParts {
         durability: pools.journal().durability_handle(),
         name: rec.name.clone(),
-        device: Arc::clone(&device),
+        device,
         decision: decision.clone(),
         numa_node,
         previously_pinned: Some(rec.pinned),
         pin: None,
         pin_pending: decision.pin,
         max_lease_ttl_ms: rec.max_lease_ttl_ms,
-        region: Arc::clone(&region),
+        region,
     }));
     pools.admit(&pool)?;
     tracing::info!(pool = %rec.name, device = %rec.device, size_bytes = rec.size_bytes, pin = decision.pin, "pool adopted from the journal");
-    let pin = decision.pin.then(|| PendingPin {
-        pool: Arc::clone(&pool),
-        device,
-        region,
-        decision,
-    });
+    let pin = decision.pin.then(|| PendingPin(Arc::clone(&pool)));
     Ok((pool, pin))
 }
 
@@ -78,27 +72,18 @@ pub(super) fn adopt(
 /// is pinned. After the verifications instead, a 4 GiB model was READY 0.15 s sooner but its
 /// first lease came 0.1 s later on the 2-core benchmark machine; a lease is what an engine
 /// waits for.
-pub struct PendingPin {
-    pool: Arc<Pool>,
-    device: Arc<dyn Device>,
-    region: Arc<HostRegion>,
-    decision: PinDecision,
-}
+pub struct PendingPin(Arc<Pool>);
 
 impl PendingPin {
     /// Pins the pool and settles its pin decision. Blocking: runs on a thread of its own.
     pub fn run(self) {
-        let PendingPin {
-            pool,
-            device,
-            region,
-            decision,
-        } = self;
+        let pool = self.0;
         let started = std::time::Instant::now();
-        match device.pin(&region) {
+        match pool.device.pin(pool.region()) {
             Ok(guard) => {
                 tracing::info!(pool = %pool.name, secs = started.elapsed().as_secs_f64(), "adopted pool pinned");
-                pool.settle_pin(decision, Some(guard));
+                // The decision the pool was adopted with, now applied.
+                pool.settle_pin(pool.decision(), Some(guard));
             }
             Err(e) => {
                 tracing::warn!(pool = %pool.name, error = %e, "pinning the adopted pool failed; it stays unpinned");
