@@ -70,21 +70,23 @@ rows_of() {
     [ -n "$count" ] || return 1
     total=$((total + count))
     [ "$token" = "-" ] && break
-    # A page read is idempotent (tokens stay valid), so a transport reset is retried twice:
-    # grpcurl 1.8.6's grpc-go resets big answers with FLOW_CONTROL_ERROR ("unexpected EOF")
-    # now and then on a saturated machine (see the stop note of 2026-12-05); said out loud.
-    local try
-    for try in 1 2 3; do
-      g "{\"$1\":\"$2\",$3\"page_token\":\"$token\"}" "$4" >"$work/page.json" && break
-      [ "$try" -lt 3 ] || return 1
-      echo "page read failed (try $try); retrying the same page" >&2
-    done
+    g "{\"$1\":\"$2\",$3\"page_token\":\"$token\"}" "$4" >"$work/page.json" || return 1
   done
   echo "$total"
 }
 g @ offloadd.v1.Offload/CreateModelStream <"$work/specs.json" >"$work/page.json"
 # Only this answer carries the publication's token; WriteModel and SealModel need it.
 read -r token first < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["publishToken"], m["tensors"][0].get("offset", "0"))' "$work/page.json")
+# grpcurl 1.8.6 is built on grpc-go 1.44, whose client resets an answer over 64 KiB with
+# FLOW_CONTROL_ERROR ("unexpected EOF") when the call's stream opens while a window increase is
+# in flight (grpc-go issue 5358). The daemon's reflection answer is kept under the size that
+# sets one off (src/grpc/reflection.rs); grpc-go's own frame log shows whether it did.
+GODEBUG=http2debug=2 g '{"name":"moe","include_tensors":true}' offloadd.v1.Offload/GetModel >/dev/null 2>"$work/h2.log"
+grep -q 'read DATA stream=3' "$work/h2.log" || { echo "no answer on the call's stream in grpc-go's frame log" >&2; exit 1; }
+sed '/read DATA stream=3/q' "$work/h2.log" >"$work/h2.before"
+if grep -q 'wrote SETTINGS.*INITIAL_WINDOW_SIZE' "$work/h2.before"; then
+  echo "grpcurl grew its window before the call's answer (the reflection answer set it off)" >&2; exit 1
+fi
 rows=$(rows_of name moe '"include_tensors":true,' offloadd.v1.Offload/GetModel) || { echo "GetModel pages failed" >&2; exit 1; }
 [ "$rows" -eq "$n_tensors" ] || { echo "grpcurl read $rows of $n_tensors rows" >&2; exit 1; }
 # The first tensor's 4 bytes (base64 in grpcurl's JSON), then the seal; without the token, refused.

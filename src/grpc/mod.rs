@@ -9,6 +9,7 @@ mod incoming;
 pub mod listen;
 mod models;
 mod paging;
+mod reflection;
 pub mod server;
 mod service;
 mod status;

@@ -15,8 +15,9 @@ use super::OffloadService;
 use super::auth::{AuthLayer, AuthPolicy};
 use super::gate::{Gate, Limits};
 use super::incoming;
+use super::reflection;
 use super::trace::RpcTraceLayer;
-use crate::proto::{self, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, offload_server::OffloadServer};
+use crate::proto::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, offload_server::OffloadServer};
 
 /// The name health checks use for the whole daemon, besides the per-service name.
 const OVERALL: &str = "";
@@ -46,6 +47,8 @@ pub struct ServeOptions {
 pub enum ServerError {
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the control plane's file descriptor set: {0}")]
+    Descriptor(#[from] prost::DecodeError),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -75,12 +78,13 @@ pub async fn serve(
         .await;
 
     // grpcurl 1.8 and Python's reflection client only speak v1alpha; newer tools prefer v1.
+    let offload_descriptor = reflection::offload_descriptor()?;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(offload_descriptor.clone())
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(offload_descriptor)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
