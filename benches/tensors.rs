@@ -6,7 +6,11 @@
 //! Per-tensor costs show whether each step grows linearly. GetModel is the whole table, read
 //! page by page (10,000 tensors each).
 //!
-//! `cargo bench --bench tensors` (OFFLOADD_BENCH_TENSORS=1000,10000 picks the sizes).
+//! Bound and RegisterModel alternate over several rounds, and each ratio is printed as min /
+//! median / max, beside the CPU seconds each side spent (median).
+//!
+//! `cargo bench --bench tensors` (OFFLOADD_BENCH_TENSORS=1000,10000 picks the sizes,
+//! OFFLOADD_BENCH_ROUNDS the rounds, default 5).
 
 mod common;
 
@@ -19,13 +23,20 @@ use offloadd::proto::{
 };
 
 const TENSOR_BYTES: usize = 4096;
-const ROUNDS: usize = 2;
+
+/// One round's figures: the bounds and the registration, measured back to back.
+struct Round {
+    bound: f64,
+    crc_bound: f64,
+    bound_cpu: f64,
+    register: f64,
+    register_cpu: f64,
+    load: f64,
+}
 
 struct Row {
     n: usize,
-    register: f64,
-    load: f64,
-    bound: f64,
+    rounds: Vec<Round>,
     attach: f64,
     get_model: f64,
 }
@@ -35,7 +46,11 @@ fn main() {
         .ok()
         .map(|v| v.split(',').map(|s| s.trim().parse().unwrap()).collect())
         .unwrap_or_else(|| vec![1_000, 10_000, 100_000, 200_000]);
+    let rounds: usize = std::env::var("OFFLOADD_BENCH_ROUNDS")
+        .ok()
+        .map_or(5, |v| v.parse().unwrap());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let me = std::process::id();
     let work = tempfile::tempdir().unwrap();
     let shm = common::shm_dir();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -44,6 +59,7 @@ fn main() {
         &shm.path().join("pools"),
         work.path(),
     ));
+    let pid = child.id().unwrap();
     let mut c = offloadd::client::offload(channel);
     let mut rows = Vec::new();
     for &n in &sizes {
@@ -54,11 +70,6 @@ fn main() {
         let region = HostRegion::create(&shm.path().join("bound"), bytes).unwrap();
         region.prefault(threads).unwrap();
         let files = [path.clone()];
-        let bound = (0..ROUNDS)
-            .map(|_| common::pread_bound(&files, &region, threads))
-            .fold(f64::MAX, f64::min);
-        region.unlink().unwrap();
-        drop(region);
         let row = rt.block_on(async {
             // Each tensor's range is rounded up to 256 bytes: 4 KiB tensors waste none.
             c.create_pool(CreatePoolRequest {
@@ -68,14 +79,14 @@ fn main() {
             })
             .await
             .unwrap();
-            let mut register = f64::MAX;
-            let mut load = f64::MAX;
-            for round in 0..ROUNDS {
-                if round > 0 {
-                    c.unregister_model(UnregisterModelRequest { name: "m".into() })
-                        .await
-                        .unwrap();
-                }
+            // Bound and contender alternate, so a noisy neighbour hits both sides of a ratio.
+            let mut measured = Vec::new();
+            for _ in 0..rounds {
+                let cpu0 = common::cpu_time(me);
+                let bound = common::pread_bound(&files, &region, threads);
+                let bound_cpu = (common::cpu_time(me) - cpu0).as_secs_f64();
+                let crc_bound = common::pread_bound_with(&files, &region, threads, true);
+                let cpu0 = common::cpu_time(pid);
                 let t = Instant::now();
                 let m = c
                     .register_model(RegisterModelRequest {
@@ -88,8 +99,28 @@ fn main() {
                     .await
                     .unwrap()
                     .into_inner();
-                register = register.min(t.elapsed().as_secs_f64());
-                load = load.min(m.load_seconds);
+                let register = t.elapsed().as_secs_f64();
+                let register_cpu = (common::cpu_time(pid) - cpu0).as_secs_f64();
+                println!(
+                    "{n} tensors, round {}: bound {bound:.3} s ({bound_cpu:.3} CPU-s), with CRC32C \
+                     {crc_bound:.3} s; RegisterModel {register:.3} s ({register_cpu:.3} CPU-s), \
+                     its load {:.3} s",
+                    measured.len() + 1,
+                    m.load_seconds
+                );
+                measured.push(Round {
+                    bound,
+                    crc_bound,
+                    bound_cpu,
+                    register,
+                    register_cpu,
+                    load: m.load_seconds,
+                });
+                if measured.len() < rounds {
+                    c.unregister_model(UnregisterModelRequest { name: "m".into() })
+                        .await
+                        .unwrap();
+                }
             }
             let t = Instant::now();
             let lease = common::attach_all(&mut c, "m").await;
@@ -112,27 +143,29 @@ fn main() {
                 .unwrap();
             Row {
                 n,
-                register,
-                load,
-                bound,
+                rounds: measured,
                 attach,
                 get_model,
             }
         });
+        region.unlink().unwrap();
+        drop(region);
         std::fs::remove_file(&path).unwrap();
         rows.push(row);
     }
     rt.block_on(child.kill()).unwrap();
-    println!("tensors of {TENSOR_BYTES} bytes, {threads} threads, best of {ROUNDS}");
     println!(
-        "{:>8} | {:>9} {:>8} {:>9} {:>6} | {:>9} {:>6} | {:>9} {:>8} | {:>9} {:>8}",
+        "tensors of {TENSOR_BYTES} bytes, {threads} threads, {rounds} rounds of bound then \
+         RegisterModel; ratios are bound / daemon, min / median / max"
+    );
+    println!(
+        "{:>8} | {:>8} {:>18} {:>18} {:>18} | {:>15} | {:>8} {:>6} | {:>8} {:>6}",
         "tensors",
         "register",
-        "µs/t",
-        "bound",
-        "ratio",
-        "load",
-        "ratio",
+        "vs pread",
+        "vs pread+CRC",
+        "load vs pread",
+        "CPU-s bound/us",
         "attach",
         "µs/t",
         "GetModel",
@@ -140,15 +173,22 @@ fn main() {
     );
     for r in rows {
         let per = |s: f64| s / r.n as f64 * 1e6;
+        let ratio = |f: &dyn Fn(&Round) -> f64| {
+            let (lo, mid, hi) = common::spread(&r.rounds.iter().map(f).collect::<Vec<_>>());
+            format!("{lo:.2} / {mid:.2} / {hi:.2}")
+        };
+        let median = |f: &dyn Fn(&Round) -> f64| {
+            common::spread(&r.rounds.iter().map(f).collect::<Vec<_>>()).1
+        };
         println!(
-            "{:>8} | {:>8.3}s {:>8.2} {:>8.3}s {:>6.2} | {:>8.3}s {:>6.2} | {:>8.3}s {:>8.2} | {:>8.3}s {:>8.2}",
+            "{:>8} | {:>7.3}s {:>18} {:>18} {:>18} | {:>6.3} / {:>6.3} | {:>7.3}s {:>6.2} | {:>7.3}s {:>6.2}",
             r.n,
-            r.register,
-            per(r.register),
-            r.bound,
-            r.bound / r.register,
-            r.load,
-            r.bound / r.load,
+            median(&|x| x.register),
+            ratio(&|x| x.bound / x.register),
+            ratio(&|x| x.crc_bound / x.register),
+            ratio(&|x| x.bound / x.load),
+            median(&|x| x.bound_cpu),
+            median(&|x| x.register_cpu),
             r.attach,
             per(r.attach),
             r.get_model,

@@ -20,12 +20,14 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
 use tonic::transport::Channel;
 
-/// A scratch directory in /dev/shm for pool files (removed when dropped).
+/// A scratch directory for pool files (removed when dropped): in /dev/shm, or in the tmpfs
+/// `OFFLOADD_BENCH_SHM` names (one mounted with `huge=always`, to measure huge pages).
 pub fn shm_dir() -> tempfile::TempDir {
+    let dir = std::env::var("OFFLOADD_BENCH_SHM").unwrap_or_else(|_| "/dev/shm".into());
     tempfile::Builder::new()
         .prefix("offloadd-bench-")
-        .tempdir_in("/dev/shm")
-        .expect("tempdir in /dev/shm")
+        .tempdir_in(&dir)
+        .unwrap_or_else(|e| panic!("tempdir in {dir}: {e}"))
 }
 
 /// Starts `offloadd serve` on `uds` with pools under `pools_dir` and `roots` as model root, waits
