@@ -14,6 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::tmpfs::Tmpfs;
 use common::workers::{LAYERS, attach, fixture, prefetched, register};
 use common::{DEADLINE, DaemonBuilder, Scratch, ckpt, sample, scrape};
 use offloadd::proto::offload_client::OffloadClient;
@@ -322,44 +323,6 @@ async fn the_scrubber_takes_a_model_whose_bytes_changed_out_of_service() {
         1.0
     );
     assert!(f.d.terminate().await.success());
-}
-
-/// A tmpfs of `bytes` mounted on `dir` for the test's life; None (with the reason printed)
-/// where this process may not mount.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, bytes: u64, test: &str) -> Option<Self> {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Self(dir.to_path_buf())),
-            other => {
-                eprintln!("SKIPPED {test}: cannot mount a small tmpfs for pools.dir: {other:?}");
-                None
-            }
-        }
-    }
-
-    /// Takes every byte left, as another tenant of the filesystem would.
-    fn fill(&self) {
-        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
-        let block = vec![0xAAu8; 64 << 10];
-        while f.write_all(&block).is_ok() {}
-        let mut small = [0u8; 512];
-        while f.write_all(&small).is_ok() {
-            small[0] ^= 1;
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// With `pools.dir` full, RegisterModel answered READY and only the log said the model would

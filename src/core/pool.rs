@@ -3,7 +3,7 @@
 use crate::core::journal::Durability;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::alloc::{AllocError, Range, RangeAllocator};
@@ -30,6 +30,10 @@ pub struct Pool {
     /// The longest lease ttl granted on this pool, in this run or (adopted) the one before.
     max_lease_ttl_ms: AtomicU64,
     region: Arc<HostRegion>,
+    /// Bytes mapped with huge pages, measured once the pool is populated: at creation, or for
+    /// an adopted pool once its pin has been applied. Unset until then (or ever, for an adopted
+    /// pool that is not pinned: nothing populates its mapping).
+    huge_page_bytes: OnceLock<u64>,
     alloc: Mutex<AllocState>,
     /// What failed to reach the journal, shared by every pool and model of the daemon.
     durability: Arc<Durability>,
@@ -64,6 +68,8 @@ pub struct PoolParts {
     /// Adopted pools: the longest lease ttl the journal recorded.
     pub max_lease_ttl_ms: u64,
     pub region: Arc<HostRegion>,
+    /// Measured already (a pool just created and populated).
+    pub huge_page_bytes: Option<u64>,
     pub durability: Arc<Durability>,
 }
 
@@ -84,6 +90,7 @@ impl Pool {
             pin_settled: Condvar::new(),
             max_lease_ttl_ms: AtomicU64::new(p.max_lease_ttl_ms),
             region: p.region,
+            huge_page_bytes: p.huge_page_bytes.map(OnceLock::from).unwrap_or_default(),
             alloc: Mutex::new(AllocState {
                 ranges: RangeAllocator::new(size),
                 retired: false,
@@ -101,6 +108,25 @@ impl Pool {
     /// Why the named model of this pool would not survive a restart; None when it would.
     pub fn model_not_durable(&self, model: &str) -> Option<String> {
         self.durability.model(model)
+    }
+
+    /// Bytes of the pool mapped with huge pages, once measured.
+    pub fn huge_page_bytes(&self) -> Option<u64> {
+        self.huge_page_bytes.get().copied()
+    }
+
+    /// Measures the huge pages of a pool populated after construction (an adopted pool, once
+    /// pinned). Blocking: reads /proc/self/smaps.
+    pub fn measure_huge_pages(&self) {
+        match self.region.huge_page_bytes() {
+            Ok(bytes) => {
+                tracing::info!(pool = %self.name, huge_page_bytes = bytes, "huge pages measured");
+                let _ = self.huge_page_bytes.set(bytes);
+            }
+            Err(e) => {
+                tracing::warn!(pool = %self.name, error = %e, "cannot read /proc/self/smaps; the pool's huge pages stay unreported")
+            }
+        }
     }
 
     /// Whether the pool is pinned now.

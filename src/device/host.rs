@@ -230,6 +230,7 @@ impl HostRegion {
             )
         }
         .map_err(|e| io(path, "mmap")(e.into()))?;
+        super::huge_pages::advise(ptr as usize, len);
         Ok(Self {
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
             len,
@@ -455,6 +456,13 @@ impl HostRegion {
     pub fn ino(&self) -> std::io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self._file.metadata()?.ino())
+    }
+
+    /// Bytes of the region mapped with huge pages now (see `device::huge_pages`). Reads
+    /// /proc/self/smaps, whose cost grows with everything the process maps: blocking, and for a
+    /// region just populated, not per request.
+    pub fn huge_page_bytes(&self) -> std::io::Result<u64> {
+        super::huge_pages::mapped_bytes(self.ptr.as_ptr() as usize, self.len)
     }
 
     /// Bytes of the file actually backed by memory (tmpfs allocates on first touch).

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod host;
+mod huge_pages;
 mod slots;
 
 pub use slots::{SlotLocks, SlotWrite};

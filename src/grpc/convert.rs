@@ -82,6 +82,7 @@ pub fn pool(v: &PoolView) -> proto::Pool {
         previously_pinned: p.previously_pinned,
         durable: p.not_durable().is_none(),
         not_durable_reason: p.not_durable().unwrap_or_default(),
+        huge_page_bytes: p.huge_page_bytes(),
     }
 }
 

@@ -20,6 +20,7 @@ pub mod ckpt;
 pub mod pages;
 pub mod restart;
 pub mod s3;
+pub mod tmpfs;
 pub mod workers;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_offloadd");

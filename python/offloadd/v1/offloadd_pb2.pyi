@@ -234,7 +234,7 @@ class DeletePoolRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("name", "device", "size_bytes", "used_bytes", "pinned", "pin_reason", "path", "numa_node", "registered_bytes", "adopted", "previously_pinned", "durable", "not_durable_reason")
+    __slots__ = ("name", "device", "size_bytes", "used_bytes", "pinned", "pin_reason", "path", "numa_node", "registered_bytes", "adopted", "previously_pinned", "durable", "not_durable_reason", "huge_page_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,7 @@ class Pool(_message.Message):
     PREVIOUSLY_PINNED_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     NOT_DURABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    HUGE_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     size_bytes: int
@@ -261,7 +262,8 @@ class Pool(_message.Message):
     previously_pinned: bool
     durable: bool
     not_durable_reason: str
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_reason: _Optional[str] = ..., path: _Optional[str] = ..., numa_node: _Optional[int] = ..., registered_bytes: _Optional[int] = ..., adopted: _Optional[bool] = ..., previously_pinned: _Optional[bool] = ..., durable: _Optional[bool] = ..., not_durable_reason: _Optional[str] = ...) -> None: ...
+    huge_page_bytes: int
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., size_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., pin_reason: _Optional[str] = ..., path: _Optional[str] = ..., numa_node: _Optional[int] = ..., registered_bytes: _Optional[int] = ..., adopted: _Optional[bool] = ..., previously_pinned: _Optional[bool] = ..., durable: _Optional[bool] = ..., not_durable_reason: _Optional[str] = ..., huge_page_bytes: _Optional[int] = ...) -> None: ...
 
 class VllmEnv(_message.Message):
     __slots__ = ("disable_pin_memory", "disable_uva")

@@ -336,8 +336,13 @@ impl Pools {
             }));
         }
         let (decision, pin) = self.pin_per_policy(&req.name, device.as_ref(), &region);
+        let huge_page_bytes = region
+            .huge_page_bytes()
+            .inspect_err(|e| tracing::warn!(pool = %req.name, error = %e, "cannot read /proc/self/smaps; the pool's huge pages stay unreported"))
+            .ok();
         tracing::info!(
             pool = %req.name,
+            huge_page_bytes = ?huge_page_bytes,
             device = %req.device,
             size_bytes = req.size_bytes,
             pinned = decision.pin,
@@ -356,6 +361,7 @@ impl Pools {
             pin_pending: false,
             max_lease_ttl_ms: 0,
             region,
+            huge_page_bytes,
         }))
     }
 

@@ -57,6 +57,7 @@ pub(super) fn adopt(
         pin_pending: decision.pin,
         max_lease_ttl_ms: rec.max_lease_ttl_ms,
         region,
+        huge_page_bytes: None,
     }));
     pools.admit(&pool)?;
     tracing::info!(pool = %rec.name, device = %rec.device, size_bytes = rec.size_bytes, pin = decision.pin, "pool adopted from the journal");
@@ -65,7 +66,8 @@ pub(super) fn adopt(
 }
 
 /// An adopted pool's pin, still to run. Pinning re-faults and locks every page (0.1 s per GiB
-/// on the benchmark machine) and holds the process's memory map while it does, so every large
+/// of 4 KiB pages on the benchmark machine; about 1 ms per GiB of 2 MiB pages, see
+/// `device::huge_pages`) and holds the process's memory map while it does, so every large
 /// allocation of the start would wait for it (adopting a 100k-tensor model took 51 ms beside
 /// it, 17 ms without): it runs once the journal is applied, in the background, beside the
 /// verifications. AttachWorker waits for it, since a lease's copies depend on whether the pool
@@ -79,7 +81,11 @@ impl PendingPin {
     pub fn run(self) {
         let pool = self.0;
         let started = std::time::Instant::now();
-        match pool.device.pin(pool.region()) {
+        let pinned = pool.device.pin(pool.region());
+        // The pin has mapped every page (a failed one may have stopped part way). Measured
+        // before the pin settles, so a lease that waited for it sees the figure.
+        pool.measure_huge_pages();
+        match pinned {
             Ok(guard) => {
                 tracing::info!(pool = %pool.name, secs = started.elapsed().as_secs_f64(), "adopted pool pinned");
                 // The decision the pool was adopted with, now applied.
