@@ -68,8 +68,6 @@ pub struct PoolParts {
     /// Adopted pools: the longest lease ttl the journal recorded.
     pub max_lease_ttl_ms: u64,
     pub region: Arc<HostRegion>,
-    /// Measured already (a pool just created and populated).
-    pub huge_page_bytes: Option<u64>,
     pub durability: Arc<Durability>,
 }
 
@@ -90,7 +88,7 @@ impl Pool {
             pin_settled: Condvar::new(),
             max_lease_ttl_ms: AtomicU64::new(p.max_lease_ttl_ms),
             region: p.region,
-            huge_page_bytes: p.huge_page_bytes.map(OnceLock::from).unwrap_or_default(),
+            huge_page_bytes: OnceLock::new(),
             alloc: Mutex::new(AllocState {
                 ranges: RangeAllocator::new(size),
                 retired: false,
@@ -115,8 +113,8 @@ impl Pool {
         self.huge_page_bytes.get().copied()
     }
 
-    /// Measures the huge pages of a pool populated after construction (an adopted pool, once
-    /// pinned). Blocking: reads /proc/self/smaps.
+    /// Measures the huge pages of the pool, once populated: just created, or adopted and
+    /// pinned. Blocking: reads /proc/self/smaps.
     pub fn measure_huge_pages(&self) {
         match self.region.huge_page_bytes() {
             Ok(bytes) => {

@@ -336,13 +336,8 @@ impl Pools {
             }));
         }
         let (decision, pin) = self.pin_per_policy(&req.name, device.as_ref(), &region);
-        let huge_page_bytes = region
-            .huge_page_bytes()
-            .inspect_err(|e| tracing::warn!(pool = %req.name, error = %e, "cannot read /proc/self/smaps; the pool's huge pages stay unreported"))
-            .ok();
         tracing::info!(
             pool = %req.name,
-            huge_page_bytes = ?huge_page_bytes,
             device = %req.device,
             size_bytes = req.size_bytes,
             pinned = decision.pin,
@@ -350,7 +345,7 @@ impl Pools {
             numa_node = ?numa_node,
             "pool created"
         );
-        Ok(Pool::new(PoolParts {
+        let pool = Pool::new(PoolParts {
             durability: self.params.journal.durability_handle(),
             name: req.name.clone(),
             device,
@@ -361,8 +356,9 @@ impl Pools {
             pin_pending: false,
             max_lease_ttl_ms: 0,
             region,
-            huge_page_bytes,
-        }))
+        });
+        pool.measure_huge_pages();
+        Ok(pool)
     }
 
     pub(in crate::core) fn pool_path(&self, name: &str) -> PathBuf {

@@ -57,7 +57,6 @@ pub(super) fn adopt(
         pin_pending: decision.pin,
         max_lease_ttl_ms: rec.max_lease_ttl_ms,
         region,
-        huge_page_bytes: None,
     }));
     pools.admit(&pool)?;
     tracing::info!(pool = %rec.name, device = %rec.device, size_bytes = rec.size_bytes, pin = decision.pin, "pool adopted from the journal");
