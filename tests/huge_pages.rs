@@ -1,8 +1,9 @@
 //! Pools on huge pages. A tmpfs pools.dir mounted with `huge=advise` backs a pool with 2 MiB
 //! pages only because the daemon asks for them (MADV_HUGEPAGE), at creation and again when a
 //! restart adopts the pool; one mounted with `huge=never`, as /dev/shm usually is, does not.
-//! GetPool says which, from what the kernel maps. Real binary, real mounts: root only, skipped
-//! with the reason otherwise.
+//! GetPool says which, from what the kernel maps; a worker's own mapping of the pool uses them
+//! whole as well, without asking. Real binary, real mounts: root only, skipped with the reason
+//! otherwise.
 
 mod common;
 
@@ -10,8 +11,9 @@ use common::Daemon;
 use common::ckpt;
 use common::restart::{Setup, register};
 use common::tmpfs::Tmpfs;
+use offloadd::proto::GetPoolRequest;
 use offloadd::proto::offload_client::OffloadClient;
-use offloadd::proto::{AttachWorkerRequest, DetachWorkerRequest, GetPoolRequest};
+use offloadd::worker::Worker;
 use rustix::process::Signal;
 use tonic::transport::Channel;
 
@@ -24,6 +26,24 @@ async fn pool(c: &mut OffloadClient<Channel>) -> offloadd::proto::Pool {
         .await
         .unwrap()
         .into_inner()
+}
+
+/// Bytes this process maps with huge pages from the file at `path`, from /proc/self/smaps.
+fn pmd_mapped(path: &str) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            inside = line.ends_with(path);
+            continue;
+        }
+        if let (true, Some(v)) = (inside, line.strip_prefix("ShmemPmdMapped:")) {
+            kib += v.trim_end_matches("kB").trim().parse::<u64>().unwrap();
+        }
+    }
+    kib * 1024
 }
 
 async fn kill(mut d: Daemon) {
@@ -57,24 +77,25 @@ async fn a_pool_says_how_much_of_it_has_huge_pages_at_creation_and_after_a_resta
 
         let d = start().await.unwrap();
         let mut c = d.client().await;
-        // A lease waits for the adopted pool's pin, which maps every page of it again.
-        let lease = c
-            .attach_worker(AttachWorkerRequest {
-                model: "m".into(),
-                worker_name: "huge-pages".into(),
-                ..Default::default()
-            })
+        // A lease waits for the adopted pool's pin, which maps every page of it again. The
+        // worker library's lease, in this process, maps the pool too: the kernel maps the pool's
+        // huge pages whole there without the worker's MADV_HUGEPAGE.
+        let w = Worker::attach(d.channel().await, "m", "huge-pages", 0)
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         let adopted = pool(&mut c).await;
         assert!(adopted.adopted && adopted.pinned, "{}", adopted.pin_reason);
         assert_eq!(adopted.huge_page_bytes, Some(want), "adopted on {options}");
-        c.detach_worker(DetachWorkerRequest {
-            lease_id: lease.lease_id,
-        })
-        .await
-        .unwrap();
+        for t in w.tensors() {
+            Worker::verify(t, w.host_bytes(t).unwrap(), "pool").unwrap();
+        }
+        let mapped = pmd_mapped(&adopted.path);
+        match want {
+            0 => assert_eq!(mapped, 0, "the worker's mapping on {options}"),
+            // The model's bytes lie in the pool's first 2 MiB page.
+            _ => assert!(mapped >= 2 * MIB, "the worker's mapping: {mapped}"),
+        }
+        w.detach().await.unwrap();
         assert!(d.terminate().await.success());
     }
 }
