@@ -213,45 +213,46 @@ impl Pool {
 
     /// Allocates ranges for `lens` all at once, or none of them.
     pub fn alloc_all(self: &Arc<Self>, lens: &[u64], align: u64) -> Result<Allocation, AllocError> {
-        self.take_all(lens, |ranges, &len| ranges.alloc(len, align))
+        self.take_all(lens.len(), |ranges, out| {
+            for &len in lens {
+                out.push(ranges.alloc(len, align)?);
+            }
+            Ok(())
+        })
     }
 
     /// Takes the exact ranges `(offset, len)` a journal recorded, all or none.
     pub fn claim_all(self: &Arc<Self>, spans: &[(u64, u64)]) -> Result<Allocation, AllocError> {
-        self.take_all(spans, |ranges, &(offset, len)| ranges.claim(offset, len))
+        self.take_all(spans.len(), |ranges, out| ranges.claim_many(spans, out))
     }
 
-    /// Takes a range for each item under one lock, giving back those taken if one fails, so a
-    /// model never holds part of its ranges; refused once the pool is retired.
-    fn take_all<T>(
+    /// Takes `n` ranges under one lock (`take` pushes them onto the list it is given), giving
+    /// back those taken if one fails, so a model never holds part of its ranges; refused once
+    /// the pool is retired.
+    fn take_all(
         self: &Arc<Self>,
-        items: &[T],
-        mut take: impl FnMut(&mut RangeAllocator, &T) -> Result<Range, AllocError>,
+        n: usize,
+        take: impl FnOnce(&mut RangeAllocator, &mut Vec<Range>) -> Result<(), AllocError>,
     ) -> Result<Allocation, AllocError> {
         let mut st = self.state();
         if st.retired {
             return Err(AllocError::Retired);
         }
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            match take(&mut st.ranges, item) {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    for r in out {
-                        st.ranges.free(r).expect("just taken");
-                    }
-                    // The error counted the pool after this call's own earlier ranges (0 bytes
-                    // free, when they had filled it); report the pool as the caller finds it.
-                    return Err(match e {
-                        AllocError::Exhausted { len, .. } => AllocError::Exhausted {
-                            len,
-                            free: st.ranges.size() - st.ranges.used(),
-                            largest: st.ranges.largest_free(),
-                        },
-                        e => e,
-                    });
-                }
+        let mut out = Vec::with_capacity(n);
+        if let Err(e) = take(&mut st.ranges, &mut out) {
+            for r in out {
+                st.ranges.free(r).expect("just taken");
             }
+            // The error counted the pool after this call's own earlier ranges (0 bytes free,
+            // when they had filled it); report the pool as the caller finds it.
+            return Err(match e {
+                AllocError::Exhausted { len, .. } => AllocError::Exhausted {
+                    len,
+                    free: st.ranges.size() - st.ranges.used(),
+                    largest: st.ranges.largest_free(),
+                },
+                e => e,
+            });
         }
         Ok(Allocation {
             pool: Arc::clone(self),
