@@ -22,28 +22,61 @@ pub(super) fn advise(addr: usize, len: usize) {
 /// tables of every mapping to write that file, so this is for a region just populated, on a
 /// blocking thread, not for every request.
 pub(super) fn mapped_bytes(start: usize, len: usize) -> std::io::Result<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-    Ok(in_range(&smaps, start, start + len))
+    use std::io::BufRead;
+    // Line by line: read whole, the file (megabytes for a daemon with many mappings) cost more
+    // in growing its buffer than the kernel spent writing it, on the core a restart's
+    // verification needs.
+    let mut smaps =
+        std::io::BufReader::with_capacity(64 << 10, std::fs::File::open("/proc/self/smaps")?);
+    let mut sum = InRange::new(start, start + len);
+    let mut line = String::new();
+    while smaps.read_line(&mut line)? > 0 {
+        sum.line(&line);
+        line.clear();
+    }
+    Ok(sum.bytes())
 }
 
 /// The `ShmemPmdMapped` and `FilePmdMapped` of the mappings of `smaps` inside `[start, end)`
 /// (a region's mapping may have been split, by mbind for instance).
+#[cfg(test)]
 fn in_range(smaps: &str, start: usize, end: usize) -> u64 {
-    let mut inside = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        if let Some((from, to)) = mapping(line) {
-            inside = from >= start && to <= end;
-            continue;
+    let mut sum = InRange::new(start, end);
+    smaps.lines().for_each(|l| sum.line(l));
+    sum.bytes()
+}
+
+/// The huge pages of the mappings inside `[start, end)`, summed over smaps' lines in order.
+struct InRange {
+    start: usize,
+    end: usize,
+    inside: bool,
+    kib: u64,
+}
+
+impl InRange {
+    fn new(start: usize, end: usize) -> Self {
+        Self {
+            start,
+            end,
+            inside: false,
+            kib: 0,
         }
-        if !inside {
-            continue;
+    }
+
+    fn line(&mut self, line: &str) {
+        if let Some((from, to)) = mapping(line) {
+            self.inside = from >= self.start && to <= self.end;
+            return;
+        }
+        if !self.inside {
+            return;
         }
         let Some((key, value)) = line.split_once(':') else {
-            continue;
+            return;
         };
         if key == "ShmemPmdMapped" || key == "FilePmdMapped" {
-            kib += value
+            self.kib += value
                 .trim()
                 .trim_end_matches("kB")
                 .trim()
@@ -51,7 +84,10 @@ fn in_range(smaps: &str, start: usize, end: usize) -> u64 {
                 .unwrap_or(0);
         }
     }
-    kib * 1024
+
+    fn bytes(&self) -> u64 {
+        self.kib * 1024
+    }
 }
 
 /// The address range of a mapping's first line (`7f01c0000000-7f01c4000000 rw-s ...`); None
@@ -101,5 +137,6 @@ ShmemPmdMapped:     2048 kB
         let first = smaps.lines().find_map(mapping).expect("a mapping");
         assert!(first.0 < first.1);
         assert_eq!(in_range(&smaps, 0, 0x1000), 0);
+        assert_eq!(mapped_bytes(0, 0x1000).unwrap(), 0);
     }
 }
