@@ -6,6 +6,7 @@ pub mod header;
 mod header_json;
 pub mod loader;
 pub mod model;
+mod placement;
 mod published;
 mod registry;
 pub mod remote_source;
