@@ -61,6 +61,9 @@ pub fn start(core: &Arc<Core>) -> std::io::Result<()> {
 
 fn run(core: &Weak<Core>) {
     let mut pace = Pace::new();
+    // One copy buffer for the thread's life: the pool's mapping is let go between pieces, the
+    // buffer need not be.
+    let mut crc = crc::CrcBuffer::default();
     loop {
         // Weak from the start: a strong list held for the whole pass would keep an
         // unregistered model's ranges from returning to its pool until the pass ended.
@@ -69,7 +72,7 @@ fn run(core: &Weak<Core>) {
         };
         let mut read = 0;
         for model in models {
-            let Some(n) = scrub_model(core, &model, &mut pace) else {
+            let Some(n) = scrub_model(core, &model, &mut pace, &mut crc) else {
                 return;
             };
             read += n;
@@ -92,7 +95,12 @@ fn run(core: &Weak<Core>) {
 }
 
 /// Checks every tensor of one READY model; the bytes it read, or None once the daemon is gone.
-fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Option<u64> {
+fn scrub_model(
+    core: &Weak<Core>,
+    model: &Weak<Model>,
+    pace: &mut Pace,
+    buf: &mut crc::CrcBuffer,
+) -> Option<u64> {
     let Some(tensors) = model
         .upgrade()
         .and_then(|m| servable(&m).then(|| m.tensors()))
@@ -116,7 +124,7 @@ fn scrub_model(core: &Weak<Core>, model: &Weak<Model>, pace: &mut Pace) -> Optio
             else {
                 return Some(read);
             };
-            let piece = crc::checksum(&region, t.offset + done, n);
+            let piece = buf.checksum(&region, t.offset + done, n);
             drop(region);
             crc = crc::combine(crc, piece, n);
             done += n;

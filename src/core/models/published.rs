@@ -173,10 +173,11 @@ impl Models {
             }
             *open = false;
         }
-        let mut crc = crc::RegionCrc::new(model.pool().region());
+        let region = model.pool().region();
+        let mut crc = crc::CrcBuffer::default();
         let mut tensors = model.tensors.lock().expect("tensors lock");
         for t in Arc::make_mut(&mut tensors).iter_mut() {
-            t.crc32c = Some(crc.checksum(t.offset, t.len));
+            t.crc32c = Some(crc.checksum(region, t.offset, t.len));
         }
         drop(tensors);
         if let Err(refused) = self.journal_write(&model) {

@@ -179,9 +179,9 @@ impl Models {
                 if model.cancel.load(Ordering::Relaxed) {
                     return Some("cancelled: the model was unregistered".to_string());
                 }
-                let mut crc = crc::RegionCrc::new(region);
+                let mut crc = crc::CrcBuffer::default();
                 let bad = batch.iter().find_map(|t| {
-                    let got = crc.checksum(t.offset, t.len);
+                    let got = crc.checksum(region, t.offset, t.len);
                     let want = t.crc32c.expect("adopted tensors carry their checksum");
                     (got != want).then(|| {
                         format!(
