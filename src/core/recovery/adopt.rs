@@ -119,7 +119,7 @@ pub fn adopt(core: &Core, p: &AdoptParams<'_>) -> Adopted {
                 .pools
                 .get(&rec.pool)
                 .map_err(|_| format!("its pool {:?} was not adopted", rec.pool))?;
-            core.models.adopt(&pool, rec, p.verify)
+            core.models.adopt(&pool, rec, &spans, p.verify)
         })();
         match outcome {
             Ok(job) => {

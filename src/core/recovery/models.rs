@@ -50,11 +50,14 @@ pub struct PendingVerify {
 impl Models {
     /// Brings back a journaled model into its adopted pool, with exactly the ranges it had. It
     /// is READY at once with `VerifyOnAdopt::None`; otherwise LOADING until [`Models::verify`]
-    /// has checked every tensor. Returns why it cannot come back otherwise.
+    /// has checked every tensor. Returns why it cannot come back otherwise. `spans` are the
+    /// record's (offset, len) in table order: the caller has them already, to quarantine the
+    /// ranges of a model that cannot come back.
     pub fn adopt(
         &self,
         pool: &Arc<Pool>,
         rec: ModelRecord,
+        spans: &[(u64, u64)],
         verify: VerifyOnAdopt,
     ) -> Result<Option<PendingVerify>, String> {
         check_name(&rec.name).map_err(|e| e.to_string())?;
@@ -87,8 +90,7 @@ impl Models {
             // The names decide layers as this start's config says, not as the last one did.
             t.layer = layers::layer_of(&t.name, &self.params.layer_patterns);
         }
-        let spans: Vec<(u64, u64)> = tensors.iter().map(|t| (t.offset, t.len)).collect();
-        let alloc = pool.claim_all(&spans).map_err(|e| {
+        let alloc = pool.claim_all(spans).map_err(|e| {
             format!(
                 "the journal places its tensors where pool {:?} cannot hold them: {e}",
                 pool.name
