@@ -150,7 +150,7 @@ async fn main() {
     );
     let own = on
         .scrub_share
-        .expect("the scrubber thread runs at the default rate");
+        .expect("no offloadd-scrub thread with a readable /proc schedstat at the default rate");
     println!(
         "scrubber off: daemon CPU {:.3}% of a core; GetInfo p50 {:?} p99 {:?}",
         off.cpu_share * 100.0,
