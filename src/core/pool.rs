@@ -214,10 +214,7 @@ impl Pool {
     /// Allocates ranges for `lens` all at once, or none of them.
     pub fn alloc_all(self: &Arc<Self>, lens: &[u64], align: u64) -> Result<Allocation, AllocError> {
         self.take_all(lens.len(), |ranges, out| {
-            for &len in lens {
-                out.push(ranges.alloc(len, align)?);
-            }
-            Ok(())
+            ranges.alloc_many(lens, align, out)
         })
     }
 
