@@ -19,7 +19,7 @@ use super::ModelError;
 use crate::core::journal::FileStamp;
 
 /// One tensor of a shard, in file order.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShardTensor {
     pub name: String,
     pub dtype: Dtype,
@@ -524,6 +524,11 @@ mod tests {
             let Ok(json) = std::str::from_utf8(&head[8..]) else { return Ok(()) };
             // A valid header never falls through to the crate's slower path.
             prop_assert!(!untouched || super::super::header_json::parse(json, 8).is_some());
+            // Parsed in pieces, wherever the cuts fall, it reads the same.
+            let whole = super::super::header_json::parse_in(json, 8, 1);
+            for pieces in 2..=5 {
+                prop_assert_eq!(&super::super::header_json::parse_in(json, 8, pieces), &whole);
+            }
             if let Some((fast, end)) = super::super::header_json::parse(json, 8) {
                 let m: Metadata = serde_json::from_str(json).expect("the crate accepts it too");
                 prop_assert_eq!(end, m.data_len() as u64);
