@@ -148,22 +148,21 @@ impl Models {
         };
         let shards = opened.take_tensors();
         let total = shards.iter().map(Vec::len).sum();
-        let mut tensors = Vec::with_capacity(total);
+        // Where each tensor's bytes lie, before placement puts the pool's offset in its row.
         let mut spans = Vec::with_capacity(total);
-        // The table takes the shards' names and shapes: copying 100k of them cost milliseconds.
-        for (fi, shard) in shards.into_iter().enumerate() {
-            for t in shard {
-                spans.push((fi, t.file_offset));
-                tensors.push(TensorEntry {
-                    layer: layers::layer_of(&t.name, &self.params.layer_patterns),
-                    name: t.name,
-                    dtype: t.dtype,
-                    shape: t.shape,
-                    offset: 0,
-                    len: t.len,
-                    crc32c: None,
-                });
-            }
+        for (fi, shard) in shards.iter().enumerate() {
+            spans.extend(shard.iter().map(|t| (fi, t.offset)));
+        }
+        // The shards' rows become the table where they lie: one shard's list is taken as it is,
+        // and the others are appended to the first one's.
+        let mut shards = shards.into_iter();
+        let mut tensors = shards.next().unwrap_or_default();
+        tensors.reserve(total - tensors.len());
+        for mut shard in shards {
+            tensors.append(&mut shard);
+        }
+        for t in &mut tensors {
+            t.layer = layers::layer_of(&t.name, &self.params.layer_patterns);
         }
         let alloc = self.allocate(&pool, &req.name, &tensors)?;
         let mut placed = Vec::with_capacity(tensors.len());

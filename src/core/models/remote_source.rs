@@ -136,12 +136,12 @@ async fn read_shard(object: Object) -> Result<RemoteShard, ModelError> {
     let mut head = Vec::with_capacity(8 + n as usize);
     head.extend_from_slice(&len);
     head.extend_from_slice(&json);
-    let tensors =
-        parse_header(&head, stamp.size - head.len() as u64).map_err(|e| ModelError::BadFile {
-            path: label(&object.url),
-            tensor: e.tensor,
-            why: e.why,
-        })?;
+    let data_len = stamp.size - head.len() as u64;
+    let tensors = parse_header(&mut head, data_len).map_err(|e| ModelError::BadFile {
+        path: label(&object.url),
+        tensor: e.tensor,
+        why: e.why,
+    })?;
     Ok(RemoteShard {
         object,
         stamp,
