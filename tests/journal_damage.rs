@@ -85,7 +85,7 @@ async fn a_model_file_from_another_version_drops_that_model_alone() {
     let (_, path) = stopped_with_one_model(&st).await;
     let file = st.journal().join("model-a.json");
     let raw = std::fs::read(&file).unwrap();
-    assert!(raw.starts_with(b"offloadd-journal v2 "), "a v2 model file");
+    assert!(raw.starts_with(b"offloadd-journal v3 "), "a v3 model file");
     std::fs::write(&file, [b"offloadd-journal v1 ", &raw[20..]].concat()).unwrap();
     let d = st.daemon().start().await.unwrap();
     let mut c = d.client().await;
@@ -98,7 +98,7 @@ async fn a_model_file_from_another_version_drops_that_model_alone() {
     assert!(
         r.dropped[0]
             .reason
-            .contains("journal format v1, this offloadd reads v2"),
+            .contains("journal format v1, this offloadd reads v2 to v3"),
         "{r:?}"
     );
     assert!(!file.exists(), "the unreadable file is removed");

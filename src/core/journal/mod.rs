@@ -5,11 +5,12 @@
 //! One file for the pools and one per READY model, so that finishing a load writes only that
 //! model's table. Each file is framed as `offloadd-journal v<N> crc32c=<hex> len=<bytes>\n`
 //! followed by its body: JSON for the pools (v1), a JSON line and a packed table for a model
-//! (v2, see `model.rs`). Each is replaced atomically (write, fsync, rename, fsync the
+//! (v3, see `model.rs`; v2 is still read). Each is replaced atomically (write, fsync, rename, fsync the
 //! directory). Nothing on the attach or onload path writes it.
 
 mod durability;
 mod model;
+mod rows;
 
 use std::fs::File;
 use std::io::Write;
@@ -21,9 +22,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use self::durability::{Durability, free_bytes, no_space};
-pub use self::model::{
-    AsTensorRecord, FileStamp, ModelRecord, ModelRecordOut, SourceRecord, TensorRecordOut,
-};
+pub use self::model::{FileStamp, ModelRecord, ModelRecordOut, SourceRecord};
+pub use self::rows::{AsTensorRecord, TensorRecordOut};
 use super::crc::crc32c;
 
 /// The directory inside `pools.dir`; its prefix keeps it clear of the operator's own files.
@@ -31,12 +31,15 @@ pub const JOURNAL_DIR: &str = "offloadd-journal";
 /// The formats this binary writes and reads, one per kind of file: a newer or older one is
 /// refused by name. A model written in another format is dropped alone; its pool stays.
 const POOLS_VERSION: u32 = 1;
-const MODEL_VERSION: u32 = 2;
+const MODEL_VERSION: u32 = 3;
+/// The oldest model format this binary still reads: v2 differs from v3 only in how a table row
+/// is packed, so an upgrade adopts what the offloadd before it left.
+const MODEL_OLDEST: u32 = 2;
 const MAGIC: &str = "offloadd-journal";
 const POOLS_FILE: &str = "pools.json";
 const MODEL_PREFIX: &str = "model-";
 /// Kept from v1, when the whole file was JSON, although only its first line is now: an older
-/// offloadd started after a rollback must find a v2 file, refuse it by version and remove it.
+/// offloadd started after a rollback must find a newer file, refuse it by version and remove it.
 /// A file it did not list would outlive the rollback and be adopted by the next upgrade, over
 /// ranges the older daemon may have given to other models meanwhile.
 const MODEL_SUFFIX: &str = ".json";
@@ -51,12 +54,15 @@ pub enum JournalError {
     #[error("{path}: not an offloadd journal file (no `{MAGIC} v<N>` header line)")]
     NotJournal { path: PathBuf },
     #[error(
-        "{path}: journal format v{found}, this offloadd reads v{want}; what it describes is discarded and rebuilt"
+        "{path}: journal format v{found}, this offloadd reads {}; what it describes is discarded and rebuilt",
+        versions(*.oldest, *.want)
     )]
     Version {
         path: PathBuf,
         found: u32,
+        /// The format this offloadd writes, and the oldest it reads.
         want: u32,
+        oldest: u32,
     },
     #[error("{path}: truncated: the header promises {want} bytes, the file has {got}")]
     Truncated { path: PathBuf, want: u64, got: u64 },
@@ -66,6 +72,14 @@ pub enum JournalError {
     Checksum { path: PathBuf, want: u32, got: u32 },
     #[error("{path}: {why}")]
     Parse { path: PathBuf, why: String },
+}
+
+/// `v3`, or `v2 to v3`.
+fn versions(oldest: u32, newest: u32) -> String {
+    match oldest == newest {
+        true => format!("v{newest}"),
+        false => format!("v{oldest} to v{newest}"),
+    }
 }
 
 impl JournalError {
@@ -159,8 +173,8 @@ impl Journal {
     /// nothing). An unreadable pools file fails the whole journal, since every model refers to it.
     pub fn read(&self) -> Result<Option<Contents>, JournalError> {
         let pools_path = self.dir.join(POOLS_FILE);
-        let pools: PoolsFile = match read_framed(&pools_path, POOLS_VERSION)? {
-            Some(body) => parse(&pools_path, &body)?,
+        let pools: PoolsFile = match read_framed(&pools_path, POOLS_VERSION..=POOLS_VERSION)? {
+            Some((_, body)) => parse(&pools_path, &body)?,
             None => return Ok(None),
         };
         let mut out = Contents {
@@ -177,8 +191,10 @@ impl Journal {
                 continue;
             }
             let path = entry.path();
-            let read = read_framed(&path, MODEL_VERSION)
-                .and_then(|body| body.map(|b| model::decode(&path, &b)).transpose());
+            let read = read_framed(&path, MODEL_OLDEST..=MODEL_VERSION).and_then(|body| {
+                body.map(|(version, b)| model::decode(&path, version, &b))
+                    .transpose()
+            });
             match read {
                 Ok(Some(m)) => out.models.push(m),
                 Ok(None) => {} // removed since the listing
@@ -296,7 +312,10 @@ fn parse<T: for<'de> Deserialize<'de>>(path: &Path, body: &[u8]) -> Result<T, Jo
 
 /// The body of a framed file in format `want`, checked against its header; `None` when the file
 /// does not exist.
-fn read_framed(path: &Path, want: u32) -> Result<Option<Vec<u8>>, JournalError> {
+fn read_framed(
+    path: &Path,
+    versions: std::ops::RangeInclusive<u32>,
+) -> Result<Option<(u32, Vec<u8>)>, JournalError> {
     let mut raw = match std::fs::read(path) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -324,11 +343,12 @@ fn read_framed(path: &Path, want: u32) -> Result<Option<Vec<u8>>, JournalError> 
         .and_then(|v| v.strip_prefix('v'))
         .and_then(|v| v.parse().ok())
         .ok_or_else(not_journal)?;
-    if found != want {
+    if !versions.contains(&found) {
         return Err(JournalError::Version {
             path: path.to_path_buf(),
             found,
-            want,
+            want: *versions.end(),
+            oldest: *versions.start(),
         });
     }
     let field = |w: Option<&str>, key: &str| w.and_then(|w| w.strip_prefix(key)).map(str::to_owned);
@@ -357,7 +377,7 @@ fn read_framed(path: &Path, want: u32) -> Result<Option<Vec<u8>>, JournalError> 
     // The body stays in the buffer it was read into: a copy of a big table cost more (in page
     // faults on the new buffer) than moving it down over the frame's line.
     raw.drain(..=nl);
-    Ok(Some(raw))
+    Ok(Some((found, raw)))
 }
 
 #[cfg(test)]
@@ -462,6 +482,21 @@ mod tests {
         assert_eq!(got.bad_models.len(), 1);
     }
 
+    /// An upgrade from the offloadd that wrote v2 adopts what it left.
+    #[test]
+    fn a_model_file_of_v2_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path(), false);
+        j.write_pools(vec![pool()]).unwrap();
+        j.write_model(&model("b").out()).unwrap();
+        let parts = model::encode_v2(&model("a").out());
+        let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        j.write(&model_file("a"), 2, &parts).unwrap();
+        let got = j.read().unwrap().unwrap();
+        assert!(got.bad_models.is_empty(), "{:?}", got.bad_models);
+        assert_eq!(got.models, vec![model("a"), model("b")]);
+    }
+
     /// What an older offloadd left: reported by name and version, the other models kept.
     #[test]
     fn a_model_file_in_the_json_format_of_v1_is_named_as_such() {
@@ -481,7 +516,7 @@ mod tests {
         assert!(err.path().ends_with("model-a.json"), "{err}");
         assert!(
             err.to_string()
-                .contains("journal format v1, this offloadd reads v2"),
+                .contains("journal format v1, this offloadd reads v2 to v3"),
             "{err}"
         );
     }
