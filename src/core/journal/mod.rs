@@ -5,8 +5,8 @@
 //! One file for the pools and one per READY model, so that finishing a load writes only that
 //! model's table. Each file is framed as `offloadd-journal v<N> crc32c=<hex> len=<bytes>\n`
 //! followed by its body: JSON for the pools (v1), a JSON line and a packed table for a model
-//! (v3, see `model.rs`; v2 is still read). Each is replaced atomically (write, fsync, rename, fsync the
-//! directory). Nothing on the attach or onload path writes it.
+//! (v3, see `model.rs`; v2 is still read). Each is replaced atomically (write, fsync, rename,
+//! fsync the directory). Nothing on the attach or onload path writes it.
 
 mod durability;
 mod model;
@@ -60,8 +60,9 @@ pub enum JournalError {
     Version {
         path: PathBuf,
         found: u32,
-        /// The format this offloadd writes, and the oldest it reads.
+        /// The format this offloadd writes, the newest it reads.
         want: u32,
+        /// The oldest format it reads.
         oldest: u32,
     },
     #[error("{path}: truncated: the header promises {want} bytes, the file has {got}")]
@@ -76,9 +77,10 @@ pub enum JournalError {
 
 /// `v3`, or `v2 to v3`.
 fn versions(oldest: u32, newest: u32) -> String {
-    match oldest == newest {
-        true => format!("v{newest}"),
-        false => format!("v{oldest} to v{newest}"),
+    if oldest == newest {
+        format!("v{newest}")
+    } else {
+        format!("v{oldest} to v{newest}")
     }
 }
 

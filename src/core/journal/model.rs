@@ -5,14 +5,10 @@
 //!
 //! The table is nearly all of the file. As JSON (v1) it was 13 MB at 100k tensors; writing it
 //! took about 20 ms of every such registration, and reading it back 60 ms of the next start,
-//! longer than loading the checkpoint again. Packed row by row (v2, still read) it was 5 MB.
-//! v3 writes each row against the one before it in its piece: the name as the count of bytes it
-//! shares with the previous name and the rest (`model.layers.7.mlp.experts.12.w2` after
-//! `..experts.11.w2` is 28 and `2.w2`), the offset as the gap after the previous row's range (0
-//! where ranges follow each other), dtype and shape as a byte where they repeat, the CRC32C as 4
-//! plain bytes: a mixture of experts' row takes 15 bytes, where v2 took 58. The JSON line keeps
-//! what an operator may want to read (`head -c 1000`): the model, its pool, its source files
-//! and its backend.
+//! longer than loading the checkpoint again. Packed row by row (v2, still read) it was 5 MB;
+//! packed each against the row before it (v3, see `rows.rs`), 1.4 MB. The JSON line keeps what
+//! an operator may want to read (`head -c 1000`): the model, its pool, its source files and its
+//! backend.
 
 use std::path::{Path, PathBuf};
 
@@ -121,11 +117,21 @@ impl ModelRecord {
 
 /// The file's body in consecutive parts: the JSON line, then each piece of the table.
 pub(super) fn encode<T: AsTensorRecord>(m: &ModelRecordOut<'_, T>) -> Vec<Vec<u8>> {
-    let pieces: Vec<Vec<u8>> = m
-        .tensors
-        .par_chunks(ROWS_PER_PIECE)
-        .map(rows::encode_piece)
-        .collect();
+    encode_with(m, rows::encode_piece)
+}
+
+/// The body the offloadd before v3 wrote: each row packed whole.
+#[cfg(test)]
+pub(super) fn encode_v2<T: AsTensorRecord>(m: &ModelRecordOut<'_, T>) -> Vec<Vec<u8>> {
+    encode_with(m, rows::encode_piece_v2)
+}
+
+/// The body with each piece of the table packed by `piece`.
+fn encode_with<T: AsTensorRecord>(
+    m: &ModelRecordOut<'_, T>,
+    piece: fn(&[T]) -> Vec<u8>,
+) -> Vec<Vec<u8>> {
+    let pieces: Vec<Vec<u8>> = m.tensors.par_chunks(ROWS_PER_PIECE).map(piece).collect();
     let mut head = serde_json::to_vec(&HeadOut {
         name: m.name,
         pool: m.pool,
@@ -141,21 +147,6 @@ pub(super) fn encode<T: AsTensorRecord>(m: &ModelRecordOut<'_, T>) -> Vec<Vec<u8
     let mut parts = Vec::with_capacity(pieces.len() + 1);
     parts.push(head);
     parts.extend(pieces);
-    parts
-}
-
-/// The body the offloadd before v3 wrote: each row packed whole.
-#[cfg(test)]
-pub(super) fn encode_v2<T: AsTensorRecord>(m: &ModelRecordOut<'_, T>) -> Vec<Vec<u8>> {
-    let mut parts = encode(m);
-    for (part, table) in parts[1..].iter_mut().zip(m.tensors.chunks(ROWS_PER_PIECE)) {
-        *part = rows::encode_piece_v2(table);
-    }
-    let line = &parts[0][..parts[0].len() - 1];
-    let mut head: serde_json::Value = serde_json::from_slice(line).expect("our own line");
-    head["pieces"] = parts[1..].iter().map(Vec::len).collect();
-    parts[0] = serde_json::to_vec(&head).expect("a JSON value");
-    parts[0].push(b'\n');
     parts
 }
 

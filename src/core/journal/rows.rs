@@ -1,5 +1,11 @@
-//! The rows of a model's tensor table, packed with postcard: v3, which the journal writes, each
-//! row against the one before it in its piece, and v2, which it still reads. A piece is decoded
+//! The rows of a model's tensor table, packed with postcard: v3, which the journal writes, and
+//! v2, which it still reads.
+//!
+//! v3 writes each row against the one before it in its piece: the name as the count of bytes it
+//! shares with the previous name and the rest (`model.layers.7.mlp.experts.12.w2` after
+//! `..experts.11.w2` is 28 and `2.w2`), the offset as the gap after the previous row's range (0
+//! where ranges follow each other), dtype and shape as a byte where they repeat, the CRC32C as 4
+//! plain bytes: a mixture of experts' row takes 15 bytes, where v2 took 58. A piece is decoded
 //! on its own, so its first row is written against nothing (an empty name ending at offset 0).
 
 use safetensors::Dtype;

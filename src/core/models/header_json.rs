@@ -19,8 +19,8 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 
 use super::header::ShardTensor;
 
-/// Headers shorter than this many bytes per core are parsed whole: a piece costs a copy of its
-/// text and a hand-over to another thread, which pays off only for long ones.
+/// Headers shorter than this many bytes per core are parsed whole: a piece costs a hand-over to
+/// another thread and a second list to join, which pay off only for long ones.
 const PIECE_BYTES: usize = 1 << 20;
 
 /// The shortest entry, `"a":{"dtype":"U8","shape":[],"data_offsets":[0,0]},`, is 50 bytes;
