@@ -90,30 +90,42 @@ fn shared_prefix(a: &str, b: &str) -> usize {
 
 /// One piece of the table, v3.
 pub(super) fn encode_piece<T: AsTensorRecord>(rows: &[T]) -> Vec<u8> {
-    let (mut name, mut end, mut kind) = ("", 0u64, None);
-    let mut out = Vec::with_capacity(rows.len() * 16);
-    for t in rows {
-        let r = t.record();
-        let shared = shared_prefix(name, r.name);
-        let same = kind == Some((r.dtype, r.shape));
-        let row = RowOut {
-            shared,
-            rest: &r.name[shared..],
-            dtype: (!same).then_some(r.dtype),
-            shape: (!same).then_some(r.shape),
-            // Two's complement: a range below the previous one is a negative gap.
-            gap: r.offset.wrapping_sub(end) as i64,
-            len: r.len,
-            crc32c: r.crc32c.to_le_bytes(),
-        };
-        out = postcard::to_extend(&row, out).expect("tensor records serialize");
-        (name, end, kind) = (
-            r.name,
-            r.offset.wrapping_add(r.len),
-            Some((r.dtype, r.shape)),
-        );
+    let out = Vec::with_capacity(rows.len() * 16);
+    postcard::to_extend(&PieceOut(rows), out).expect("tensor records serialize")
+}
+
+/// A piece's rows, serialized as a tuple: postcard writes a tuple as its elements one after
+/// another, with no length, so this is exactly the rows in a row. One serializer for the whole
+/// piece, where one a row cost a third of the journal's time at 100k tensors.
+struct PieceOut<'a, T>(&'a [T]);
+
+impl<T: AsTensorRecord> Serialize for PieceOut<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut piece = s.serialize_tuple(self.0.len())?;
+        let (mut name, mut end, mut kind) = ("", 0u64, None);
+        for t in self.0 {
+            let r = t.record();
+            let shared = shared_prefix(name, r.name);
+            let same = kind == Some((r.dtype, r.shape));
+            piece.serialize_element(&RowOut {
+                shared,
+                rest: &r.name[shared..],
+                dtype: (!same).then_some(r.dtype),
+                shape: (!same).then_some(r.shape),
+                // Two's complement: a range below the previous one is a negative gap.
+                gap: r.offset.wrapping_sub(end) as i64,
+                len: r.len,
+                crc32c: r.crc32c.to_le_bytes(),
+            })?;
+            (name, end, kind) = (
+                r.name,
+                r.offset.wrapping_add(r.len),
+                Some((r.dtype, r.shape)),
+            );
+        }
+        piece.end()
     }
-    out
 }
 
 /// One piece of the table as v2 wrote it: each row whole.
