@@ -521,6 +521,23 @@ async fn an_indexed_shard_of_200k_tensors_registers() {
         "200k-tensor indexed shard registered in {:?}",
         started.elapsed()
     );
+    // A table this large has its layers found across the cores, in tasks of thousands of rows:
+    // a page of 20k rows spans several tasks, and each row has the layer of its own name.
+    let page = c
+        .get_model(GetModelRequest {
+            name: "moe".into(),
+            include_tensors: true,
+            page_size: 20_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.tensors.len(), 20_000);
+    for t in &page.tensors {
+        let layer = t.name["model.layers.".len()..].split('.').next().unwrap();
+        assert_eq!(t.layer, Some(layer.parse().unwrap()), "{}", t.name);
+    }
     assert!(d.terminate().await.success());
 }
 

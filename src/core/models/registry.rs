@@ -24,7 +24,7 @@ use crate::core::pools::Pools;
 use crate::core::remote::{FetchJob, Object, ObjectStamp, RemoteError, Remotes, Span, fetch};
 
 /// Rows a core takes at a time when the layers of a table are found: enough that a handful of
-/// tasks cover 100k tensors, and a small table stays on one core.
+/// tasks cover 100k tensors; a table of fewer than two such tasks stays on its own thread.
 const LAYERS_PER_TASK: usize = 8192;
 
 /// Settings from `[models]` and `[pools]`.
@@ -166,13 +166,18 @@ impl Models {
         for mut shard in shards {
             tensors.append(&mut shard);
         }
-        // On every core, as the header was parsed: one core took 2 ms at 100k tensors, while
-        // the others waited.
+        // A large table on every core, as its header was parsed: one core took 2 ms at 100k
+        // tensors, while the others waited. A small one here, without the hop to the pool.
         let patterns = &self.params.layer_patterns;
-        tensors
-            .par_iter_mut()
-            .with_min_len(LAYERS_PER_TASK)
-            .for_each(|t| t.layer = layers::layer_of(&t.name, patterns));
+        let layer = |t: &mut ShardTensor| t.layer = layers::layer_of(&t.name, patterns);
+        if tensors.len() < 2 * LAYERS_PER_TASK {
+            tensors.iter_mut().for_each(layer);
+        } else {
+            tensors
+                .par_iter_mut()
+                .with_min_len(LAYERS_PER_TASK)
+                .for_each(layer);
+        }
         let alloc = self.allocate(&pool, &req.name, &tensors)?;
         let mut placed = Vec::with_capacity(tensors.len());
         for ((t, range), file) in tensors.iter_mut().zip(alloc.ranges()).zip(files) {
