@@ -130,9 +130,13 @@ fn open_beneath(path: &Path, roots: &[PathBuf]) -> Result<File, ModelError> {
 
 /// Reads a small metadata file (an index) through [`open_regular`], refusing one over `limit`.
 pub fn read_small(path: &Path, limit: u64, roots: &[PathBuf]) -> Result<Vec<u8>, ModelError> {
-    let mut text = Vec::new();
-    open_regular(path, roots)?
-        .take(limit + 1)
+    let file = open_regular(path, roots)?;
+    // Sized from the file's length: through `take`, `read_to_end` no longer knows it and grew
+    // the buffer by doubling, copying and faulting in each new one: 15-50 ms for the 8 MB
+    // index of a 100k-tensor checkpoint.
+    let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    let mut text = Vec::with_capacity(len.min(limit) as usize + 1);
+    file.take(limit + 1)
         .read_to_end(&mut text)
         .map_err(|e| ModelError::io(path, e))?;
     if text.len() as u64 > limit {
