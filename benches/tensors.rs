@@ -10,7 +10,8 @@
 //! median / max, beside the CPU seconds each side spent (median).
 //!
 //! `cargo bench --bench tensors` (OFFLOADD_BENCH_TENSORS=1000,10000 picks the sizes,
-//! OFFLOADD_BENCH_ROUNDS the rounds, default 5).
+//! OFFLOADD_BENCH_ROUNDS the rounds, default 5; OFFLOADD_BENCH_SHARDS=64 spreads the tensors
+//! over that many files behind an index, as a sharded checkpoint ships them).
 
 mod common;
 
@@ -49,6 +50,9 @@ fn main() {
     let rounds: usize = std::env::var("OFFLOADD_BENCH_ROUNDS")
         .ok()
         .map_or(5, |v| v.parse().unwrap());
+    let shards: usize = std::env::var("OFFLOADD_BENCH_SHARDS")
+        .ok()
+        .map_or(1, |v| v.parse().unwrap());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let me = std::process::id();
     let work = tempfile::tempdir().unwrap();
@@ -63,13 +67,22 @@ fn main() {
     let mut c = offloadd::client::offload(channel);
     let mut rows = Vec::new();
     for &n in &sizes {
-        let path = work.path().join(format!("experts-{n}.safetensors"));
-        common::write_moe_checkpoint(&path, n, TENSOR_BYTES);
-        let bytes = std::fs::metadata(&path).unwrap().len();
+        let (path, files) = if shards > 1 {
+            let dir = work.path().join(format!("experts-{n}"));
+            let files = common::write_moe_checkpoint_sharded(&dir, n, TENSOR_BYTES, shards);
+            (dir, files)
+        } else {
+            let path = work.path().join(format!("experts-{n}.safetensors"));
+            common::write_moe_checkpoint(&path, n, TENSOR_BYTES);
+            (path.clone(), vec![path])
+        };
+        let bytes: u64 = files
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().len())
+            .sum();
         // The page cache is warm (just written): both sides read from it.
         let region = HostRegion::create(&shm.path().join("bound"), bytes).unwrap();
         region.prefault(threads).unwrap();
-        let files = [path.clone()];
         let row = rt.block_on(async {
             // Each tensor's range is rounded up to 256 bytes: 4 KiB tensors waste none.
             c.create_pool(CreatePoolRequest {
@@ -150,7 +163,11 @@ fn main() {
         });
         region.unlink().unwrap();
         drop(region);
-        std::fs::remove_file(&path).unwrap();
+        if shards > 1 {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
         rows.push(row);
     }
     rt.block_on(child.kill()).unwrap();

@@ -169,6 +169,51 @@ pub fn write_moe_checkpoint(path: &Path, n: usize, tensor_bytes: usize) {
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
+/// [`write_moe_checkpoint`] in `shards` files of `dir`, with the index that names each
+/// tensor's file, as sharded checkpoints ship; returns the shards' paths.
+pub fn write_moe_checkpoint_sharded(
+    dir: &Path,
+    n: usize,
+    tensor_bytes: usize,
+    shards: usize,
+) -> Vec<std::path::PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let name = |i: usize| format!("model.layers.{}.mlp.experts.{}.w", i / 1000, i % 1000);
+    let mut weight_map = serde_json::Map::new();
+    let mut paths = Vec::new();
+    for s in 0..shards {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
+        let tensors: Vec<usize> = (s * n / shards..(s + 1) * n / shards).collect();
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|&i| vec![(i % 251) as u8; tensor_bytes])
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .zip(&data)
+            .map(|(&i, d)| {
+                (
+                    name(i),
+                    TensorView::new(Dtype::U8, vec![tensor_bytes], d).unwrap(),
+                )
+            })
+            .collect();
+        for (tensor, _) in &views {
+            weight_map.insert(tensor.clone(), file.clone().into());
+        }
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        paths.push(path);
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    paths
+}
+
 /// Writes a Llama-shaped checkpoint (hidden 2048, F16 so numpy can load it too) of about `mib` MiB in 4 shards.
 pub fn write_checkpoint(dir: &Path, mib: u64) -> u64 {
     let hidden = 2048usize;
