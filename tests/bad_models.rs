@@ -196,6 +196,23 @@ fn build_cases(root: &Path, outside: &Path) -> Vec<Case> {
         ],
     ));
 
+    // The index lists the last tensor in the second shard, and the first holds it as well:
+    // every listed name is where the index says, but one shard holds more than its list.
+    ckpt::write_sharded(&p("twice"), &good, 2);
+    let mut first = good[..good.len().div_ceil(2)].to_vec();
+    first.push(good.last().unwrap().clone());
+    ckpt::write_file(&p("twice/model-00001-of-00002.safetensors"), &first);
+    cases.push(case(
+        "a tensor held by two shards",
+        p("twice"),
+        Code::InvalidArgument,
+        &[
+            &good.last().unwrap().name,
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ],
+    ));
+
     ckpt::write_file(&outside.join("elsewhere.safetensors"), &good);
     cases.push(case(
         "path outside the roots",
