@@ -152,11 +152,11 @@ impl Models {
             None => Opened::Files(source::open(&req.path, &self.params.roots)?),
         };
         let shards = opened.take_tensors();
-        let total: usize = shards.iter().map(Vec::len).sum();
         // Which file each row comes from: the shards' rows follow each other in the table.
-        let files: Vec<usize> = shards.iter().map(Vec::len).collect();
+        let lens: Vec<usize> = shards.iter().map(Vec::len).collect();
+        let total: usize = lens.iter().sum();
         let files = (0..)
-            .zip(files)
+            .zip(lens)
             .flat_map(|(fi, n)| std::iter::repeat_n(fi, n));
         // The shards' rows become the table where they lie: one shard's list is taken as it is,
         // and the others are appended to the first one's.
