@@ -180,6 +180,13 @@ async fn refusals_name_the_object_and_never_the_secret() {
     let file = env.scratch.models().join("m.safetensors");
     ckpt::write_file(&file, &tensors);
     env.s3.put_file("one/m.safetensors", &file).await;
+    // The index lists the last tensor in the second shard, and the first holds it as well.
+    let twice = env.scratch.models().join("twice");
+    ckpt::write_sharded(&twice, &tensors, 2);
+    let mut first = tensors[..tensors.len().div_ceil(2)].to_vec();
+    first.push(tensors.last().unwrap().clone());
+    ckpt::write_file(&twice.join("model-00001-of-00002.safetensors"), &first);
+    env.s3.put_dir("twice", &twice).await;
     let (d, mut c) = env.start().await;
     cpu_pool(&mut c, "p", POOL_BYTES).await;
 
@@ -221,6 +228,14 @@ async fn refusals_name_the_object_and_never_the_secret() {
         "{why}"
     );
     s3::write_credentials(&env.creds, s3::ACCESS_KEY, s3::SECRET_KEY);
+    let why = refused(Code::InvalidArgument, "s3://models/twice/").await;
+    for part in [
+        tensors.last().unwrap().name.as_str(),
+        "twice/model-00001-of-00002.safetensors",
+        "twice/model-00002-of-00002.safetensors",
+    ] {
+        assert!(why.contains(part), "{part}: {why}");
+    }
     assert_eq!(used_bytes(&mut c).await, 0, "nothing half-registered");
 
     c.register_model(register("m", "s3://models/one/m.safetensors", true))

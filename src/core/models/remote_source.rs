@@ -35,8 +35,8 @@ pub fn open(remotes: &Remotes, url: &str) -> Result<RemoteCheckpoint, ModelError
 }
 
 async fn open_at(root: Object) -> Result<RemoteCheckpoint, ModelError> {
-    let shards = if root.is_file() {
-        vec![read_shard(root.clone()).await?]
+    let (shards, alone) = if root.is_file() {
+        (vec![read_shard(root.clone()).await?], true)
     } else {
         let index = root.child(INDEX_FILE)?;
         match index.stamp().await {
@@ -51,19 +51,21 @@ async fn open_at(root: Object) -> Result<RemoteCheckpoint, ModelError> {
                         }
                         .into());
                     }
-                    other => vec![other?],
+                    other => (vec![other?], true),
                 }
             }
             Err(e) => return Err(e.into()),
         }
     };
-    let labels: Vec<PathBuf> = shards.iter().map(|s| label(&s.object.url)).collect();
-    unique_across(
-        labels
-            .iter()
-            .zip(&shards)
-            .map(|(l, s)| (l.as_path(), s.tensors.as_slice())),
-    )?;
+    if !alone {
+        let labels: Vec<PathBuf> = shards.iter().map(|s| label(&s.object.url)).collect();
+        unique_across(
+            labels
+                .iter()
+                .zip(&shards)
+                .map(|(l, s)| (l.as_path(), s.tensors.as_slice())),
+        )?;
+    }
     Ok(RemoteCheckpoint {
         url: root.url.clone(),
         shards,
@@ -74,7 +76,7 @@ async fn open_sharded(
     root: &Object,
     index: &Object,
     stamp: &ObjectStamp,
-) -> Result<Vec<RemoteShard>, ModelError> {
+) -> Result<(Vec<RemoteShard>, bool), ModelError> {
     let index_label = label(&index.url);
     if stamp.size > INDEX_LIMIT {
         return Err(ModelError::BadIndex {
@@ -98,11 +100,15 @@ async fn open_sharded(
                 }
                 other => other?,
             };
-            check_listed(listed, &shard.tensors, &label(&object.url), index_label)?;
-            Ok(shard)
+            let alone = check_listed(listed, &shard.tensors, &label(&object.url), index_label)?;
+            Ok((shard, alone))
         }
     });
-    futures_util::future::try_join_all(shards).await
+    let (shards, alone): (Vec<_>, Vec<bool>) = futures_util::future::try_join_all(shards)
+        .await?
+        .into_iter()
+        .unzip();
+    Ok((shards, alone.into_iter().all(|a| a)))
 }
 
 /// Reads and validates one object's header, as [`super::header::read_shard`] does a file's.
