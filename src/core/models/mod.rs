@@ -4,6 +4,7 @@ mod cache;
 mod durable;
 pub mod header;
 mod header_json;
+mod index;
 pub mod loader;
 pub mod model;
 mod placement;

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 
 use super::ModelError;
 use super::header::{MAX_HEADER, ShardTensor, parse_header};
-use super::source::{
-    INDEX_FILE, INDEX_LIMIT, SINGLE_FILE, check_listed, parse_index, unique_across,
-};
+use super::index::{check_listed, parse_index};
+use super::source::{INDEX_FILE, INDEX_LIMIT, SINGLE_FILE, unique_across};
 use crate::core::remote::{Object, ObjectStamp, RemoteError, Remotes};
 
 /// The shards of a remote checkpoint, validated, in a stable order.

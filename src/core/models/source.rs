@@ -2,13 +2,11 @@
 //! `model.safetensors.index.json` (sharded), or a directory holding `model.safetensors`.
 //! Every path, shards included, must resolve (symlinks followed) inside `models.roots`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-use serde::Deserialize;
 
 use super::ModelError;
 use super::header::{Shard, ShardTensor, read_shard, read_small};
+use super::index::{check_listed, parse_index};
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -21,11 +19,6 @@ pub struct Checkpoint {
     /// The canonical path the operator named.
     pub path: PathBuf,
     pub shards: Vec<Shard>,
-}
-
-#[derive(Deserialize)]
-struct Index {
-    weight_map: BTreeMap<String, String>,
 }
 
 /// Confines `path` to the roots: both sides canonicalized, so `..` and symlinks that leave the
@@ -87,8 +80,9 @@ pub fn open(path: &Path, roots: &[PathBuf]) -> Result<Checkpoint, ModelError> {
 
 /// Refuses a tensor name held by two shards. Each shard's names are unique already (its header
 /// is a JSON object), so one shard needs no check: at 100k tensors, the set cost 20 ms. Nor do
-/// shards that each hold their index's list alone ([`check_listed`]): the index is a map, which
-/// lists a name once, so their names differ (the check cost 4-9 ms at 100k in 64 shards).
+/// shards that each hold their index's list alone ([`super::index::check_listed`]): the index
+/// is a map, which lists a name once, so their names differ (the check cost 4-9 ms at 100k in
+/// 64 shards).
 pub(super) fn unique_across<'a>(
     shards: impl ExactSizeIterator<Item = (&'a Path, &'a [ShardTensor])> + Clone,
 ) -> Result<(), ModelError> {
@@ -111,58 +105,15 @@ pub(super) fn unique_across<'a>(
     Ok(())
 }
 
-/// An index's shard files, each with the tensors it should hold. `index_path` names it in
-/// errors (a file, or an object's URL).
-pub(super) fn parse_index(
-    text: &[u8],
-    index_path: &Path,
-) -> Result<BTreeMap<String, Vec<String>>, ModelError> {
-    let index: Index = serde_json::from_slice(text).map_err(|e| ModelError::BadIndex {
-        path: index_path.to_path_buf(),
-        why: e.to_string(),
-    })?;
-    let mut by_shard: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (tensor, shard) in index.weight_map {
-        by_shard.entry(shard).or_default().push(tensor);
-    }
-    if by_shard.is_empty() {
-        return Err(ModelError::BadIndex {
-            path: index_path.to_path_buf(),
-            why: "weight_map is empty".into(),
-        });
-    }
-    Ok(by_shard)
-}
-
-/// Refuses a shard that lacks a tensor the index places in it; says whether it holds those
-/// alone (all of them, each once, so as many names means no others).
-pub(super) fn check_listed(
-    listed: &[String],
-    shard: &[ShardTensor],
-    shard_path: &Path,
-    index_path: &Path,
-) -> Result<bool, ModelError> {
-    // One set per shard: a scan per index entry was quadratic (6.9 s at 100k tensors).
-    let held: foldhash::HashSet<&str> = shard.iter().map(|st| st.name.as_str()).collect();
-    match listed.iter().find(|t| !held.contains(t.as_str())) {
-        None => Ok(shard.len() == listed.len()),
-        Some(t) => Err(ModelError::TensorNotInShard {
-            tensor: t.to_string(),
-            shard: shard_path.to_path_buf(),
-            index: index_path.to_path_buf(),
-        }),
-    }
-}
-
 /// The shards an index names, each checked to hold the tensors it lists for it, and whether
-/// each holds those alone ([`check_listed`]).
+/// each holds those alone ([`super::index::check_listed`]).
 fn open_sharded(index_path: &Path, roots: &[PathBuf]) -> Result<(Vec<Shard>, bool), ModelError> {
     let text = read_small(index_path, INDEX_LIMIT, roots)?;
     let by_shard = parse_index(&text, index_path)?;
     let dir = index_path.parent().expect("index lives in a directory");
     let mut shards = Vec::with_capacity(by_shard.len());
     let mut alone = true;
-    for (file, tensors) in by_shard {
+    for (file, tensors) in &by_shard {
         let shard_path = dir.join(file);
         let shard_path = match confine(&shard_path, roots) {
             Err(ModelError::PathNotFound(_)) => {
@@ -174,7 +125,7 @@ fn open_sharded(index_path: &Path, roots: &[PathBuf]) -> Result<(Vec<Shard>, boo
             other => other?,
         };
         let shard = read_shard(&shard_path, roots)?;
-        alone &= check_listed(&tensors, &shard.tensors, &shard_path, index_path)?;
+        alone &= check_listed(tensors, &shard.tensors, &shard_path, index_path)?;
         shards.push(shard);
     }
     Ok((shards, alone))
