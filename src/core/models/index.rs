@@ -3,7 +3,7 @@
 //!
 //! The weight map is read entry by entry, names borrowed from the text where they hold no
 //! escapes, each shard's file name kept once. Read into a `BTreeMap<String, String>` and then
-//! grouped by shard, the 8 MB index of a 100k-tensor checkpoint took 37 ms on one core (a
+//! grouped by shard, the 8 MB index of a 100k-tensor checkpoint took 30-37 ms of one core (a
 //! string compare per level of the tree for each of 100k inserts, and two strings allocated per
 //! entry) while the other core waited.
 
