@@ -7,7 +7,10 @@
 //! page by page (10,000 tensors each).
 //!
 //! Bound and RegisterModel alternate over several rounds, and each ratio is printed as min /
-//! median / max, beside the CPU seconds each side spent (median).
+//! median / max, beside the CPU seconds each side spent (median). Each round also prints the
+//! daemon's minor page faults during RegisterModel: on a VM that hands free memory back to its
+//! host, memory the daemon touches for the first time is slow, and a round that faults shows why
+//! it was slow.
 //!
 //! `cargo bench --bench tensors` (OFFLOADD_BENCH_TENSORS=1000,10000 picks the sizes,
 //! OFFLOADD_BENCH_ROUNDS the rounds, default 5; OFFLOADD_BENCH_SHARDS=64 spreads the tensors
@@ -100,6 +103,7 @@ fn main() {
                 let bound_cpu = (common::cpu_time(me) - cpu0).as_secs_f64();
                 let crc_bound = common::pread_bound_with(&files, &region, threads, true);
                 let cpu0 = common::cpu_time(pid);
+                let faults0 = common::minor_faults(pid);
                 let t = Instant::now();
                 let m = c
                     .register_model(RegisterModelRequest {
@@ -114,10 +118,11 @@ fn main() {
                     .into_inner();
                 let register = t.elapsed().as_secs_f64();
                 let register_cpu = (common::cpu_time(pid) - cpu0).as_secs_f64();
+                let faults = common::minor_faults(pid) - faults0;
                 println!(
                     "{n} tensors, round {}: bound {bound:.3} s ({bound_cpu:.3} CPU-s), with CRC32C \
                      {crc_bound:.3} s; RegisterModel {register:.3} s ({register_cpu:.3} CPU-s), \
-                     its load {:.3} s",
+                     its load {:.3} s, {faults} page faults",
                     measured.len() + 1,
                     m.load_seconds
                 );

@@ -388,3 +388,11 @@ pub async fn attach_all(
     };
     offloadd::worker::attach_lease(c, &request).await.unwrap()
 }
+
+/// Minor page faults of `pid` so far, all its threads together (`/proc/PID/stat`).
+pub fn minor_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; minflt is the tenth field overall.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(7).unwrap().parse().unwrap()
+}
