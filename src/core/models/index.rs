@@ -193,6 +193,76 @@ mod tests {
         assert_eq!(shards(json), owned(&[("2.safetensors", &["x"])]));
     }
 
+    /// A weight map's text with `entries` in this order, duplicates kept (as no map would keep
+    /// them); each name's characters written as `\\u` escapes where `escaped` says so.
+    fn index_text(entries: &[(String, u8, bool)]) -> String {
+        let members: Vec<String> = entries
+            .iter()
+            .map(|(name, file, escaped)| {
+                let name = if *escaped {
+                    name.chars()
+                        .flat_map(|c| {
+                            let mut units = [0u16; 2];
+                            c.encode_utf16(&mut units)
+                                .iter()
+                                .map(|u| format!("\\u{u:04x}"))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect::<String>()
+                } else {
+                    let quoted = serde_json::to_string(name).unwrap();
+                    quoted[1..quoted.len() - 1].to_string()
+                };
+                format!("\"{name}\": \"{file}.safetensors\"")
+            })
+            .collect();
+        format!(
+            r#"{{"metadata": {{}}, "weight_map": {{{}}}}}"#,
+            members.join(", ")
+        )
+    }
+
+    proptest::proptest! {
+        // As header.rs's: PROPTEST_CASES for a long run, failures kept beside this file.
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            failure_persistence: Some(Box::new(
+                proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions")
+            )),
+            ..proptest::prelude::ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+            )
+        })]
+
+        /// The visitor reads a weight map as the map it replaced did (`BTreeMap<String,
+        /// String>`, the last of a name's entries standing), then grouped by shard: whatever
+        /// the order, repeats and escapes, and whether the names happen to ascend.
+        #[test]
+        fn any_weight_map_groups_as_a_map_of_it_would(
+            entries in proptest::collection::vec(
+                ("[a-c\"\\\\é😀\n.0-9]{0,4}", 0u8..4, proptest::bool::ANY),
+                1..24,
+            ),
+            sort in proptest::bool::ANY,
+        ) {
+            let mut entries = entries;
+            if sort {
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                entries.dedup_by(|a, b| a.0 == b.0);
+            }
+            let text = index_text(&entries);
+            let map: std::collections::BTreeMap<String, String> =
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .map(|v| serde_json::from_value(v["weight_map"].clone()).unwrap())
+                    .unwrap();
+            let mut expected: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (name, file) in map {
+                expected.entry(file).or_default().push(name);
+            }
+            let expected: Vec<(String, Vec<String>)> = expected.into_iter().collect();
+            proptest::prop_assert_eq!(shards(&text), expected);
+        }
+    }
+
     #[test]
     fn an_empty_or_malformed_weight_map_is_refused_with_why() {
         for (json, why) in [
