@@ -194,20 +194,14 @@ mod tests {
     }
 
     /// A weight map's text with `entries` in this order, duplicates kept (as no map would keep
-    /// them); each name's characters written as `\\u` escapes where `escaped` says so.
+    /// them); each name's characters written as `\u` escapes where `escaped` says so.
     fn index_text(entries: &[(String, u8, bool)]) -> String {
         let members: Vec<String> = entries
             .iter()
             .map(|(name, file, escaped)| {
                 let name = if *escaped {
-                    name.chars()
-                        .flat_map(|c| {
-                            let mut units = [0u16; 2];
-                            c.encode_utf16(&mut units)
-                                .iter()
-                                .map(|u| format!("\\u{u:04x}"))
-                                .collect::<Vec<_>>()
-                        })
+                    name.encode_utf16()
+                        .map(|u| format!("\\u{u:04x}"))
                         .collect::<String>()
                 } else {
                     let quoted = serde_json::to_string(name).unwrap();
@@ -250,12 +244,13 @@ mod tests {
                 entries.dedup_by(|a, b| a.0 == b.0);
             }
             let text = index_text(&entries);
-            let map: std::collections::BTreeMap<String, String> =
-                serde_json::from_str::<serde_json::Value>(&text)
-                    .map(|v| serde_json::from_value(v["weight_map"].clone()).unwrap())
-                    .unwrap();
+            #[derive(serde::Deserialize)]
+            struct MapIndex {
+                weight_map: std::collections::BTreeMap<String, String>,
+            }
+            let map: MapIndex = serde_json::from_str(&text).unwrap();
             let mut expected: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-            for (name, file) in map {
+            for (name, file) in map.weight_map {
                 expected.entry(file).or_default().push(name);
             }
             let expected: Vec<(String, Vec<String>)> = expected.into_iter().collect();
